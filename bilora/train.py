@@ -1,0 +1,212 @@
+"""A small, explicit training loop that bilora owns (in the spirit of torchtune's recipes).
+
+The loop owns data order, the optimizer (AdamW), the warm-up + cosine schedule, logging
+and checkpoints; a :class:`bilora.methods.Method` owns what happens inside one optimizer step.
+
+Data order is a pure function of (seed, epoch): each epoch's permutation comes from a private
+``torch.Generator`` seeded with ``seed * 1000003 + epoch``, so resuming at step k replays exactly
+the batches an uninterrupted run would have seen, without storing the data loader.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from peft import PeftModel
+from transformers import get_cosine_schedule_with_warmup
+
+from bilora import checkpoint
+from bilora.methods.base import Method, StepContext
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings shared by every method."""
+
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = no periodic checkpoints
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        micro = math.ceil(n_examples / self.batch_size)
+        return math.ceil(micro / self.grad_accum)
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.max_steps:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch(n_examples)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Permutation of range(n) for one epoch, from a private generator: (n,) int64."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class FineTuner:
+    """Train ``model`` with ``method`` on ``dataset``; resumable from ``checkpoint_dir``.
+
+    Args:
+        model: a PEFT model with the primary adapter attached (the method may add more).
+        method: the training method (``bilora.methods.build(name, cfg)``).
+        dataset: indexable examples; ``collate(list_of_examples)`` turns them into a batch dict.
+        loop: optimisation settings.
+        seed: run seed (data order, method generators).
+        checkpoint_dir: where resumable checkpoints live (``None``: never checkpoint).
+        fingerprint: identity of the run; a checkpoint with another fingerprint is ignored.
+        on_log: ``on_log(metrics, step)`` every ``log_every`` steps and at the end.
+        on_step: ``on_step(step, max_steps)`` after every optimizer step (progress bars).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        method: Method,
+        dataset: Sequence[dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        loop: LoopConfig,
+        *,
+        seed: int = 0,
+        checkpoint_dir: str | Path | None = None,
+        fingerprint: str = "",
+        on_log: Callable[[dict[str, float], int], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.model, self.method, self.dataset, self.collate, self.loop = model, method, dataset, collate, loop
+        self.seed = seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.fingerprint = fingerprint
+        self.on_log = on_log or (lambda m, s: None)
+        self.on_step = on_step or (lambda s, t: None)
+        self.method.split_train(len(dataset))
+        self.method.prepare(model)
+        self.optimizer = torch.optim.AdamW(method.param_groups(model, loop.lr, loop.weight_decay), lr=loop.lr)
+        self.max_steps = loop.total_steps(self.n_train)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(loop.warmup_ratio * self.max_steps), self.max_steps)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.resumed_from: int | None = None
+        self.resume_note = "no checkpoint"
+
+    @property
+    def n_train(self) -> int:
+        return len(getattr(self.method, "train_indices", None) or range(len(self.dataset)))
+
+    # -- data ---------------------------------------------------------------------------
+    def _indices(self) -> list[int]:
+        idx = getattr(self.method, "train_indices", None)
+        return list(idx) if idx is not None else list(range(len(self.dataset)))
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of optimizer step ``step`` (0-based), a pure function of (seed, step)."""
+        pool = self._indices()
+        per_epoch = self.loop.steps_per_epoch(len(pool))
+        epoch, within = divmod(step, per_epoch)
+        order = epoch_order(len(pool), self.seed, epoch)
+        out = []
+        for k in range(self.loop.grad_accum):
+            start = (within * self.loop.grad_accum + k) * self.loop.batch_size
+            chunk = order[start : start + self.loop.batch_size].tolist()
+            if chunk:
+                out.append(self.collate([self.dataset[pool[i]] for i in chunk]))
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _ckpt_path(self) -> Path | None:
+        return self.checkpoint_dir / "last" if self.checkpoint_dir else None
+
+    def save_checkpoint(self) -> None:
+        path = self._ckpt_path()
+        if path is None:
+            return
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "history": self.history,
+        }
+        meta = {"step": self.step, "max_steps": self.max_steps, "fingerprint": self.fingerprint, "method": self.method.name, "seed": self.seed}
+        checkpoint.save(path, self.model, state, meta)
+
+    def try_resume(self) -> bool:
+        """Resume from the last checkpoint if it belongs to this run; record why not otherwise."""
+        path = self._ckpt_path()
+        if path is None:
+            self.resume_note = "checkpointing disabled"
+            return False
+        meta = checkpoint.read_meta(path)
+        if meta is None:
+            self.resume_note = "no checkpoint"
+            return False
+        if meta.get("fingerprint") != self.fingerprint:
+            self.resume_note = "checkpoint belongs to a different run (params or data changed): starting fresh"
+            checkpoint.remove(path)
+            return False
+        state = checkpoint.load(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        checkpoint.set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.step = int(meta["step"])
+        self.resumed_from = self.step
+        self.resume_note = f"resumed from step {self.step}/{self.max_steps}"
+        return True
+
+    # -- training -------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run (or finish) training; returns a summary."""
+        self.model.train()
+        t_start = time.perf_counter()
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            ctx = StepContext(
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                micro_batches=self.micro_batches(self.step),
+                step=self.step,
+                max_steps=self.max_steps,
+                max_grad_norm=self.loop.max_grad_norm,
+            )
+            metrics = self.method.step(ctx)
+            self.step += 1
+            metrics.update(
+                lr=self.scheduler.get_last_lr()[0],
+                step_time=time.perf_counter() - t0,
+                forward_passes=float(ctx.passes["forward"]),
+                backward_passes=float(ctx.passes["backward"]),
+            )
+            self.history.append({"step": float(self.step), **metrics})
+            if self.step % max(1, self.loop.log_every) == 0 or self.step == self.max_steps:
+                self.on_log(metrics, self.step)
+            self.on_step(self.step, self.max_steps)
+            if self.loop.checkpoint_every and self.step % self.loop.checkpoint_every == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+        self.model.eval()
+        times = [h["step_time"] for h in self.history]
+        return {
+            "method": self.method.name,
+            "seed": self.seed,
+            "steps": self.step,
+            "n_train": self.n_train,
+            "final_loss": self.history[-1]["loss"] if self.history else float("nan"),
+            "median_step_time": float(torch.tensor(times).median()) if times else 0.0,
+            "wall_time_this_process": time.perf_counter() - t_start,
+            "resumed_from": self.resumed_from,
+            "loop": asdict(self.loop),
+            "method_config": self.method.config(),
+        }
