@@ -1,0 +1,109 @@
+"""LoRA-SAM: SAM (Foret et al.) applied to the LoRA factors only (methods.md §2.2).
+
+Objective: min_{B,A} max_{||(e_B, e_A)|| <= rho} L(W0 + s (B + e_B)(A + e_A)).
+
+One optimizer step, with gradient accumulation over the micro-batches of the step
+(decisions.md, "LoRA-SAM", which wins over methods.md §8.14's per-micro-batch m-SAM):
+
+1. Pass 1: forward/backward over ALL micro-batches at the current point; the gradients
+   accumulate (each micro-batch loss is divided by the number of micro-batches), giving the
+   mini-batch gradient g of the whole optimizer step.
+2. e = rho * g / (||g|| + 1e-12) on the LoRA A/B tensors of the primary adapter, where ||g|| is
+   the GLOBAL Frobenius norm over every A/B gradient, accumulated in fp32 and outside any grad
+   scaler. e is added in place under ``no_grad``; the exact original tensors are saved first.
+3. Zero every gradient, then pass 2: forward/backward over the SAME micro-batches at the
+   perturbed point.
+4. Restore the LoRA tensors by copying the saved originals back (bit-for-bit, not "-= e",
+   which would round), then ``clip_and_step`` on the primary parameters with the pass-2
+   (adversarial) gradient. The clip covers primary parameters only (decisions.md).
+
+So the perturbation is computed once per optimizer step from the accumulated gradient, not once
+per micro-batch. Without DDP the accumulated gradient is this process's gradient; under DDP it
+would be the all-reduced one (the loop does not run DDP yet).
+
+A trainable task head (e.g. ``classifier`` in ``modules_to_save``) is NOT perturbed (decisions.md);
+it is updated like everything else with the pass-2 gradient. The base weights are never touched,
+so this works unchanged on 4-bit (bitsandbytes nf4) bases, whose PEFT A/B are plain fp32 tensors.
+
+Cost: two forward+backward passes per micro-batch (``passes_per_step = 2``) plus one copy of the
+A/B tensors. Logged: ``loss`` (unperturbed, pass 1), ``perturbed_loss`` (pass 2),
+``sam_grad_norm`` (||g||, pass 1), ``perturbation_norm`` (||e||) and ``grad_norm`` (pass 2,
+before clipping). The deliverable is the plain primary adapter (the base class's export).
+Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, methods.md §2.2 and §8.14).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilora import adapters
+from bilora.methods.base import Method, StepContext, register
+
+EPS = 1e-12
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """sqrt(sum_p ||grad_p||_F^2) in fp32 over the parameters that have a gradient."""
+    total = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if p.grad is not None:
+            total = total + p.grad.detach().float().pow(2).sum()
+    return total.sqrt()
+
+
+@register
+class LoRASAM(Method):
+    """SAM on the LoRA A/B tensors: ascend by rho along the accumulated gradient, descend from there."""
+
+    name = "lora_sam"
+    passes_per_step = 2
+
+    def __init__(self, *, rho: float = 0.01, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        if rho < 0:
+            raise ValueError(f"lora_sam.rho must be >= 0, got {rho}")
+        self.rho = float(rho)
+
+    @staticmethod
+    def perturbed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The tensors SAM perturbs: the primary adapter's A and B of every adapted layer (no head)."""
+        return adapters.adapter_parameters(model, adapters.PRIMARY)
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        lora = self.perturbed_parameters(ctx.model)
+        # Pass 1: accumulated gradient over every micro-batch of this optimizer step.
+        loss = ctx.forward_backward()
+        g_norm = global_grad_norm(lora)
+        scale = self.rho / (g_norm + EPS)
+        saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        e_sq = torch.zeros((), dtype=torch.float32)
+        with torch.no_grad():
+            for p in lora:
+                if p.grad is None:
+                    continue
+                e = p.grad.detach().float() * scale  # fp32, no grad scaler involved
+                e_sq = e_sq + e.pow(2).sum()
+                saved.append((p, p.detach().clone()))
+                p.add_(e.to(p.dtype))
+        # Pass 2: the adversarial gradient at the perturbed point, on the same micro-batches.
+        for _, p in adapters.trainable_named_parameters(ctx.model):
+            p.grad = None  # the head too: it is updated with the pass-2 gradient only
+        perturbed_loss = ctx.forward_backward()
+        # Restore exactly, then descend with the pass-2 gradient.
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
+        del saved
+        grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
+        return {
+            "loss": loss,
+            "perturbed_loss": perturbed_loss,
+            "grad_norm": grad_norm,
+            "sam_grad_norm": float(g_norm),
+            "perturbation_norm": float(e_sq.sqrt()),
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {"rho": self.rho, "perturbed": "primary LoRA A/B", "norm": "global", "accumulation": "per optimizer step"}
