@@ -1,0 +1,247 @@
+"""Flat-LoRA (Li et al., arXiv 2409.14396, ICML 2025): Gaussian noise on the merged weight.
+
+Flat-LoRA seeks flatness of the *merged* weight W' = W0 + s·BA by training on the expected loss
+under random weight noise (randomised smoothing) instead of SAM's inner max. Every optimizer step
+t (0-based) of T, every adapted linear layer l (fixed order of :func:`bilora.adapters.lora_layers`)
+is perturbed with
+
+    eps_l[i, j] ~ N(0, std_l[i]^2),   std_l[i] = f_t * sigma / sqrt(n_in) * ||W'_l[i, :]||_2
+    f_t = 0.5 * (1 - cos(pi * t / T))                          (cosine ramp 0 -> 1, methods.md §4.2)
+
+and the gradient taken at W0 + eps + s·BA updates A and B only. One forward and one backward per
+micro-batch (``passes_per_step = 1``); every micro-batch of a step sees the same eps.
+
+How the noise is applied (decisions.md, "Flat-LoRA noise"; methods.md §8.11-8.13):
+
+* the row norms are computed once per step under ``no_grad`` on dequant(W0) + s·BA (m floats per layer);
+* eps is drawn from a private ``torch.Generator`` seeded by a hash of (run seed, step, layer index):
+  never wall-clock, never the global RNG, identical on every DDP rank;
+* the base layer's forward is ONE matmul with a temporary ``W_eff = dequant(W0) + eps``
+  (:class:`NoisyLinear`); eps is regenerated from the seed in backward instead of being stored,
+  so no full-size tensor lives across forward and backward;
+* the frozen base weight is never written: noise is not added in place (the reference code's
+  in-place add/subtract drifts on bf16 and is impossible on 4-bit weights), so this works on
+  plain ``nn.Linear`` bases and on bitsandbytes nf4 ``Linear4bit`` bases alike;
+* the noisy forward is installed on each base layer only for the duration of the step's
+  forward/backward passes and removed afterwards, so evaluation and export see the clean model.
+
+The LoRA branch is computed by PEFT as usual on top of the noisy base output. At f_t = 0 (the
+first step) or sigma = 0 nothing is installed and the step equals a plain LoRA step bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from bilora import adapters
+from bilora.methods.base import Method, StepContext, register
+
+
+def schedule_factor(step: int, max_steps: int) -> float:
+    """Cosine ramp f = 0.5 * (1 - cos(pi * step / max_steps)): 0 at step 0, 0.5 halfway, 1 at the end."""
+    if max_steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 - math.cos(math.pi * step / max_steps))
+
+
+def noise_seed(run_seed: int, step: int, layer: int) -> int:
+    """A 63-bit generator seed from (run seed, optimizer step, layer index); a pure function of its inputs."""
+    digest = hashlib.blake2b(f"flat_lora:{run_seed}:{step}:{layer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def layer_noise(seed: int, std_rows: torch.Tensor, n_in: int) -> torch.Tensor:
+    """eps (m, n_in) float32 with eps[i, :] ~ N(0, std_rows[i]^2), drawn from a private generator."""
+    device = std_rows.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    eps = torch.randn((std_rows.shape[0], n_in), generator=gen, device=device, dtype=torch.float32)
+    return eps.mul_(std_rows.to(torch.float32)[:, None])
+
+
+# -- base layers --------------------------------------------------------------------------------
+@functools.cache
+def _bnb_linear4bit() -> type | None:
+    try:
+        import bitsandbytes as bnb  # optional: absent on some machines (engineering notes, GPU machine)
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def is_4bit(base: torch.nn.Module) -> bool:
+    cls = _bnb_linear4bit()
+    return cls is not None and isinstance(base, cls)
+
+
+def check_base(base: torch.nn.Module) -> None:
+    """Flat-LoRA here supports plain ``nn.Linear`` and bitsandbytes 4-bit ``Linear4bit`` bases."""
+    if is_4bit(base):
+        return
+    if type(base).__module__.startswith("bitsandbytes"):
+        raise NotImplementedError(f"flat_lora: unsupported quantized base layer {type(base).__name__} (nf4/fp4 Linear4bit and nn.Linear only)")
+    if not isinstance(base, torch.nn.Linear):
+        raise NotImplementedError(f"flat_lora: unsupported base layer {type(base).__name__} (nn.Linear and bitsandbytes Linear4bit only)")
+
+
+def compute_dtype(base: torch.nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the base matmul runs in: the weight's dtype, or the 4-bit layer's compute dtype."""
+    if is_4bit(base):
+        return base.compute_dtype if base.compute_dtype is not None else x_dtype
+    return base.weight.dtype
+
+
+@torch.no_grad()
+def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W0 (out, in) as a dense tensor; for 4-bit bases a fresh dequantized copy (the stored weight is untouched)."""
+    if is_4bit(base):
+        import bitsandbytes.functional as bnbf
+
+        weight = base.weight
+        quant_state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+        if quant_state is None:
+            raise RuntimeError("flat_lora: 4-bit base layer has no quant_state (not quantized yet?)")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise NotImplementedError("flat_lora: 4-bit weight is in bitsandbytes' AVX512-BF16 CPU inference packing; train before any no-grad eval-mode inference")
+        w = bnbf.dequantize_4bit(weight.data, quant_state)
+        return w.to(dtype or base.compute_dtype or torch.float32)
+    w = base.weight.detach()
+    return w if dtype is None else w.to(dtype)
+
+
+def effective_weight(base: torch.nn.Module, std_rows: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Temporary W_eff = dequant(W0) + eps in ``dtype`` (noise added in float32, rounded once)."""
+    w = dequantized_weight(base)
+    eps = layer_noise(seed, std_rows, w.shape[1])
+    w_eff = eps.add_(w)  # reuse eps's buffer: one full-size float32 temporary
+    return w_eff if w_eff.dtype == dtype else w_eff.to(dtype)
+
+
+class NoisyLinear(torch.autograd.Function):
+    """y = F.linear(x, dequant(W0) + eps, bias) as ONE matmul; eps regenerated from ``seed`` in backward.
+
+    Saves only ``std_rows`` (m floats) for backward, never eps, W_eff or x. The frozen base weight
+    gets no gradient; a trainable base bias (unusual with LoRA) does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, std_rows: torch.Tensor, seed: int, base: torch.nn.Module) -> torch.Tensor:
+        cd = compute_dtype(base, x.dtype)
+        w_eff = effective_weight(base, std_rows, seed, cd)  # (m, n_in), temporary
+        out = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))  # (..., n_in) -> (..., m), one matmul
+        del w_eff
+        ctx.save_for_backward(std_rows)
+        ctx.seed, ctx.base, ctx.cd, ctx.x_dtype = seed, base, cd, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            (std_rows,) = ctx.saved_tensors
+            w_eff = effective_weight(ctx.base, std_rows, ctx.seed, ctx.cd)  # same seed -> the same eps
+            grad_x = (grad_out.to(ctx.cd) @ w_eff).to(ctx.x_dtype)  # (..., m) @ (m, n_in) -> (..., n_in)
+            del w_eff
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None, None
+
+
+def noisy_forward(base: torch.nn.Module, std_rows: torch.Tensor, seed: int):
+    """A replacement ``forward`` for ``base`` that runs :class:`NoisyLinear`."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return NoisyLinear.apply(x, base.bias, std_rows, seed, base)
+
+    return forward
+
+
+@torch.no_grad()
+def merged_row_norms(layer: torch.nn.Module, adapter: str = adapters.PRIMARY) -> torch.Tensor:
+    """||W'_row||_2 for W' = dequant(W0) + s·B@A, float32, shape (out,)."""
+    base = layer.get_base_layer()
+    w = dequantized_weight(base, torch.float32)
+    a = layer.lora_A[adapter].weight.detach().to(torch.float32)
+    b = layer.lora_B[adapter].weight.detach().to(torch.float32)
+    merged = torch.addmm(w.to(a.device), b, a, alpha=float(layer.scaling[adapter]))  # (m, n) = W0 + s·(m, r)@(r, n); new tensor
+    return merged.norm(dim=1)
+
+
+def noisy_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[torch.nn.Module]:
+    """The adapted layers that receive noise, in the fixed order that defines the layer index."""
+    return [layer for _, layer in adapters.lora_layers(model) if adapter in layer.lora_A]
+
+
+@contextmanager
+def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int, adapter: str = adapters.PRIMARY) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Install the step's noise on every adapted layer's base for the duration of the block.
+
+    ``sigma_t`` is the scheduled sigma (f_t * sigma). Yields [(seed, std_rows)] per layer (for tests
+    and diagnostics). Nothing is installed when ``sigma_t == 0``. The base layers' own forwards are
+    restored on exit, also on error.
+    """
+    layers = noisy_layers(model, adapter)
+    installed: list[tuple[torch.nn.Module, str, Any]] = []  # (base, attribute, previous instance value)
+    info: list[tuple[int, torch.Tensor]] = []
+    try:
+        if sigma_t != 0.0:
+            for index, layer in enumerate(layers):
+                base = layer.get_base_layer()
+                check_base(base)
+                n_in = base.in_features
+                std_rows = merged_row_norms(layer, adapter).mul_(sigma_t / math.sqrt(n_in))  # (m,)
+                seed = noise_seed(run_seed, step, index)
+                # An instance attribute shadows the class forward. Under an accelerate hook (device_map
+                # offload) ``forward`` is already the hook's wrapper, which calls ``_old_forward``: replace that.
+                attr = "_old_forward" if "_old_forward" in vars(base) else "forward"
+                installed.append((base, attr, vars(base).get(attr)))
+                setattr(base, attr, noisy_forward(base, std_rows, seed))
+                info.append((seed, std_rows))
+        yield info
+    finally:
+        for base, attr, previous in reversed(installed):
+            if previous is None:
+                delattr(base, attr)
+            else:
+                setattr(base, attr, previous)
+
+
+@register
+class FlatLoRA(Method):
+    """Flat-LoRA: train A, B at W0 + eps + s·BA with per-row Gaussian eps ramped by a cosine schedule."""
+
+    name = "flat_lora"
+    passes_per_step = 1
+
+    def __init__(self, *, sigma: float = 0.05, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        if sigma < 0:
+            raise ValueError(f"flat_lora: sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def prepare(self, model: PeftModel) -> None:
+        layers = noisy_layers(model)
+        if not layers:
+            raise ValueError("flat_lora: the model has no LoRA layers")
+        for layer in layers:
+            check_base(layer.get_base_layer())
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        factor = schedule_factor(ctx.step, ctx.max_steps)
+        sigma_t = factor * self.sigma
+        with flat_noise(ctx.model, sigma_t, self.seed, ctx.step):
+            loss = ctx.forward_backward()  # every micro-batch of the step sees the same eps
+        grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
+        return {"loss": loss, "grad_norm": grad_norm, "noise_factor": factor, "noise_sigma": sigma_t}
+
+    def config(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "schedule": "cosine_ramp_per_optimizer_step", "noise": "per_row_merged_weight", "seed": self.seed}
