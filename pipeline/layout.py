@@ -1,0 +1,33 @@
+"""Where every stage reads and writes (relative to the repository root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+DATA = ARTIFACTS / "data"
+BASE = ARTIFACTS / "base"
+MERGED = ARTIFACTS / "merged"
+REPORTS = Path("reports")
+
+
+def run_name(task: str, method: str, seed: int) -> str:
+    """Matches DVC's matrix instance names: finetune@<task>-<method>-<seed>."""
+    return f"{task}-{method}-{seed}"
+
+
+def finetune_dir(name: str) -> Path:
+    return ARTIFACTS / "finetune" / name
+
+
+def checkpoint_dir(name: str) -> Path:
+    return ARTIFACTS / "checkpoints" / name
+
+
+def eval_dir(name: str) -> Path:
+    return ARTIFACTS / "eval" / name
+
+
+def metrics_path(name: str) -> Path:
+    """Git-tracked DVC metrics file of one evaluate run (``dvc metrics diff`` / ``dvc exp show``)."""
+    return Path("metrics") / f"{name}.json"

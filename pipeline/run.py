@@ -1,0 +1,70 @@
+"""``python -m pipeline.run``: validate params.yaml, then ``dvc repro`` offline, then print the summary.
+
+* Validation happens first (every problem at once, exit 2, no traceback), so a bad file touches no output.
+* ``HF_HUB_OFFLINE=1`` is set in the environment of the whole pipeline unless the caller set it
+  (``HF_HUB_OFFLINE=0 python -m pipeline.run`` lets a user with a hub resolve Hub ids).
+* The interpreter's own ``bin/`` goes first on PATH so DVC's ``python -m stages.*`` commands
+  run inside this virtual environment even when it is not activated.
+
+Extra arguments go to ``dvc repro`` (e.g. ``python -m pipeline.run -- --force``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.console import console, error, header
+from pipeline.errors import cli
+
+
+def pipeline_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", env["HF_HUB_OFFLINE"])
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def dvc(*args: str, env: dict[str, str]) -> int:
+    return subprocess.call([str(Path(sys.executable).parent / "dvc"), *args], env=env)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
+    ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s) x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
+    env = pipeline_env()
+    if not Path(".dvc").is_dir():
+        error("no .dvc folder here: run from the repository root")
+        sys.exit(2)
+    header("dvc repro", " ".join(args.dvc_args))
+    rc = dvc("repro", *args.dvc_args, env=env)
+    if rc != 0:
+        error(f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)")
+        sys.exit(rc)
+    summary = Path("reports/summary.json")
+    if summary.exists():
+        from rich.table import Table
+
+        table = Table(title="bilora summary (test split; mean ± std over seeds)")
+        for col in ("run", "metric", "mean", "std", "seeds", "s/step"):
+            table.add_column(col)
+        for key, row in json.loads(summary.read_text()).items():
+            table.add_row(key, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
+        console.print(table)
+        console.print("Details: reports/report.md · MLflow UI: see README ('Look at the runs')")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""``python -m pipeline.validate [params.yaml]``: validate every parameter at once (exit 2 on errors)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import load_params
+from pipeline.console import console
+from pipeline.errors import cli
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("params", nargs="?", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    n = len(p.data.tasks) * len(p.train.methods) * len(p.train.seeds)
+    console.print(f"[green]ok[/] {args.params}: {len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s) = {n} fine-tune run(s)")
+
+
+if __name__ == "__main__":
+    main()

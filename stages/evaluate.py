@@ -1,0 +1,75 @@
+"""DVC stage ``evaluate@<task>-<method>-<seed>``: task metrics of the primary adapter on test (GLUE dev), validation and a train subset."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from peft import PeftModel
+
+from bilora.base import load_for_task
+from bilora.evaluate import predict
+from bilora.io import atomic_dir, atomic_write_json
+from bilora.metrics import compute
+from pipeline import layout
+from pipeline.config import flatten, load_params
+from pipeline.console import console, header, progress
+from pipeline.data import Collator, load_split, tokenizer_for
+from pipeline.errors import cli
+from pipeline.tasks import get_task
+from pipeline.tracking import Tracker
+
+
+def load_adapted(task_name: str, adapter_dir) -> PeftModel:
+    task = get_task(task_name)
+    torch.manual_seed(0)  # the head is overwritten by the adapter's saved classifier
+    model = load_for_task(layout.BASE / "model", task.kind, task.num_labels)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    task = get_task(args.task)
+    name = layout.run_name(args.task, args.method, args.seed)
+    header("evaluate", name)
+    model = load_adapted(args.task, layout.finetune_dir(name) / "adapter")
+    collate = Collator(tokenizer_for(layout.BASE / "model"))
+    tags = {"task": args.task, "method": args.method, "seed": args.seed}
+    tracker = Tracker("evaluate", p.tracking.experiment, flatten({"eval": p.eval.model_dump(), "task": args.task, "method": args.method, "seed": args.seed}), tags=tags, run_name=f"evaluate@{name}")
+    metrics: dict[str, dict[str, float]] = {}
+    with tracker:
+        for split in ("test", "validation", "train"):
+            ds = load_split(layout.DATA, args.task, split)
+            if split == "train":
+                if not p.eval.train_subset:
+                    continue
+                ds = ds.select(range(min(len(ds), p.eval.train_subset)))
+            if len(ds) == 0:
+                continue
+            with progress(f"eval {split}", len(ds)) as advance:
+                preds, labels, _ = predict(model, ds, collate, p.eval.batch_size, on_batch=lambda d, t: advance(d, t))
+            metrics[split] = compute(task.metrics, preds, labels) | {"n": len(ds)}
+            tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
+        main_metric = task.main_metric
+        if "train" in metrics:
+            metrics["gap"] = {main_metric: metrics["train"][main_metric] - metrics["test"][main_metric]}
+            tracker.log_metrics({f"gap.{main_metric}": metrics["gap"][main_metric]})
+        summary = layout.finetune_dir(name) / "summary.json"
+        with atomic_dir(layout.eval_dir(name)) as tmp:
+            atomic_write_json(tmp / "metrics.json", metrics)
+            atomic_write_json(tmp / "run_info.json", tracker.info())
+        atomic_write_json(layout.metrics_path(name), metrics)
+        tracker.log_artifact(layout.metrics_path(name))
+        tracker.log_artifact(summary)
+    console.print(f"[bold]{name}[/] test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items() if k != "n"))
+
+
+if __name__ == "__main__":
+    main()

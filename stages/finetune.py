@@ -1,0 +1,109 @@
+"""DVC stage ``finetune@<task>-<method>-<seed>``: train one method on one task with one seed.
+
+Writes the primary adapter in PEFT format (``adapter/``), ``bilora_config.json`` beside it, the
+step history and a summary. Resumes automatically from ``artifacts/checkpoints/<run>`` when the
+checkpoint belongs to the same run (same params subset, data and base), otherwise starts fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from bilora import adapters, methods
+from bilora.base import load_for_task
+from bilora.io import atomic_dir, atomic_write_json
+from bilora.train import FineTuner, LoopConfig
+from pipeline import layout
+from pipeline.config import Params, flatten, load_params
+from pipeline.console import header, info, progress
+from pipeline.data import Collator, load_split, tokenizer_for
+from pipeline.errors import UserError, cli
+from pipeline.tasks import get_task
+from pipeline.tracking import Tracker
+
+def fingerprint(p: Params, task: str, method: str, seed: int) -> str:
+    """Identity of a run: the params it reads plus hashes of its inputs (data stats, base info)."""
+    parts = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "loop": p.train.loop.model_dump(),
+        "lora": p.train.lora.model_dump(),
+        "method_cfg": p.train.method_config(method),
+        "data": (layout.DATA / "stats.json").read_text() if (layout.DATA / "stats.json").exists() else "",
+        "base": (layout.BASE / "model" / "bilora_base.json").read_text() if (layout.BASE / "model" / "bilora_base.json").exists() else "",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaf = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
+        raise UserError(f"train.lora.target_modules: {missing} not found in the model; linear modules available: {leaf}")
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    task = get_task(args.task)
+    name = layout.run_name(args.task, args.method, args.seed)
+    header("finetune", name)
+
+    torch.manual_seed(args.seed)  # task head init, LoRA init, dropout
+    base_dir = layout.BASE / "model"
+    model = load_for_task(base_dir, task.kind, task.num_labels)
+    check_targets(model, p.train.lora.target_modules)
+    spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=("classifier",))
+    model = adapters.attach_lora(model, spec, "SEQ_CLS")
+    method = methods.build(args.method, p.train.method_config(args.method), seed=args.seed)
+
+    tokenizer = tokenizer_for(base_dir)
+    train_ds = load_split(layout.DATA, args.task, "train")
+    loop = LoopConfig(**p.train.loop.model_dump())
+    tags = {"task": args.task, "method": args.method, "seed": args.seed}
+    tracker = Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}")
+    with tracker:
+        with progress(f"train {name}", loop.total_steps(len(train_ds))) as advance:
+            ft = FineTuner(
+                model, method, train_ds, Collator(tokenizer), loop,
+                seed=args.seed,
+                checkpoint_dir=layout.checkpoint_dir(name),
+                fingerprint=fingerprint(p, args.task, args.method, args.seed),
+                on_log=tracker.log_metrics,
+                on_step=lambda s, t: advance(s, t, extra=f"loss {ft.history[-1]['loss']:.4f}"),
+            )
+            ft.try_resume()
+            info(ft.resume_note)
+            summary = ft.train()
+        out = layout.finetune_dir(name)
+        with atomic_dir(out) as tmp:
+            method.export(model, tmp / "adapter")
+            atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
+            atomic_write_json(tmp / "summary.json", summary)
+            atomic_write_json(tmp / "history.json", ft.history)
+            atomic_write_json(tmp / "run_info.json", tracker.info())
+        tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
+        tracker.log_artifacts(out / "adapter", "adapter")
+        tracker.log_artifact(out / "summary.json")
+        # Training finished: the checkpoint is no longer needed; leave a marker (the folder is a persistent DVC out).
+        ckpt = layout.checkpoint_dir(name)
+        ckpt.mkdir(parents=True, exist_ok=True)
+
+        shutil.rmtree(ckpt / "last", ignore_errors=True)
+        atomic_write_json(ckpt / "status.json", {"state": "complete", "steps": summary["steps"]})
+        info(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median step {summary['median_step_time']:.3f}s -> {out}")
+
+if __name__ == "__main__":
+    main()

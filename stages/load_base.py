@@ -1,0 +1,47 @@
+"""DVC stage ``load_base``: resolve the base model, quantize it to 4-bit (nf4, double quant), save it with a quantization report."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from bilora.base import BaseModelError, QuantSpec, quantize, resolve, save_quantized
+from bilora.io import atomic_dir, atomic_write_json
+from pipeline import layout
+from pipeline.config import flatten, load_params
+from pipeline.console import header, info
+from pipeline.errors import UserError, cli
+from pipeline.tracking import Tracker
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    header("load_base", p.base.source)
+    q = QuantSpec(**{**p.base.quant.model_dump(), "skip_modules": tuple(p.base.quant.skip_modules)})
+    try:
+        resolved = resolve(p.base.source, p.base.revision)
+    except BaseModelError as e:
+        raise UserError(str(e)) from None
+    tracker = Tracker("load_base", p.tracking.experiment, flatten({"base": p.base.model_dump()}), tags={"base.source": p.base.source})
+    with tracker, atomic_dir(layout.BASE) as tmp:
+        try:
+            model, report = quantize(resolved, q, p.base.revision)
+        except (OSError, ValueError) as e:
+            raise UserError(f"base.source {p.base.source!r} ({resolved.path}): cannot load the model: {str(e).splitlines()[0]}") from None
+        info(f"memory {report['memory_bytes_original'] / 2**20:.1f} MiB -> {report['memory_bytes_quantized'] / 2**20:.1f} MiB; "
+             f"{report.get('n_quantized_layers', 0)} 4-bit layers, mean relative dequantization error {report.get('mean_rel_dequant_error', 0):.4f}")
+        base_info = {"provenance": resolved.provenance, "quant": asdict(q), "stored_dtype": report["stored_dtype"], "architectures": model.config.architectures}
+        save_quantized(model, resolved.path, tmp / "model", base_info)
+        atomic_write_json(tmp / "quant_report.json", report)
+        tracker.set_tags({f"base.{k}": v for k, v in resolved.provenance.items()})
+        tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.log_dict(report, "quant_report.json")
+        atomic_write_json(tmp / "run_info.json", tracker.info())
+
+
+if __name__ == "__main__":
+    main()
