@@ -1,0 +1,117 @@
+"""The real ``dvc repro`` on a tiny config in a temporary git repo: outputs, MLflow runs, granular invalidation."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def tiny_params() -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(tasks=["sst2"], train_subset=88, max_length=32, test_subset=40)
+    raw["train"].update(methods=["lora", "bilora"], seeds=[0])
+    raw["train"]["loop"].update(max_steps=4, batch_size=8, checkpoint_every=2, log_every=1)
+    raw["eval"].update(train_subset=16, batch_size=32)
+    raw["merge"].update(task="sst2", method="bilora", seed=0, check_examples=8)
+    return raw
+
+
+def make_repo(tmp: Path, params: dict) -> Path:
+    repo = tmp / "repo"
+    repo.mkdir()
+    for d in ("bilora", "pipeline", "stages"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "raw" / "glue" / "SST-2", repo / "data" / "raw" / "glue" / "SST-2")
+    for f in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / f, repo / f)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = run_env(repo)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"], [dvc_bin(), "init", "-q"], [dvc_bin(), "config", "core.analytics", "false"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    return repo
+
+
+def dvc_bin() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def run_env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(repo), OMP_NUM_THREADS="2")
+    return env
+
+
+def repro(repo: Path) -> list[str]:
+    r = subprocess.run([sys.executable, "-m", "pipeline.run"], cwd=repo, env=run_env(repo), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return re.findall(r"Running stage '([^']+)'", r.stdout + r.stderr)
+
+
+def mlflow_runs(repo: Path) -> list[tuple[str, dict]]:
+    con = sqlite3.connect(repo / "mlflow.db")
+    runs = con.execute("select run_uuid, status from runs").fetchall()
+    out = []
+    for run_id, status in runs:
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+        tags["_status"] = status
+        tags["_metrics"] = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+        tags["_params"] = con.execute("select count(*) from params where run_uuid=?", (run_id,)).fetchone()[0]
+        out.append((tags.get("dvc.stage"), tags))
+    return out
+
+
+def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
+    params = tiny_params()
+    repo = make_repo(tmp_path, params)
+    ran = repro(repo)
+    expected = {"prepare", "load_base", "finetune@sst2-lora-0", "finetune@sst2-bilora-0", "evaluate@sst2-lora-0", "evaluate@sst2-bilora-0", "merge", "report"}
+    assert set(ran) == expected
+
+    # Outputs of every stage.
+    for run in ("sst2-lora-0", "sst2-bilora-0"):
+        adapter = repo / "artifacts" / "finetune" / run / "adapter"
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        assert (adapter / "bilora_config.json").is_file()
+        assert (repo / "metrics" / f"{run}.json").is_file()
+    assert (repo / "artifacts" / "base" / "quant_report.json").is_file()
+    assert (repo / "artifacts" / "merged" / "model" / "config.json").is_file()
+    for f in ("report.md", "loss_curves.png", "summary.json"):
+        assert (repo / "reports" / f).is_file()
+
+    # One MLflow run per stage execution, finished, tagged, with params and metrics.
+    runs = mlflow_runs(repo)
+    assert sorted(s for s, _ in runs) == sorted(expected)
+    for stage, tags in runs:
+        assert tags["_status"] == "FINISHED" and tags["git.commit"] and tags["_params"] > 0, stage
+    ft = dict(runs)["finetune@sst2-bilora-0"]
+    assert ft["method"] == "bilora" and ft["seed"] == "0" and {"loss", "aux_norm"} <= ft["_metrics"]
+
+    # An evaluation-only parameter does not retrain.
+    params["eval"]["batch_size"] = 16
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = repro(repo)
+    assert set(ran) == {"evaluate@sst2-lora-0", "evaluate@sst2-bilora-0"} or set(ran) == {"evaluate@sst2-lora-0", "evaluate@sst2-bilora-0", "report"}
+
+    # A training parameter retrains but neither re-prepares data nor re-quantizes the base.
+    params["train"]["loop"]["lr"] = 2e-3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = repro(repo)
+    assert "finetune@sst2-lora-0" in ran and "finetune@sst2-bilora-0" in ran
+    assert "prepare" not in ran and "load_base" not in ran
+
+    # A Bi-LoRA-only parameter retrains Bi-LoRA only.
+    params["train"]["bilora"]["rho"] = 0.1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = repro(repo)
+    assert "finetune@sst2-bilora-0" in ran and "finetune@sst2-lora-0" not in ran
