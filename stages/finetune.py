@@ -15,9 +15,10 @@ from dataclasses import asdict
 
 import torch
 
-from bilora import adapters, methods
+from bilora import adapters, checkpoint, methods
 from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
+from bilora.methods.base import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
 from pipeline import layout
 from pipeline.config import Params, flatten, load_params
@@ -57,12 +58,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    task = get_task(args.task)
+    try:
+        task = get_task(args.task)
+    except KeyError as e:
+        raise UserError(f"--task: {e.args[0]}; use a task listed in data.tasks of params.yaml") from None
+    if args.method not in methods.available():
+        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} (and list it in train.methods of params.yaml)")
     name = layout.run_name(args.task, args.method, args.seed)
     header("finetune", name)
 
     torch.manual_seed(args.seed)  # task head init, LoRA init, dropout
     base_dir = layout.BASE / "model"
+    for need, stage in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
+        if not need.is_file():
+            raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
     model = load_for_task(base_dir, task.kind, task.num_labels)
     check_targets(model, p.train.lora.target_modules)
     spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=("classifier",))
@@ -86,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
             )
             ft.try_resume()
             info(ft.resume_note)
-            summary = ft.train()
+            try:
+                summary = ft.train()
+            except NonFiniteError as e:
+                kept = checkpoint.read_meta(layout.checkpoint_dir(name) / "last")
+                where = f"last good checkpoint (step {kept['step']}) kept in {layout.checkpoint_dir(name) / 'last'}" if kept else "no checkpoint was written yet"
+                raise UserError(f"finetune@{name}: training stopped: {e}; {where}.\n"
+                                "  fix: lower train.loop.lr, set train.loop.max_grad_norm, or check the data; rerun resumes from the checkpoint only if the params are unchanged") from None
         out = layout.finetune_dir(name)
         with atomic_dir(out) as tmp:
             method.export(model, tmp / "adapter")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from safetensors import SafetensorError
+
 from bilora.base import BaseModelError, QuantSpec, quantize, resolve, save_quantized
 from bilora.io import atomic_dir, atomic_write_json
 from pipeline import layout
@@ -30,8 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     with tracker, atomic_dir(layout.BASE) as tmp:
         try:
             model, report = quantize(resolved, q, p.base.revision)
-        except (OSError, ValueError) as e:
-            raise UserError(f"base.source {p.base.source!r} ({resolved.path}): cannot load the model: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UserError(f"base.source {p.base.source!r} ({resolved.path}): cannot load the model: {str(e).splitlines()[0]}\n"
+                            "  fix: point base.source in params.yaml at a complete Hugging Face model folder of a supported architecture "
+                            "(config.json + *.safetensors; re-copy the folder if a file is truncated)") from None
         info(f"memory {report['memory_bytes_original'] / 2**20:.1f} MiB -> {report['memory_bytes_quantized'] / 2**20:.1f} MiB; "
              f"{report.get('n_quantized_layers', 0)} 4-bit layers, mean relative dequantization error {report.get('mean_rel_dequant_error', 0):.4f}")
         base_info = {"provenance": resolved.provenance, "quant": asdict(q), "stored_dtype": report["stored_dtype"], "architectures": model.config.architectures}
