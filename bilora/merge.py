@@ -16,21 +16,37 @@ from peft import PeftModel
 from bilora.adapters import AUX, PRIMARY
 
 
+@torch.no_grad()
 def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """4-bit bitsandbytes layers -> plain ``nn.Linear`` holding dequant(quant(W)), cast to ``dtype``."""
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
-        model = model.dequantize()
-    model.config.quantization_config = None
-    if hasattr(model.config, "_pre_quantization_dtype"):
-        del model.config._pre_quantization_dtype
-    for attr in ("is_loaded_in_4bit", "is_quantized"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False)
-            except AttributeError:
-                pass
-    model.hf_quantizer = None
-    return model.to(dtype)
+    """A plain (unquantized) copy of ``model`` whose 4-bit layers hold dequant(quant(W)), cast to ``dtype``.
+
+    Built as a fresh model of the same class from the config without ``quantization_config``,
+    filled by a strict ``load_state_dict``: every bitsandbytes ``Params4bit`` is replaced by
+    ``dequantize_4bit(weight, quant_state)``; everything else is copied as is. (transformers'
+    ``model.dequantize()`` keeps quantizer hooks that ``save_pretrained`` then refuses.)
+    """
+    import copy
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None:
+            import bitsandbytes.functional as bnbf
+
+            state[name] = bnbf.dequantize_4bit(param.data, quant_state).to(torch.float32)  # (out, in)
+        else:
+            state[name] = param.detach().to(torch.float32)
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = type(model)(config)
+    expected = fresh.state_dict().keys()
+    for name, buf in model.named_buffers():
+        if name in expected:  # persistent buffers only
+            state[name] = buf
+    fresh.load_state_dict(state, strict=True)
+    return fresh.to(dtype).eval()
 
 
 def merge(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:

@@ -11,13 +11,35 @@ from bilora.base import load_for_task
 from bilora.evaluate import predict
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.metrics import compute
+from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
 from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.console import console, header, progress
+from pipeline.config import SharpnessParams, flatten, load_params
+from pipeline.console import console, header, info, progress
 from pipeline.data import Collator, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
+
+
+def sharpness_config(p: SharpnessParams) -> SharpnessConfig:
+    n = p.curve_points
+    points = tuple(-1.0 + 2.0 * i / (n - 1) for i in range(n)) if n > 1 else ((0.0,) if n == 1 else ())
+    return SharpnessConfig(radii=tuple(p.radii), n_directions=p.n_directions, attack_alphas=tuple(p.attack_alphas), curve_points=points, curve_radius=p.curve_radius, seed=p.seed, spaces=tuple(p.spaces))
+
+
+def headline(result: dict, main_metric: str) -> dict[str, float]:
+    """Flat, DVC-friendly sharpness figures: mean random sharpness per radius, attacked metric per alpha."""
+    out: dict[str, float] = {}
+    for space, res in result["spaces"].items():
+        for r in res["random"]["radii"]:
+            out[f"{space}.random.r{r['radius']:g}.mean"] = r["mean"]
+            out[f"{space}.random.r{r['radius']:g}.std"] = r["std"]
+        for pt in (res["attack"] or {}).get("points", []):
+            if main_metric in pt["metrics"]:
+                out[f"{space}.attack.a{pt['alpha']:g}.{main_metric}"] = pt["metrics"][main_metric]
+            out[f"{space}.attack.a{pt['alpha']:g}.loss"] = pt["loss"]
+    out["cost_s"] = result["cost"]["total_s"]
+    return out
 
 
 def load_adapted(task_name: str, adapter_dir) -> PeftModel:
@@ -61,13 +83,28 @@ def main(argv: list[str] | None = None) -> None:
         if "train" in metrics:
             metrics["gap"] = {main_metric: metrics["train"][main_metric] - metrics["test"][main_metric]}
             tracker.log_metrics({f"gap.{main_metric}": metrics["gap"][main_metric]})
+        sharp = None
+        if p.eval.sharpness.enabled:
+            sp = p.eval.sharpness
+            test = load_split(layout.DATA, args.task, "test")
+            objective = Objective.from_dataset(test.select(range(min(len(test), sp.examples))), collate, p.eval.batch_size)
+            eval_fn = task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
+            info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
+            sharp = measure(model, objective, sharpness_config(sp), eval_fn)
+            metrics["sharpness"] = headline(sharp, task.main_metric)
+            tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()})
+            info(f"sharpness measured in {sharp['cost']['total_s']:.1f}s ({sharp['cost']['loss_evals']} loss passes, {sharp['cost']['grad_passes']} gradient passes)")
         summary = layout.finetune_dir(name) / "summary.json"
         with atomic_dir(layout.eval_dir(name)) as tmp:
+            if sharp is not None:
+                atomic_write_json(tmp / "sharpness.json", sharp)
             atomic_write_json(tmp / "metrics.json", metrics)
             atomic_write_json(tmp / "run_info.json", tracker.info())
         atomic_write_json(layout.metrics_path(name), metrics)
         tracker.log_artifact(layout.metrics_path(name))
         tracker.log_artifact(summary)
+        if sharp is not None:
+            tracker.log_artifact(layout.eval_dir(name) / "sharpness.json")
     console.print(f"[bold]{name}[/] test " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items() if k != "n"))
 
 

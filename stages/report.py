@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 
@@ -32,9 +33,20 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
+def _fmt(r: dict, kind: str, space: str, main: str = "") -> str:
+    """Mean ± std over seeds of the headline figure at the largest radius (random) or alpha (attack)."""
+    pat = re.compile(rf"^sharp\.{space}\.random\.r(.+)\.mean$" if kind == "random" else rf"^sharp\.{space}\.attack\.a(.+)\.{re.escape(main)}$")
+    found = sorted((float(m.group(1)), k) for k in r if (m := pat.match(k)))
+    if not found:
+        return "-"
+    m, s = _mean_std(r[found[-1][1]])
+    return f"{m:.4f} ± {s:.4f}"
+
+
 def collect(p: Params) -> dict:
     rows: dict = defaultdict(lambda: defaultdict(list))
     histories: dict = {}
+    sharpness: dict = {}
     for task in p.data.tasks:
         for method in p.train.methods:
             for seed in p.train.seeds:
@@ -48,9 +60,14 @@ def collect(p: Params) -> dict:
                         r[f"test.{k}"].append(v)
                 for k, v in metrics.get("gap", {}).items():
                     r[f"gap.{k}"].append(v)
+                for k, v in metrics.get("sharpness", {}).items():
+                    r[f"sharp.{k}"].append(v)
+                sharp_file = layout.eval_dir(name) / "sharpness.json"
+                if sharp_file.exists():
+                    sharpness[name] = json.loads(sharp_file.read_text())
                 r["step_time"].append(summary["median_step_time"])
                 r["final_loss"].append(summary["final_loss"])
-    return {"rows": rows, "histories": histories}
+    return {"rows": rows, "histories": histories, "sharpness": sharpness}
 
 
 def plot_losses(p: Params, histories: dict, path) -> None:
@@ -76,6 +93,100 @@ def plot_losses(p: Params, histories: dict, path) -> None:
     tmp.replace(path)
 
 
+def write_histories(histories: dict, out_dir) -> None:
+    """One JSON per run ([{step, loss}, ...]) for ``dvc plots show`` (dvc.yaml ``plots:``)."""
+    from bilora.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        for name, h in histories.items():
+            atomic_write_json(tmp / f"{name}.json", [{"step": int(x["step"]), "loss": x["loss"]} for x in h])
+
+
+def _grid(p: Params, spaces: list[str]):
+    fig, axes = plt.subplots(len(p.data.tasks), len(spaces), figsize=(6 * len(spaces), 4 * len(p.data.tasks)), squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_sharpness(p: Params, sharpness: dict, out_dir) -> list[str]:
+    """Attack curves, 1-D landscape curves and metric-vs-sharpness scatter; returns the file names written."""
+    if not sharpness:  # measurement disabled: still write the declared outputs, saying why they are empty
+        for f in ("attack_curves.png", "landscape_1d.png", "metric_vs_sharpness.png"):
+            fig, ax = plt.subplots(figsize=(6, 2))
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no sharpness measured (eval.sharpness.enabled: false)", ha="center", va="center")
+            _save(fig, out_dir / f)
+        return []
+    spaces = list(next(iter(sharpness.values()))["spaces"])
+    written = []
+    # 1) attack curves: task metric vs alpha, mean over seeds
+    fig, axes = _grid(p, spaces)
+    for i, task in enumerate(p.data.tasks):
+        main = get_task(task).main_metric
+        for j, space in enumerate(spaces):
+            ax = axes[i][j]
+            for method in p.train.methods:
+                runs = [sharpness.get(layout.run_name(task, method, s)) for s in p.train.seeds]
+                runs = [r for r in runs if r and r["spaces"][space]["attack"]]
+                if not runs:
+                    continue
+                alphas = [pt["alpha"] for pt in runs[0]["spaces"][space]["attack"]["points"]]
+                vals = [statistics.fmean(r["spaces"][space]["attack"]["points"][k]["metrics"].get(main, float("nan")) for r in runs) for k in range(len(alphas))]
+                ax.plot(alphas, vals, marker="o", label=method)
+            ax.set_title(f"{task}: worst-case attack, {space} space")
+            ax.set_xlabel("alpha (step along grad/||grad||)")
+            ax.set_ylabel(main)
+            ax.legend(fontsize=8)
+    _save(fig, out_dir / "attack_curves.png")
+    written.append("attack_curves.png")
+    # 2) 1-D loss landscape along a random filter-normalised direction
+    fig, axes = _grid(p, spaces)
+    for i, task in enumerate(p.data.tasks):
+        for j, space in enumerate(spaces):
+            ax = axes[i][j]
+            for method in p.train.methods:
+                runs = [sharpness.get(layout.run_name(task, method, s)) for s in p.train.seeds]
+                runs = [r for r in runs if r and r["spaces"][space]["curve"]]
+                if not runs:
+                    continue
+                ts = [c[0] for c in runs[0]["spaces"][space]["curve"]]
+                ls = [statistics.fmean(r["spaces"][space]["curve"][k][1] for r in runs) for k in range(len(ts))]
+                ax.plot(ts, ls, marker=".", label=method)
+            ax.set_title(f"{task}: 1-D loss landscape, {space} space")
+            ax.set_xlabel("t (fraction of each row norm)")
+            ax.set_ylabel("loss")
+            ax.legend(fontsize=8)
+    _save(fig, out_dir / "landscape_1d.png")
+    written.append("landscape_1d.png")
+    # 3) task metric vs random sharpness (largest radius, full space if present), one point per run
+    space = "full" if "full" in spaces else spaces[0]
+    fig, axes = plt.subplots(1, len(p.data.tasks), figsize=(6 * len(p.data.tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], p.data.tasks):
+        for method in p.train.methods:
+            xs, ys = [], []
+            for s in p.train.seeds:
+                r = sharpness.get(layout.run_name(task, method, s))
+                if not r or not r["spaces"][space]["random"]["radii"]:
+                    continue
+                xs.append(r["spaces"][space]["random"]["radii"][-1]["mean"])
+                ys.append(json.loads(layout.metrics_path(layout.run_name(task, method, s)).read_text())["test"][get_task(task).main_metric])
+            ax.scatter(xs, ys, label=method)
+        ax.set_title(f"{task}: test metric vs random sharpness ({space})")
+        ax.set_xlabel("mean loss increase at the largest radius")
+        ax.set_ylabel(get_task(task).main_metric)
+        ax.legend(fontsize=8)
+    _save(fig, out_dir / "metric_vs_sharpness.png")
+    written.append("metric_vs_sharpness.png")
+    return written
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -86,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     data = collect(p)
     layout.REPORTS.mkdir(exist_ok=True)
     table = Table(title="bilora: test metrics (mean ± std over seeds)")
-    for col in ("task", "method", "seeds", "main metric", "all test metrics", "train-test gap", "s/step", "paper (T5)"):
+    for col in ("task", "method", "seeds", "main metric", "train-test gap", "sharpness (full | lora)", "attack (full | lora)", "s/step", "paper (T5)"):
         table.add_column(col)
     md = [
         "# bilora comparison report",
@@ -95,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Train subset {p.data.train_subset}, max length {p.data.max_length}, epochs {p.train.loop.epochs}, batch {p.train.loop.batch_size}x{p.train.loop.grad_accum}, lr {p.train.loop.lr}.",
         "Test split = GLUE dev. Metrics are fractions; paper anchors are **from the Bi-LoRA paper (T5-base, %)**, for context only, not comparable in absolute terms.",
         "",
-        "| task | method | seeds | main metric | all test metrics | train-test gap | median s/step | paper (T5, %) |",
-        "|---|---|---|---|---|---|---|---|",
+        "Sharpness: mean loss increase under random filter-normalised perturbations at the largest radius (full weight space | LoRA space).",
+        "Attack: the main test metric after the largest worst-case step alpha (full | LoRA space). Both: mean over seeds.",
+        "",
+        "| task | method | seeds | main metric | all test metrics | train-test gap | sharpness (full \\| lora) | attack (full \\| lora) | median s/step | paper (T5, %) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for (task, method), r in data["rows"].items():
@@ -109,16 +223,21 @@ def main(argv: list[str] | None = None) -> None:
         paper = PAPER_T5.get(task, {}).get(method)
         paper_s = f"{paper:.2f}" if paper is not None else "-"
         n = len(r[f"test.{main}"])
-        md.append(f"| {task} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {st:.3f} | {paper_s} |")
-        table.add_row(task, method, str(n), f"{main} {mm:.4f} ± {ms:.4f}", others, gap_s, f"{st:.3f}", paper_s)
+        sharp_s = " \\| ".join(_fmt(r, "random", space) for space in ("full", "lora"))
+        attack_s = " \\| ".join(_fmt(r, "attack", space, main) for space in ("full", "lora"))
+        md.append(f"| {task} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |")
+        table.add_row(task, method, str(n), f"{main} {mm:.4f} ± {ms:.4f}", gap_s, sharp_s.replace("\\", ""), attack_s.replace("\\", ""), f"{st:.3f}", paper_s)
         summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st}
     md += ["", "![training loss](loss_curves.png)", ""]
+    extra = plot_sharpness(p, data["sharpness"], layout.REPORTS)
+    md += [f"![{f[:-4].replace('_', ' ')}]({f})" for f in extra] + [""]
     tracker = Tracker("report", p.tracking.experiment, flatten({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds}))
     with tracker:
         plot_losses(p, data["histories"], layout.REPORTS / "loss_curves.png")
+        write_histories(data["histories"], layout.REPORTS / "history")
         atomic_write_text(layout.REPORTS / "report.md", "\n".join(md))
         atomic_write_json(layout.REPORTS / "summary.json", summary)
-        for f in ("report.md", "loss_curves.png", "summary.json"):
+        for f in ("report.md", "loss_curves.png", "summary.json", *extra):
             tracker.log_artifact(layout.REPORTS / f, "reports")
         for k, v in summary.items():
             tracker.log_metrics({f"{k}.mean": v["mean"], f"{k}.std": v["std"]})
