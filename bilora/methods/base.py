@@ -11,6 +11,7 @@ A method plugs into :class:`bilora.train.FineTuner` at the optimizer-step bounda
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -18,7 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from peft import PeftModel
 
-from bilora import adapters
+from bilora import adapters, distributed
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -67,23 +68,35 @@ class StepContext:
         return self.model(**batch).loss
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]] | None = None) -> float:
-        """Mean loss over micro-batches; gradients accumulate into ``.grad`` (scaled by 1/n_micro)."""
+        """Mean loss over micro-batches; gradients accumulate into ``.grad`` (scaled by 1/n_micro).
+
+        Under torch.distributed (world size > 1) the gradients of the trainable parameters and the
+        loss are then averaged over the ranks (:mod:`bilora.distributed`), so whatever the method
+        does next (clip, perturb, ascend) sees the same all-reduced gradient on every rank.
+        """
         batches = self.micro_batches if batches is None else batches
-        total = 0.0
+        total = None
         for batch in batches:
             loss = self.loss(batch) / len(batches)
             loss.backward()
             self.passes["backward"] += 1
-            total += loss.detach().item()
-        return total
+            total = loss.detach() if total is None else total + loss.detach()
+        if distributed.active():
+            total = distributed.all_reduce_mean_([p for p in self.model.parameters() if p.requires_grad], total)
+        return float(total) if total is not None else 0.0  # one host sync per step, not one per micro-batch
 
     def clip_and_step(self, clip_params: list[torch.nn.Parameter], loss: float) -> float:
-        """Clip ``clip_params``' gradient norm, refuse non-finite values, then optimizer + scheduler step."""
-        norm = _grad_norm(clip_params)
-        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(norm)):
+        """Clip ``clip_params``' gradient norm, refuse non-finite values, then optimizer + scheduler step.
+
+        The global norm is computed once and reused for the clip (``clip_grads_with_norm_``), which
+        is what ``clip_grad_norm_`` does internally, without a second pass over the gradients.
+        """
+        grads = [p.grad for p in clip_params if p.grad is not None]
+        norm = grad_norm_fast(clip_params)
+        if not (math.isfinite(loss) and bool(torch.isfinite(norm))):
             raise NonFiniteError(f"non-finite value at optimizer step {self.step + 1}: loss={loss}, grad_norm={norm.item()}")
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(clip_params, self.max_grad_norm)
+        if self.max_grad_norm and grads:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -93,6 +106,15 @@ class StepContext:
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def grad_norm_fast(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` in float32 (same value as :func:`_grad_norm`),
+    computed by torch's fused per-tensor norms instead of a Python loop."""
+    grads = [p.grad.detach() if p.grad.dtype == torch.float32 else p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.nn.utils.get_total_norm(grads, 2.0)
 
 
 class Method:

@@ -17,18 +17,34 @@ gradient-norm clipping (``max_grad_norm``) covers primary parameters only; the c
 optimizer step, in fp32; Adam moments are left untouched at the clip; rho is constant.
 With rho = 0 the auxiliary is exactly zero after the first step and Bi-LoRA equals LoRA bit for bit.
 The auxiliary is never exported: evaluation, export and merge see the primary only.
+
+``fused=True`` computes both adapters of a layer with one matmul pair (:mod:`bilora.fused`):
+A_cat = [A1; A2], B_cat = [s1 B1, s2 B2], built per forward from the same parameters, so each
+part keeps its own optimizer group and export is unchanged; equal to the unfused path up to float
+rounding (not bit for bit). The parameter lists of the step are built once, not every step.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.methods.base import Method, StepContext, _grad_norm, register
+from bilora.fused import FusedAdapters
+from bilora.methods.base import Method, StepContext, grad_norm_fast, register
+
+
+@dataclass
+class _StepCache:
+    model_id: int
+    primary: list[torch.nn.Parameter]
+    aux: list[torch.nn.Parameter]
+    aux_factors: list[tuple[torch.Tensor, torch.Tensor, float]]
+    fused: FusedAdapters | None
 
 
 def aux_norm(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
@@ -64,13 +80,24 @@ class BiLoRA(Method):
 
     name = "bilora"
 
-    def __init__(self, *, rho: float = 0.05, aux_rank: int = 8, aux_alpha: float = 16.0, aux_lr: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        rho: float = 0.05,
+        aux_rank: int = 8,
+        aux_alpha: float = 16.0,
+        aux_lr: float | None = None,
+        fused: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(seed=seed)
         self.rho = rho
         self.aux_rank = aux_rank
         self.aux_alpha = aux_alpha
         self.aux_lr = aux_lr
+        self.fused = bool(fused)
         self.last_norm = 0.0
+        self._cache: _StepCache | None = None
 
     def prepare(self, model: PeftModel) -> None:
         # Private RNG for the auxiliary's init: the global stream stays identical to LoRA's.
@@ -86,14 +113,34 @@ class BiLoRA(Method):
             {"params": aux, "lr": self.aux_lr or lr, "weight_decay": 0.0, "maximize": True, "name": "aux"},
         ]
 
+    def _parts(self, model: PeftModel) -> "_StepCache":
+        """Parameter lists, auxiliary factors and fused forwards, built once per model (not every step).
+
+        The lists hold the model's own Parameter objects, which training, checkpoint loading
+        (``copy_``) and the projection (``mul_``) all update in place, so they never go stale.
+        """
+        if self._cache is None or self._cache.model_id != id(model):
+            self._cache = _StepCache(
+                model_id=id(model),
+                primary=adapters.primary_parameters(model),
+                aux=adapters.adapter_parameters(model, adapters.AUX),
+                aux_factors=adapters.lora_factors(model, adapters.AUX),
+                fused=FusedAdapters(model) if self.fused else None,
+            )
+        return self._cache
+
     def step(self, ctx: StepContext) -> dict[str, float]:
-        loss = ctx.forward_backward()  # one forward + one backward: grads for A1, B1, A2, B2
-        aux_params = adapters.adapter_parameters(ctx.model, adapters.AUX)
-        aux_grad = float(_grad_norm(aux_params))
-        grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
-        c, clipped = project_to_ball(adapters.lora_factors(ctx.model, adapters.AUX), self.rho)
+        parts = self._parts(ctx.model)
+        if parts.fused is not None:
+            with parts.fused.installed():
+                loss = ctx.forward_backward()  # one forward + one backward, one matmul pair per layer
+        else:
+            loss = ctx.forward_backward()  # one forward + one backward: grads for A1, B1, A2, B2
+        aux_grad = grad_norm_fast(parts.aux)
+        grad_norm = ctx.clip_and_step(parts.primary, loss)
+        c, clipped = project_to_ball(parts.aux_factors, self.rho)
         self.last_norm = min(c, self.rho) if clipped else c
-        return {"loss": loss, "grad_norm": grad_norm, "aux_grad_norm": aux_grad, "aux_norm": c, "aux_clipped": float(clipped)}
+        return {"loss": loss, "grad_norm": grad_norm, "aux_grad_norm": float(aux_grad), "aux_norm": c, "aux_clipped": float(clipped)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_norm": self.last_norm}
@@ -102,4 +149,4 @@ class BiLoRA(Method):
         self.last_norm = float(state.get("last_norm", 0.0))
 
     def config(self) -> dict[str, Any]:
-        return {"rho": self.rho, "aux_rank": self.aux_rank, "aux_alpha": self.aux_alpha, "aux_scaling": self.aux_alpha / self.aux_rank, "aux_lr": self.aux_lr, "projection": "global"}
+        return {"rho": self.rho, "aux_rank": self.aux_rank, "aux_alpha": self.aux_alpha, "aux_scaling": self.aux_alpha / self.aux_rank, "aux_lr": self.aux_lr, "projection": "global", "fused": self.fused}

@@ -1,0 +1,209 @@
+"""Fused dual adapter (bilora.fused): same function and same gradients as PEFT's two-adapter loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bilora import adapters, methods
+from bilora.fused import FusedAdapters, fused_adapters
+from bilora.train import FineTuner, LoopConfig
+from tests import tiny
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative difference ||a - b|| / ||b|| (0 when both are 0)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = float(b.norm())
+    return float((a - b).norm()) / den if den > 0 else float((a - b).norm())
+
+
+def _dual_model(dtype=torch.float64, base=None, spec=tiny.SPEC, seed=0, scale=0.3):
+    if base is None:
+        model = tiny.peft_bert(seed, spec)
+    else:
+        torch.manual_seed(seed + 1)
+        model = adapters.attach_lora(base, spec, "SEQ_CLS")
+    method = methods.build("bilora", {"rho": 0.05, "aux_rank": 3, "aux_alpha": 9.0}, seed=seed)  # r2 != r1, s2 != s1
+    method.prepare(model)
+    if base is None:
+        model.to(dtype)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # non-zero A and B everywhere, so every factor gets a non-trivial gradient
+        for name in (adapters.PRIMARY, adapters.AUX):
+            for a, b, _ in adapters.lora_factors(model, name):
+                a.copy_(torch.randn(a.shape, generator=g, dtype=torch.float64) * scale)
+                b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float64) * scale)
+    model.train()
+    return model
+
+
+def _outputs_and_grads(model, batch, fused: bool):
+    """Logits, loss, and the gradients of A1, B1, A2, B2 and of the input embeddings."""
+    emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    ctx = fused_adapters(model) if fused else _null()
+    with ctx:
+        out = model(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        (out.loss + out.logits.pow(2).sum()).backward()
+    grads = {"input": emb.grad.clone()}
+    for name in (adapters.PRIMARY, adapters.AUX):
+        for i, (a, b, _) in enumerate(adapters.lora_factors(model, name)):
+            grads[f"{name}.A.{i}"] = a.grad.clone()
+            grads[f"{name}.B.{i}"] = b.grad.clone()
+    return out.logits.detach().clone(), out.loss.detach().clone(), grads
+
+
+class _null:
+    def __enter__(self):
+        return 0
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _compare(model, batch, tol):
+    logits_u, loss_u, grads_u = _outputs_and_grads(model, batch, fused=False)
+    logits_f, loss_f, grads_f = _outputs_and_grads(model, batch, fused=True)
+    assert _rel(logits_f, logits_u) <= tol
+    assert _rel(loss_f, loss_u) <= tol
+    assert grads_u.keys() == grads_f.keys() and len(grads_u) > 4
+    for k in grads_u:
+        assert float(grads_u[k].norm()) > 0, k
+        assert _rel(grads_f[k], grads_u[k]) <= tol, (k, _rel(grads_f[k], grads_u[k]))
+
+
+def _reference64(model, batch):
+    """Independent float64 reference: the model with each layer's delta as an explicit dense s1 B1 A1 + s2 B2 A2."""
+    return _outputs_and_grads(model, batch, fused=False)
+
+
+def test_every_layer_is_fused_and_restored():
+    model = _dual_model()
+    fa = FusedAdapters(model)
+    assert len(fa.layers) == len(adapters.lora_layers(model)) and not fa.skipped
+    with fa.installed() as n:
+        assert n == len(fa.layers)
+        assert all("forward" in vars(layer) for layer, _, _ in fa.layers)
+    assert all("forward" not in vars(layer) for layer, _, _ in fa.layers)
+
+
+def test_fused_equals_unfused_float64():
+    model = _dual_model(torch.float64)
+    batch = tiny.collate(tiny.cls_examples(8, seed=2))
+    _compare(model, batch, tol=1e-12)
+
+
+def test_fused_equals_unfused_float32_within_1e6():
+    # Adapter entries ~0.05 (trained-adapter magnitudes). With much larger random adapters (0.3) the
+    # fused/unfused gap grows to ~1e-5 on some gradients, but so does PEFT's own float32 error against
+    # float64 (see the next test): the gap is float32 rounding, not a difference in the function.
+    model = _dual_model(torch.float32, scale=0.05)
+    batch = tiny.collate(tiny.cls_examples(8, seed=2))
+    _compare(model, batch, tol=1e-6)
+
+
+def test_fused_float32_matches_float64_reference_as_well_as_unfused_does():
+    m64 = _dual_model(torch.float64)
+    m32 = _dual_model(torch.float32)
+    batch = tiny.collate(tiny.cls_examples(8, seed=2))
+    ref_logits, _, ref_grads = _reference64(m64, batch)
+    logits_u, _, grads_u = _outputs_and_grads(m32, batch, fused=False)
+    logits_f, _, grads_f = _outputs_and_grads(m32, batch, fused=True)
+    # Both float32 paths are float32 roundings of the same float64 function: equally close to it.
+    assert _rel(logits_f, ref_logits) <= 1e-5 and _rel(logits_u, ref_logits) <= 1e-5
+    for k in ref_grads:
+        assert _rel(grads_f[k], ref_grads[k]) <= 1e-4, k
+        assert _rel(grads_f[k], ref_grads[k]) <= 10 * _rel(grads_u[k], ref_grads[k]) + 1e-6, k
+
+
+def test_single_layer_against_explicit_formula_float64():
+    model = _dual_model(torch.float64)
+    name, layer = adapters.lora_layers(model)[0]
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64, requires_grad=True)
+    a1, b1 = layer.lora_A[adapters.PRIMARY].weight, layer.lora_B[adapters.PRIMARY].weight
+    a2, b2 = layer.lora_A[adapters.AUX].weight, layer.lora_B[adapters.AUX].weight
+    s1, s2 = layer.scaling[adapters.PRIMARY], layer.scaling[adapters.AUX]
+    w0 = layer.get_base_layer().weight.detach()
+    bias = layer.get_base_layer().bias.detach()
+    with fused_adapters(model):
+        y = layer(x)
+    ref = x @ (w0 + s1 * b1 @ a1 + s2 * b2 @ a2).T + bias
+    assert _rel(y, ref) <= 1e-12
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, a1, b1, a2, b2], g)
+    want = torch.autograd.grad(ref, [x, a1, b1, a2, b2], g)
+    for u, v in zip(got, want):
+        assert _rel(u, v) <= 1e-12
+
+
+def test_layers_with_primary_dropout_fall_back_to_peft():
+    spec = adapters.LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=("query", "value"), modules_to_save=("classifier",))
+    model = _dual_model(torch.float32, spec=spec)
+    fa = FusedAdapters(model)
+    assert not fa.layers and len(fa.skipped) == len(adapters.lora_layers(model))
+
+
+def _train(cfg, steps=12, base=None, data=None, batch_size=8, lr=1e-2):
+    if base is None:
+        model = tiny.peft_bert(0)
+    else:
+        torch.manual_seed(1)
+        model = adapters.attach_lora(base, tiny.SPEC, "SEQ_CLS")
+    data = data or tiny.cls_examples(64)
+    ft = FineTuner(model, methods.build("bilora", cfg, seed=0), data, tiny.collate, LoopConfig(max_steps=steps, batch_size=batch_size, lr=lr), seed=0)
+    ft.train()
+    return model, ft
+
+
+@pytest.mark.parametrize("rho", [0.05, 1e9])
+def test_training_run_fused_matches_unfused(rho):
+    m_u, ft_u = _train({"rho": rho})
+    m_f, ft_f = _train({"rho": rho, "fused": True})
+    pu = dict(m_u.named_parameters())
+    pf = dict(m_f.named_parameters())
+    trainable = [k for k, p in pu.items() if p.requires_grad]
+    assert any("bilora_aux" in k for k in trainable) and any("lora_A.default" in k for k in trainable)
+    for k in trainable:
+        assert _rel(pf[k], pu[k]) <= 1e-6, (k, _rel(pf[k], pu[k]))
+    for hu, hf in zip(ft_u.history, ft_f.history):
+        assert hf["loss"] == pytest.approx(hu["loss"], rel=1e-6)
+        assert hf["aux_norm"] == pytest.approx(hu["aux_norm"], rel=1e-5, abs=1e-9)
+    assert ft_f.method.config()["fused"] is True
+    # The fused forwards are gone after training: evaluation runs PEFT's own forward.
+    assert all("forward" not in vars(layer) for _, layer in adapters.lora_layers(m_f))
+
+
+def test_export_of_fused_run_has_primary_keys_only(tmp_path):
+    model, ft = _train({"rho": 0.05, "fused": True}, steps=4)
+    ft.method.export(model, tmp_path / "adapter")
+    keys = list(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys())
+    assert keys and not any("bilora_aux" in k for k in keys)
+    assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    assert not (tmp_path / "adapter" / "bilora_aux").exists()
+
+
+def _nf4_base(tmp_path):
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    if not (tmp_path / "fp32").exists():
+        tiny.tiny_bert(seed=0).save_pretrained(tmp_path / "fp32")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+    return AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32", quantization_config=q, device_map="cpu")
+
+
+def test_fused_on_nf4_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = _dual_model(base=_nf4_base(tmp_path), scale=0.05)
+    assert all("Linear4bit" in type(m.get_base_layer()).__name__ for _, m in adapters.lora_layers(model))
+    assert len(FusedAdapters(model).layers) == len(adapters.lora_layers(model))
+    _compare(model, tiny.collate(tiny.cls_examples(8, seed=2)), tol=1e-6)
+    # And a short training run on the nf4 base matches the unfused one.
+    data = tiny.cls_examples(32)
+    m_u, _ = _train({"rho": 0.05, "aux_rank": 4, "aux_alpha": 8}, steps=6, base=_nf4_base(tmp_path), data=data)
+    m_f, _ = _train({"rho": 0.05, "aux_rank": 4, "aux_alpha": 8, "fused": True}, steps=6, base=_nf4_base(tmp_path), data=data)
+    pu, pf = dict(m_u.named_parameters()), dict(m_f.named_parameters())
+    for k, p in pu.items():
+        if p.requires_grad:
+            assert _rel(pf[k], p) <= 1e-6, k
