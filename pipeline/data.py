@@ -35,6 +35,21 @@ def tokenize(examples: list[dict[str, Any]], tokenizer, max_length: int, regress
     return Dataset.from_dict(cols)
 
 
+def tokenize_generation(task: TaskSpec, examples: list[dict[str, Any]], tokenizer, max_length: int) -> Dataset:
+    """Causal-LM SFT rows (``bilora.causal``): ``input_ids``/``attention_mask``/``labels`` (prompt masked
+    with -100) plus the raw ``question`` and gold ``answer`` kept for generation/log-likelihood evaluation."""
+    from bilora import causal
+
+    pairs = causal.gsm8k_pairs(examples) if task.name == "gsm8k" else causal.boolq_pairs(examples)
+    rows = causal.sft_dataset(tokenizer, pairs, max_length)
+    cols: dict[str, list] = {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")}
+    cols["question"] = [e["question"] for e in examples]
+    cols["answer"] = [e["answer"] for e in examples]
+    if not rows:
+        return Dataset.from_dict({k: [] for k in cols})
+    return Dataset.from_dict(cols)
+
+
 def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDict, dict[str, Any]]:
     raw = Path(cfg.raw_dir)
     train_rows = task.read(raw, "train")
@@ -45,11 +60,18 @@ def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDic
     if not tr:
         raise DataError(f"{raw / task.train_file}: no training rows left after the validation split; lower data.val_fraction or raise data.train_subset")
     regression = task.kind == "regression"
-    dd = DatasetDict(
-        train=tokenize([train_rows[i] for i in tr], tokenizer, cfg.max_length, regression),
-        validation=tokenize([train_rows[i] for i in va], tokenizer, cfg.max_length, regression) if va else tokenize([], tokenizer, cfg.max_length, regression),
-        test=tokenize(test_rows, tokenizer, cfg.max_length, regression),
-    )
+    if task.kind == "generation":
+        dd = DatasetDict(
+            train=tokenize_generation(task, [train_rows[i] for i in tr], tokenizer, cfg.max_length),
+            validation=tokenize_generation(task, [train_rows[i] for i in va], tokenizer, cfg.max_length),
+            test=tokenize_generation(task, test_rows, tokenizer, cfg.max_length),
+        )
+    else:
+        dd = DatasetDict(
+            train=tokenize([train_rows[i] for i in tr], tokenizer, cfg.max_length, regression),
+            validation=tokenize([train_rows[i] for i in va], tokenizer, cfg.max_length, regression) if va else tokenize([], tokenizer, cfg.max_length, regression),
+            test=tokenize(test_rows, tokenizer, cfg.max_length, regression),
+        )
     stats = {
         "task": task.name,
         "rows": {k: len(v) for k, v in dd.items()},
@@ -62,6 +84,16 @@ def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDic
 
 def load_split(data_dir: str | Path, task: str, split: str) -> Dataset:
     return load_from_disk(str(Path(data_dir) / task))[split]
+
+
+def collator_for(task: TaskSpec, tokenizer):
+    """Training/loss batches for ``task``: :class:`bilora.causal.CausalCollator` (right padding) for
+    generation tasks, :class:`Collator` otherwise."""
+    if task.kind == "generation":
+        from bilora.causal import CausalCollator, pad_id
+
+        return CausalCollator(pad_id(tokenizer))
+    return Collator(tokenizer)
 
 
 class Collator:

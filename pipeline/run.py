@@ -7,6 +7,10 @@
   run inside this virtual environment even when it is not activated.
 
 Extra arguments go to ``dvc repro`` (e.g. ``python -m pipeline.run -- --force``).
+
+``--preset NAME`` validates ``pipeline/presets/NAME.yaml`` (a complete params file) and then
+**copies it over params.yaml** (the previous params.yaml is overwritten; it is tracked by git)
+before running, e.g. ``python -m pipeline.run --preset smollm2_gsm8k_cpu``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +37,22 @@ def pipeline_env() -> dict[str, str]:
     return env
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def apply_preset(name: str, params_path: str) -> None:
+    """Validate ``pipeline/presets/<name>.yaml`` and copy it over ``params_path`` (nothing is written if invalid)."""
+    from pipeline.errors import UserError
+
+    src = PRESETS / f"{name}.yaml"
+    if not src.is_file():
+        known = sorted(f.stem for f in PRESETS.glob("*.yaml"))
+        raise UserError(f"--preset {name!r}: no {src}; available presets: {known}")
+    load_params(src)
+    shutil.copyfile(src, params_path)
+    console.print(f"[yellow]preset {name}[/]: copied {src.relative_to(PRESETS.parent.parent)} over {params_path}")
+
+
 def dvc(*args: str, env: dict[str, str]) -> int:
     return subprocess.call([str(Path(sys.executable).parent / "dvc"), *args], env=env)
 
@@ -40,8 +61,11 @@ def dvc(*args: str, env: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
+    ap.add_argument("--preset", default=None, help="validate pipeline/presets/PRESET.yaml and COPY IT OVER params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
     ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro")
     args = ap.parse_args(argv)
+    if args.preset:
+        apply_preset(args.preset, args.params)
     params = load_params(args.params)
     console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s) x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
     env = pipeline_env()

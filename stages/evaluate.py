@@ -7,6 +7,7 @@ import argparse
 import torch
 from peft import PeftModel
 
+from bilora import adapters, causal
 from bilora.base import load_for_task
 from bilora.evaluate import predict
 from bilora.io import atomic_dir, atomic_write_json
@@ -15,7 +16,7 @@ from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
 from pipeline import layout
 from pipeline.config import SharpnessParams, flatten, load_params
 from pipeline.console import console, header, info, progress
-from pipeline.data import Collator, load_split, tokenizer_for
+from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
@@ -49,6 +50,19 @@ def load_adapted(task_name: str, adapter_dir) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
+def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_size: int, max_new_tokens: int) -> tuple[dict, list]:
+    """GSM8K: greedy generation + exact match of the final number; BoolQ: log-likelihood of true/false.
+    Run with the auxiliary adapter (if any) disabled. Returns (metrics, per-example predictions)."""
+    examples = [{"question": q, "answer": a} for q, a in zip(ds["question"], ds["answer"])]
+    with adapters.primary_only(model):
+        if task_name == "gsm8k":
+            res = causal.evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, return_predictions=True)
+        else:
+            res = causal.evaluate_boolq(model, tokenizer, examples, batch_size=batch_size, return_predictions=True)
+    preds = res.pop("predictions")
+    return res, preds
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -62,18 +76,28 @@ def main(argv: list[str] | None = None) -> None:
     name = layout.run_name(args.task, args.method, args.seed)
     header("evaluate", name)
     model = load_adapted(args.task, layout.finetune_dir(name) / "adapter")
-    collate = Collator(tokenizer_for(layout.BASE / "model"))
+    tokenizer = tokenizer_for(layout.BASE / "model")
+    collate = collator_for(task, tokenizer)
+    generation = task.kind == "generation"
     tags = {"task": args.task, "method": args.method, "seed": args.seed}
     tracker = Tracker("evaluate", p.tracking.experiment, flatten({"eval": p.eval.model_dump(), "task": args.task, "method": args.method, "seed": args.seed}), tags=tags, run_name=f"evaluate@{name}")
     metrics: dict[str, dict[str, float]] = {}
+    predictions: dict[str, list] = {}
     with tracker:
-        for split in ("test", "validation", "train"):
+        # Generation tasks: test and the train subset only (generation is the expensive part; the
+        # validation split is not scored).
+        for split in ("test", "train") if generation else ("test", "validation", "train"):
             ds = load_split(layout.DATA, args.task, split)
             if split == "train":
                 if not p.eval.train_subset:
                     continue
                 ds = ds.select(range(min(len(ds), p.eval.train_subset)))
             if len(ds) == 0:
+                continue
+            if generation:
+                metrics[split], predictions[split] = evaluate_generation(model, tokenizer, task.name, ds, p.eval.batch_size, p.eval.max_new_tokens)
+                info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
+                tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
                 continue
             with progress(f"eval {split}", len(ds)) as advance:
                 preds, labels, _ = predict(model, ds, collate, p.eval.batch_size, on_batch=lambda d, t: advance(d, t))
@@ -88,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
             sp = p.eval.sharpness
             test = load_split(layout.DATA, args.task, "test")
             objective = Objective.from_dataset(test.select(range(min(len(test), sp.examples))), collate, p.eval.batch_size)
-            eval_fn = task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
+            # Generation tasks: the loss is the LM loss on the SFT test examples (target tokens only);
+            # the attack is scored by that loss alone (eval_fn=None), regenerating answers per alpha being too costly.
+            eval_fn = None if generation else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
             info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
             sharp = measure(model, objective, sharpness_config(sp), eval_fn)
             metrics["sharpness"] = headline(sharp, task.main_metric)
@@ -98,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_dir(layout.eval_dir(name)) as tmp:
             if sharp is not None:
                 atomic_write_json(tmp / "sharpness.json", sharp)
+            for split, rows in predictions.items():
+                atomic_write_json(tmp / f"predictions_{split}.json", rows)
             atomic_write_json(tmp / "metrics.json", metrics)
             atomic_write_json(tmp / "run_info.json", tracker.info())
         atomic_write_json(layout.metrics_path(name), metrics)

@@ -23,7 +23,7 @@ from bilora.train import FineTuner, LoopConfig
 from pipeline import layout
 from pipeline.config import Params, flatten, load_params
 from pipeline.console import header, info, progress
-from pipeline.data import Collator, load_split, tokenizer_for
+from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import UserError, cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
     model = load_for_task(base_dir, task.kind, task.num_labels)
     check_targets(model, p.train.lora.target_modules)
-    spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=("classifier",))
-    model = adapters.attach_lora(model, spec, "SEQ_CLS")
+    generation = task.kind == "generation"  # causal LM: LM loss on the target tokens, no task head to save
+    spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=() if generation else ("classifier",))
+    model = adapters.attach_lora(model, spec, "CAUSAL_LM" if generation else "SEQ_CLS")
     method = methods.build(args.method, p.train.method_config(args.method), seed=args.seed)
 
     tokenizer = tokenizer_for(base_dir)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracker:
         with progress(f"train {name}", loop.total_steps(len(train_ds))) as advance:
             ft = FineTuner(
-                model, method, train_ds, Collator(tokenizer), loop,
+                model, method, train_ds, collator_for(task, tokenizer), loop,
                 seed=args.seed,
                 checkpoint_dir=layout.checkpoint_dir(name),
                 fingerprint=fingerprint(p, args.task, args.method, args.seed),

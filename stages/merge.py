@@ -6,7 +6,7 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bilora.base import load_for_task, resolve
 from bilora.io import atomic_dir, atomic_write_json
@@ -14,7 +14,7 @@ from bilora.merge import dequantize, merge, relative_logit_drift
 from pipeline import layout
 from pipeline.config import flatten, load_params
 from pipeline.console import console, header, info, warn
-from pipeline.data import Collator, load_split, tokenizer_for
+from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "run_info.json", tracker.info())
             return
         task = get_task(m.task)
+        generation = task.kind == "generation"  # causal LM: compare LM logits, reload with AutoModelForCausalLM
         adapter_dir = layout.finetune_dir(name) / "adapter"
         base_info = (layout.BASE / "model" / "bilora_base.json")
 
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None) -> None:
             base = dequantize(load_for_task(layout.BASE / "model", task.kind, task.num_labels), torch.float32)
         else:
             src = resolve(p.base.source, p.base.revision).path
-            base = AutoModelForSequenceClassification.from_pretrained(src, num_labels=task.num_labels, dtype=torch.float32)
+            base = (AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32) if generation
+                    else AutoModelForSequenceClassification.from_pretrained(src, num_labels=task.num_labels, dtype=torch.float32))
         merged = merge(base, adapter_dir).eval()
 
         # Agreement check: merged (fp32 math) vs adapter on the 4-bit base, on held-out test inputs.
-        collate = Collator(tokenizer_for(layout.BASE / "model"))
+        collate = collator_for(task, tokenizer_for(layout.BASE / "model"))
         ds = load_split(layout.DATA, m.task, "test")
-        batch = collate([ds[i] for i in range(min(len(ds), m.check_examples))])
+        keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
+        batch = collate([{k: v for k, v in ds[i].items() if k in keep} for i in range(min(len(ds), m.check_examples))])
         batch.pop("labels")
         with torch.no_grad():
             ref = load_adapted(m.task, adapter_dir)(**batch).logits
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         merged.to(dtype).save_pretrained(tmp / "model")
         tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
         # Prove plain transformers loads it.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp / "model", dtype=dtype).eval()
+        reloaded = (AutoModelForCausalLM if generation else AutoModelForSequenceClassification).from_pretrained(tmp / "model", dtype=dtype).eval()
         with torch.no_grad():
             report["reload_max_abs_diff"] = float((reloaded(**batch).logits.float() - merged.to(dtype)(**batch).logits.float()).abs().max())
         atomic_write_json(tmp / "merge_report.json", report)
