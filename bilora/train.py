@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel
 from transformers import get_cosine_schedule_with_warmup
 
-from bilora import checkpoint
+from bilora import checkpoint, distributed
 from bilora.methods.base import Method, StepContext
 
 
@@ -91,6 +91,7 @@ class FineTuner:
         self.on_log = on_log or (lambda m, s: None)
         self.on_step = on_step or (lambda s, t: None)
         self.method.split_train(len(dataset))
+        self._check_world()
         bind_data = getattr(self.method, "bind_data", None)
         if bind_data is not None:  # optional hook: methods that draw batches of their own (bi-level: split D2)
             bind_data(lambda indices: collate([dataset[i] for i in indices]), loop)
@@ -107,13 +108,29 @@ class FineTuner:
     def n_train(self) -> int:
         return len(getattr(self.method, "train_indices", None) or range(len(self.dataset)))
 
+    def _check_world(self) -> None:
+        """Under torch.distributed every rank needs an equal, non-empty slice of every micro-batch."""
+        w = distributed.world_size()
+        if w == 1:
+            return
+        if self.loop.batch_size % w:
+            raise ValueError(f"train.loop.batch_size ({self.loop.batch_size}) is the global micro-batch and must be divisible by the "
+                             f"number of processes ({w}): use a multiple of {w}, or change train.distributed.nproc_per_node")
+        last = self.n_train % self.loop.batch_size
+        if 0 < last < w:
+            raise ValueError(f"the last micro-batch of each epoch has {last} example(s), fewer than the {w} processes: "
+                             f"make the training set size ({self.n_train}) a multiple of train.loop.batch_size ({self.loop.batch_size})")
+
     # -- data ---------------------------------------------------------------------------
     def _indices(self) -> list[int]:
         idx = getattr(self.method, "train_indices", None)
         return list(idx) if idx is not None else list(range(len(self.dataset)))
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of optimizer step ``step`` (0-based), a pure function of (seed, step)."""
+        """The micro-batches of optimizer step ``step`` (0-based), a pure function of (seed, step).
+
+        Under torch.distributed each rank gets its contiguous slice of every global micro-batch.
+        """
         pool = self._indices()
         per_epoch = self.loop.steps_per_epoch(len(pool))
         epoch, within = divmod(step, per_epoch)
@@ -122,6 +139,8 @@ class FineTuner:
         for k in range(self.loop.grad_accum):
             start = (within * self.loop.grad_accum + k) * self.loop.batch_size
             chunk = order[start : start + self.loop.batch_size].tolist()
+            if chunk and distributed.active():
+                chunk = chunk[distributed.rank_slice(len(chunk))]
             if chunk:
                 out.append(self.collate([self.dataset[pool[i]] for i in chunk]))
         return out
@@ -132,7 +151,7 @@ class FineTuner:
 
     def save_checkpoint(self) -> None:
         path = self._ckpt_path()
-        if path is None:
+        if path is None or not distributed.is_main():  # ranks hold identical state: rank 0 writes it
             return
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -156,7 +175,8 @@ class FineTuner:
             return False
         if meta.get("fingerprint") != self.fingerprint:
             self.resume_note = "checkpoint belongs to a different run (params or data changed): starting fresh"
-            checkpoint.remove(path)
+            if distributed.is_main():
+                checkpoint.remove(path)
             return False
         state = checkpoint.load(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])

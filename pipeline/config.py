@@ -119,6 +119,11 @@ class BilevelLoraConfig(_Section):
     upper_lr: float = Field(1e-3, gt=0, description="Learning rate of Lambda. Our choice.")
 
 
+class DistributedConfig(_Section):
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per machine for finetune: > 1 launches it under torchrun (data parallel, explicit gradient all-reduce; batch_size is the global micro-batch and must be divisible by it). Only rank 0 writes outputs, checkpoints and MLflow.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU.")
+
+
 class TrainConfig(_Section):
     methods: list[MethodName] = Field(["lora", "bilora"], min_length=1, description="Methods to train (the matrix).")
     seeds: list[int] = Field([0], min_length=1, description="Seeds to train (the matrix).")
@@ -129,6 +134,7 @@ class TrainConfig(_Section):
     flat_lora: FlatLoraConfig = Field(default_factory=FlatLoraConfig, description="Flat-LoRA (Li et al.) settings.")
     eflat_lora: EFlatLoraConfig = Field(default_factory=EFlatLoraConfig, description="EFlat-LoRA (Deng et al.) settings.")
     bilevel_lora: BilevelLoraConfig = Field(default_factory=BilevelLoraConfig, description="Bi-level BiLoRA (Qiang et al.) settings.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Data-parallel finetune (torchrun); see README 'Scaling out'.")
 
     @field_validator("methods", "seeds")
     @classmethod

@@ -8,6 +8,7 @@ checkpoint belongs to the same run (same params subset, data and base), otherwis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shutil
@@ -15,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from bilora import adapters, checkpoint, methods
+from bilora import adapters, checkpoint, distributed, methods
 from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.methods.base import NonFiniteError
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
+    try:  # under torchrun (train.distributed.nproc_per_node > 1, see stages/launch.py): join the process group
+        distributed.init_from_env(p.train.distributed.backend)
+    except RuntimeError as e:
+        raise UserError(f"train.distributed: {e}") from None
+    main_rank = distributed.is_main()  # only rank 0 writes outputs, checkpoints and MLflow
     try:
         task = get_task(args.task)
     except KeyError as e:
@@ -83,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     train_ds = load_split(layout.DATA, args.task, "train")
     loop = LoopConfig(**p.train.loop.model_dump())
     tags = {"task": args.task, "method": args.method, "seed": args.seed}
-    tracker = Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}")
+    tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}")
     with tracker:
-        with progress(f"train {name}", loop.total_steps(len(train_ds))) as advance:
+        with (progress(f"train {name}", loop.total_steps(len(train_ds))) if main_rank else contextlib.nullcontext(lambda *a, **k: None)) as advance:
             ft = FineTuner(
                 model, method, train_ds, collator_for(task, tokenizer), loop,
                 seed=args.seed,
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                 where = f"last good checkpoint (step {kept['step']}) kept in {layout.checkpoint_dir(name) / 'last'}" if kept else "no checkpoint was written yet"
                 raise UserError(f"finetune@{name}: training stopped: {e}; {where}.\n"
                                 "  fix: lower train.loop.lr, set train.loop.max_grad_norm, or check the data; rerun resumes from the checkpoint only if the params are unchanged") from None
+        if not main_rank:  # the other ranks hold identical parameters; rank 0 exports them
+            distributed.shutdown()
+            return
         out = layout.finetune_dir(name)
         with atomic_dir(out) as tmp:
             method.export(model, tmp / "adapter")
@@ -120,6 +129,20 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(ckpt / "last", ignore_errors=True)
         atomic_write_json(ckpt / "status.json", {"state": "complete", "steps": summary["steps"]})
         info(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median step {summary['median_step_time']:.3f}s -> {out}")
+    distributed.shutdown()
+
+
+class _NoTracker:
+    """Ranks other than 0 under torchrun: no MLflow run (rank 0 logs the mean-over-ranks loss)."""
+
+    def log_metrics(self, *a, **k) -> None: ...
+    def log_artifacts(self, *a, **k) -> None: ...
+    def log_artifact(self, *a, **k) -> None: ...
+    def info(self) -> dict:
+        return {"run_id": None, "tracked": False, "rank": distributed.rank()}
+    def __enter__(self) -> "_NoTracker":
+        return self
+    def __exit__(self, *exc) -> None: ...
 
 if __name__ == "__main__":
     main()

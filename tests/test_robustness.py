@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+import mlserver  # noqa: E402
 from stagerun import ROOT, copy_artifacts, make_workdir, run_stage, snapshot, tiny_params, write_params  # noqa: E402
 
 OFFLINE = ROOT / "tests" / "helpers" / "offline"
@@ -182,12 +182,7 @@ def test_sigkill_inside_atomic_dir_leaves_previous_output_intact(tmp_path, ready
 
 
 # -- tracking outage ------------------------------------------------------------------------------
-def dead_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+dead_port = mlserver.free_port
 
 
 @pytest.mark.slow
@@ -258,28 +253,17 @@ def test_atomic_dir_sigkill_mid_write_leaves_no_partial_output(tmp_path):
 # -- live tracking server (loopback) --------------------------------------------------------------
 @pytest.mark.slow
 def test_tracker_against_a_live_mlflow_server(tmp_path):
-    import os
-    import time
     import urllib.request
 
     port = dead_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    server = subprocess.Popen([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}", "--default-artifact-root", str(tmp_path / "art")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    env = mlserver.clean_env()
+    log = tmp_path / "server.log"
+    server = mlserver.start([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}", "--default-artifact-root", str(tmp_path / "art")], log, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        mlserver.wait_healthy(server, base, log)
         code = (
             f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
             "from pipeline.tracking import Tracker\n"
@@ -298,10 +282,4 @@ def test_tracker_against_a_live_mlflow_server(tmp_path):
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["dvc.stage"] == "probe" and tags["task"] == "sst2"
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        mlserver.stop(server)

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from peft import PeftModel
 
-from bilora import adapters
+from bilora import adapters, distributed
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -68,7 +68,12 @@ class StepContext:
         return self.model(**batch).loss
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]] | None = None) -> float:
-        """Mean loss over micro-batches; gradients accumulate into ``.grad`` (scaled by 1/n_micro)."""
+        """Mean loss over micro-batches; gradients accumulate into ``.grad`` (scaled by 1/n_micro).
+
+        Under torch.distributed (world size > 1) the gradients of the trainable parameters and the
+        loss are then averaged over the ranks (:mod:`bilora.distributed`), so whatever the method
+        does next (clip, perturb, ascend) sees the same all-reduced gradient on every rank.
+        """
         batches = self.micro_batches if batches is None else batches
         total = None
         for batch in batches:
@@ -76,6 +81,8 @@ class StepContext:
             loss.backward()
             self.passes["backward"] += 1
             total = loss.detach() if total is None else total + loss.detach()
+        if distributed.active():
+            total = distributed.all_reduce_mean_([p for p in self.model.parameters() if p.requires_grad], total)
         return float(total) if total is not None else 0.0  # one host sync per step, not one per micro-batch
 
     def clip_and_step(self, clip_params: list[torch.nn.Parameter], loss: float) -> float:

@@ -18,8 +18,9 @@ One optimizer step, with gradient accumulation over the micro-batches of the ste
    (adversarial) gradient. The clip covers primary parameters only (decisions.md).
 
 So the perturbation is computed once per optimizer step from the accumulated gradient, not once
-per micro-batch. Without DDP the accumulated gradient is this process's gradient; under DDP it
-would be the all-reduced one (the loop does not run DDP yet).
+per micro-batch. Without DDP the accumulated gradient is this process's gradient; under torchrun
+(``train.distributed``) it is the all-reduced one (``StepContext.forward_backward`` averages it over
+the ranks before the perturbation, see :mod:`bilora.distributed`).
 
 A trainable task head (e.g. ``classifier`` in ``modules_to_save``) is NOT perturbed (decisions.md);
 it is updated like everything else with the pass-2 gradient. The base weights are never touched,
