@@ -23,6 +23,7 @@ def tiny_params() -> dict:
     raw["train"].update(methods=["lora", "bilora"], seeds=[0])
     raw["train"]["loop"].update(max_steps=4, batch_size=8, checkpoint_every=2, log_every=1)
     raw["eval"].update(train_subset=16, batch_size=32)
+    raw["eval"]["sharpness"].update(examples=16, metric_examples=16, radii=[0.05], n_directions=1, attack_alphas=[0.0, 1.0], curve_points=3)
     raw["merge"].update(task="sst2", method="bilora", seed=0, check_examples=8)
     return raw
 
@@ -86,8 +87,11 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
         assert (repo / "metrics" / f"{run}.json").is_file()
     assert (repo / "artifacts" / "base" / "quant_report.json").is_file()
     assert (repo / "artifacts" / "merged" / "model" / "config.json").is_file()
-    for f in ("report.md", "loss_curves.png", "summary.json"):
+    for f in ("report.md", "loss_curves.png", "summary.json", "attack_curves.png", "landscape_1d.png", "metric_vs_sharpness.png"):
         assert (repo / "reports" / f).is_file()
+    metrics = __import__("json").loads((repo / "metrics" / "sst2-bilora-0.json").read_text())
+    assert {"full.random.r0.05.mean", "lora.random.r0.05.mean", "full.attack.a1.accuracy"} <= set(metrics["sharpness"])
+    assert (repo / "artifacts" / "eval" / "sst2-bilora-0" / "sharpness.json").is_file()
 
     # One MLflow run per stage execution, finished, tagged, with params and metrics.
     runs = mlflow_runs(repo)
