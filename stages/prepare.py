@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     with tracker, atomic_dir(layout.DATA) as tmp:
         for name in p.data.tasks:
             dd, stats = prepare_task(get_task(name), p.data, tokenizer)
-            dd.save_to_disk(str(tmp / name))
+            # An empty split (val_fraction 0) needs an explicit shard, or load_from_disk cannot read it back.
+            dd.save_to_disk(str(tmp / name), num_shards={k: 1 for k, v in dd.items() if len(v) == 0})
             all_stats[name] = stats
             info(f"{name}: " + ", ".join(f"{k}={v}" for k, v in stats["rows"].items()))
             tracker.log_metrics({f"{name}.{k}_rows": v for k, v in stats["rows"].items()})

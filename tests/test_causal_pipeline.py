@@ -17,10 +17,10 @@ from tests.test_pipeline import ROOT, dvc_bin, mlflow_runs, repro, run_env
 pytestmark = pytest.mark.slow
 
 
-def tiny_llama_folder(out: Path) -> Path:
-    """A Hugging Face folder: tiny LlamaForCausalLM + PreTrainedTokenizerFast (byte-level BPE, <s>/</s>)."""
+def tiny_bpe_tokenizer(vocab_size: int = 400):
+    """PreTrainedTokenizerFast: byte-level BPE trained in memory on 200 GSM8K train problems, <s>/</s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     lines = []
     with open(ROOT / "data" / "raw" / "gsm8k" / "train.jsonl", encoding="utf-8") as f:
@@ -30,8 +30,15 @@ def tiny_llama_folder(out: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama_folder(out: Path) -> Path:
+    """A Hugging Face folder: tiny LlamaForCausalLM + the tiny byte-level BPE tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_tok = tiny_bpe_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
@@ -42,7 +49,7 @@ def tiny_llama_folder(out: Path) -> Path:
 
 def causal_params(base: Path) -> dict:
     raw = yaml.safe_load((ROOT / "pipeline" / "presets" / "smollm2_gsm8k_cpu.yaml").read_text())
-    raw["data"].update(tasks=["gsm8k"], train_subset=24, val_fraction=0.1, max_length=96, test_subset=4)
+    raw["data"].update(tasks=["gsm8k"], train_subset=24, val_fraction=0.0, max_length=96, test_subset=4)
     raw["base"]["source"] = str(base)
     raw["train"].update(methods=["lora", "bilora"], seeds=[0])
     raw["train"]["loop"].update(max_steps=2, batch_size=4, checkpoint_every=1, log_every=1)
@@ -81,7 +88,7 @@ def test_dvc_repro_causal_lm_gsm8k(tmp_path):
 
     dd = load_from_disk(str(repo / "artifacts" / "data" / "gsm8k"))
     assert {"input_ids", "attention_mask", "labels", "question", "answer"} <= set(dd["test"].column_names)
-    assert len(dd["test"]) == 4 and len(dd["train"]) > 0
+    assert len(dd["test"]) == 4 and len(dd["train"]) == 24 and len(dd["validation"]) == 0
     row = dd["train"][0]
     assert row["labels"][0] == -100 and row["labels"][-1] != -100 and len(row["input_ids"]) <= 96
 
