@@ -150,13 +150,13 @@ class TrainConfig(_Section):
 
 class SharpnessParams(_Section):
     enabled: bool = Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")
-    examples: int = Field(128, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")
-    metric_examples: int = Field(256, ge=1, description="Test examples scored by the task metric under the gradient attack.")
+    examples: int = Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")
+    metric_examples: int = Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")
     spaces: list[Literal["full", "lora"]] = Field(["full", "lora"], min_length=1, description="full: merged W0 + s*BA of adapted layers; lora: A, B only.")
     radii: list[float] = Field([0.01, 0.05], description="Radii of random filter-normalised perturbations (fraction of each row norm).")
-    n_directions: int = Field(3, ge=0, description="Random directions per radius and space (0: skip random sharpness).")
+    n_directions: int = Field(2, ge=0, description="Random directions per radius and space (0: skip random sharpness).")
     attack_alphas: list[float] = Field([0.0, 1.0, 2.5], description="Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).")
-    curve_points: int = Field(9, ge=0, description="Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).")
+    curve_points: int = Field(7, ge=0, description="Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).")
     curve_radius: float = Field(0.1, gt=0, description="Half-width of the 1-D loss curve along a random filter-normalised direction.")
     seed: int = Field(0, description="Seed of the random directions (same seed => same numbers).")
 

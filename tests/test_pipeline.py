@@ -119,3 +119,15 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = repro(repo)
     assert "finetune@sst2-bilora-0" in ran and "finetune@sst2-lora-0" not in ran
+
+    # Every other method, one short real MiniLM run each through the pipeline; finished runs are kept.
+    others = ["lora_sam", "flat_lora", "eflat_lora", "bilevel_lora"]
+    params["train"]["methods"] = ["lora", "bilora", *others]
+    params["train"]["loop"]["max_steps"] = 2
+    params["eval"]["sharpness"]["enabled"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = repro(repo)
+    assert {f"finetune@sst2-{m}-0" for m in others} <= set(ran)
+    for m in others:
+        assert (repo / "artifacts" / "finetune" / f"sst2-{m}-0" / "adapter" / "adapter_model.safetensors").is_file()
+        assert "accuracy" in __import__("json").loads((repo / "metrics" / f"sst2-{m}-0.json").read_text())["test"]
