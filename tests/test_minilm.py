@@ -53,7 +53,8 @@ def test_every_method_trains_real_minilm_nf4(name, nf4_base, sst2, tmp_path):
     losses = [h["loss"] for h in ft.history]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     # The frozen 4-bit base is untouched by every method.
-    now = dict(model.base_model.model.named_parameters())
+    now = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().named_parameters() if ".lora_" not in k}
+    assert set(frozen) <= set(now)
     assert all(torch.equal(v, now[k]) for k, v in frozen.items())
     # The exported adapter is a plain PEFT LoRA (primary only) and loads on a fresh nf4 base.
     method.export(model, tmp_path / "adapter")
