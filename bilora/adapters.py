@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -123,3 +123,25 @@ def primary_only(model: PeftModel, aux: str = AUX) -> Iterator[PeftModel]:
 def save_primary(model: PeftModel, out_dir: str | Path) -> None:
     """Write the primary adapter only, in plain PEFT format (loadable by ``PeftModel.from_pretrained``)."""
     model.save_pretrained(str(out_dir), selected_adapters=[PRIMARY])
+
+
+@contextmanager
+def forwards_replaced(pairs: Iterable[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Give each module a temporary instance ``forward`` and restore the previous state on exit (also on error).
+
+    An instance attribute shadows the class forward. Under an accelerate hook (device_map offload)
+    ``forward`` is already the hook's wrapper, which calls ``_old_forward``: that is replaced instead.
+    """
+    installed: list[tuple[torch.nn.Module, str, Any]] = []  # (module, attribute, previous instance value)
+    try:
+        for module, fwd in pairs:
+            attr = "_old_forward" if "_old_forward" in vars(module) else "forward"
+            installed.append((module, attr, vars(module).get(attr)))
+            setattr(module, attr, fwd)
+        yield
+    finally:
+        for module, attr, previous in reversed(installed):
+            if previous is None:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, previous)

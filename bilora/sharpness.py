@@ -292,23 +292,9 @@ def _shifted_forward(base: torch.nn.Module, delta_fn: Callable[[torch.Tensor], t
     return forward
 
 
-@contextmanager
-def _override_forwards(bases: Sequence[torch.nn.Module], forwards: Sequence[Callable]) -> Iterator[None]:
-    """Install instance forwards on ``bases`` and restore the previous state on exit (as flat_lora.flat_noise)."""
-    installed: list[tuple[torch.nn.Module, str, Any]] = []
-    try:
-        for base, fwd in zip(bases, forwards):
-            # under an accelerate hook ``forward`` is the hook's wrapper, which calls ``_old_forward``
-            attr = "_old_forward" if "_old_forward" in vars(base) else "forward"
-            installed.append((base, attr, vars(base).get(attr)))
-            setattr(base, attr, fwd)
-        yield
-    finally:
-        for base, attr, previous in reversed(installed):
-            if previous is None:
-                delattr(base, attr)
-            else:
-                setattr(base, attr, previous)
+def _override_forwards(bases: Sequence[torch.nn.Module], forwards: Sequence[Callable]):
+    """Install instance forwards on ``bases`` for the block (shared helper, as Flat-LoRA does)."""
+    return adapters.forwards_replaced(zip(bases, forwards))
 
 
 def _delta_fn(part: Part, scale: float) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:

@@ -190,29 +190,19 @@ def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int,
     restored on exit, also on error.
     """
     layers = noisy_layers(model, adapter)
-    installed: list[tuple[torch.nn.Module, str, Any]] = []  # (base, attribute, previous instance value)
+    pairs: list[tuple[torch.nn.Module, Any]] = []
     info: list[tuple[int, torch.Tensor]] = []
-    try:
-        if sigma_t != 0.0:
-            for index, layer in enumerate(layers):
-                base = layer.get_base_layer()
-                check_base(base)
-                n_in = base.in_features
-                std_rows = merged_row_norms(layer, adapter).mul_(sigma_t / math.sqrt(n_in))  # (m,)
-                seed = noise_seed(run_seed, step, index)
-                # An instance attribute shadows the class forward. Under an accelerate hook (device_map
-                # offload) ``forward`` is already the hook's wrapper, which calls ``_old_forward``: replace that.
-                attr = "_old_forward" if "_old_forward" in vars(base) else "forward"
-                installed.append((base, attr, vars(base).get(attr)))
-                setattr(base, attr, noisy_forward(base, std_rows, seed))
-                info.append((seed, std_rows))
+    if sigma_t != 0.0:
+        for index, layer in enumerate(layers):
+            base = layer.get_base_layer()
+            check_base(base)
+            n_in = base.in_features
+            std_rows = merged_row_norms(layer, adapter).mul_(sigma_t / math.sqrt(n_in))  # (m,)
+            seed = noise_seed(run_seed, step, index)
+            pairs.append((base, noisy_forward(base, std_rows, seed)))
+            info.append((seed, std_rows))
+    with adapters.forwards_replaced(pairs):
         yield info
-    finally:
-        for base, attr, previous in reversed(installed):
-            if previous is None:
-                delattr(base, attr)
-            else:
-                setattr(base, attr, previous)
 
 
 @register
