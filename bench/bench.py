@@ -463,7 +463,8 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], out: Path) -> No
         "",
         f"- CPU: {m['cpu']}, {m['cpus_usable']} usable of {m['logical_cpus']} logical CPUs, AVX2 {m['avx2']}, AVX-512 {m['avx512']}; {m.get('mem_total_gib', '?')} GiB RAM; CUDA: {m['cuda']}",
         f"- torch threads {m['torch_threads']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}",
-        f"- Load average (1, 5, 15 min) before: {res['loadavg_before']}, after: {res['loadavg_after']}. **The machine is shared with other developers and noisy**: absolute times move between runs; the interleaving (one step of every method per round, rotating order) and the per-round paired ratios are what make the ratios comparable.",
+        f"- Load average (1, 5, 15 min) before: {res['loadavg_before']}, after: {res['loadavg_after']}. "
+        + ("The machine was quiet (nothing else running)." if max(res["loadavg_before"][0], res["loadavg_after"][0]) < 1.0 + m["torch_threads"] else "**Other jobs shared the CPUs during this run**: absolute times are inflated and noisy; the interleaving (one step of every method per round, rotating order) and the per-round paired ratios are what keep the ratios comparable."),
         "",
         "## Setup",
         "",
@@ -491,6 +492,7 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], out: Path) -> No
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
     if res.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    lines += ["", "## Analysis", "", "Written by hand after the run above: [bench_analysis.md](bench_analysis.md)."]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 

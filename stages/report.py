@@ -22,10 +22,13 @@ from pipeline.errors import cli  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
-# Paper anchors for context only (Bi-LoRA v2 Table A2, T5-base, GLUE dev; MRPC accuracy, CoLA MCC, in %).
+# Paper anchors for context only (GLUE dev, %; MRPC and SST-2 accuracy, CoLA MCC). LoRA, LoRA-SAM and
+# Bi-LoRA: Bi-LoRA paper Table A2 (T5-base). Flat-LoRA: Flat-LoRA paper Table 1 (T5-base, r 8; its
+# CoLA column is accuracy, so it is left out here). methods.md lists them with their sources.
 PAPER_T5 = {
-    "mrpc": {"lora": 88.56, "lora_sam": 88.73, "bilora": 89.38},
+    "mrpc": {"lora": 88.56, "lora_sam": 88.73, "bilora": 89.38, "flat_lora": 89.59},
     "cola": {"lora": 59.41, "lora_sam": 59.80, "bilora": 60.77},
+    "sst2": {"lora": 94.23, "lora_sam": 94.46, "bilora": 94.34, "flat_lora": 94.75},
 }
 
 
@@ -41,6 +44,58 @@ def _fmt(r: dict, kind: str, space: str, main: str = "") -> str:
         return "-"
     m, s = _mean_std(r[found[-1][1]])
     return f"{m:.4f} ± {s:.4f}"
+
+
+def _keyed(r: dict, pattern: str) -> list[tuple[float, str]]:
+    """(number, key) for every key of ``r`` matching ``pattern`` (one float group), sorted by number."""
+    pat = re.compile(pattern)
+    return sorted((float(m.group(1)), k) for k in r if (m := pat.match(k)))
+
+
+def detail_tables(p: Params, rows: dict) -> list[str]:
+    """Markdown: each method minus LoRA paired by seed; attack metric at every alpha; random sharpness at every radius."""
+    md: list[str] = []
+    if "lora" in p.train.methods:
+        md += ["## Each method minus LoRA, paired by seed", "",
+               "Differences of the main test metric and of the random sharpness (largest radius) against the LoRA run with the same seed "
+               "(same data order, same initialisation of the shared parts). "
+               f"With {len(p.train.seeds)} seed(s), a mean difference smaller than its std is not evidence either way.", "",
+               "| task | method | Δ main metric | seeds better | Δ sharpness full | Δ sharpness lora |", "|---|---|---|---|---|---|"]
+        for task in p.data.tasks:
+            main = get_task(task).main_metric
+            base = rows.get((task, "lora"), {})
+            for method in p.train.methods:
+                r = rows.get((task, method), {})
+                if method == "lora" or not r or not base:
+                    continue
+                d = [a - b for a, b in zip(r[f"test.{main}"], base[f"test.{main}"])]
+                m, sd = _mean_std(d)
+                cells = []
+                for space in ("full", "lora"):
+                    keys = _keyed(r, rf"^sharp\.{space}\.random\.r(.+)\.mean$")
+                    if keys:
+                        k = keys[-1][1]
+                        dm, ds = _mean_std([a - b for a, b in zip(r[k], base.get(k, []))])
+                        cells.append(f"{dm:+.4f} ± {ds:.4f}")
+                    else:
+                        cells.append("-")
+                md.append(f"| {task} | {method} | {m:+.4f} ± {sd:.4f} | {sum(x > 0 for x in d)} / {len(d)} | {cells[0]} | {cells[1]} |")
+        md.append("")
+    for kind, title in (("attack", "Worst-case attack: main test metric at each alpha (mean ± std over seeds)"), ("random", "Random filter-normalised sharpness: mean loss increase at each radius (mean ± std over seeds)")):
+        for space in ("full", "lora"):
+            for task in p.data.tasks:
+                main = get_task(task).main_metric
+                pattern = rf"^sharp\.{space}\.attack\.a(.+)\.{re.escape(main)}$" if kind == "attack" else rf"^sharp\.{space}\.random\.r(.+)\.mean$"
+                cols = _keyed(rows.get((task, p.train.methods[0]), {}), pattern)
+                if not cols:
+                    continue
+                label = "alpha" if kind == "attack" else "radius"
+                md += [f"### {title}: {task}, {space} space", "", f"| method | " + " | ".join(f"{label} {x:g}" for x, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                for method in p.train.methods:
+                    r = rows.get((task, method), {})
+                    md.append(f"| {method} | " + " | ".join("{:.4f} ± {:.4f}".format(*_mean_std(r.get(k, []))) for _, k in cols) + " |")
+                md.append("")
+    return md
 
 
 def collect(p: Params) -> dict:
@@ -75,13 +130,18 @@ def plot_losses(p: Params, histories: dict, path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in p.train.methods:
+            curves = []
             for seed in p.train.seeds:
                 h = histories[layout.run_name(task, method, seed)]
-                steps = [x["step"] for x in h]
                 loss = [x["loss"] for x in h]
                 k = max(1, len(loss) // 25)  # moving average over ~4% of the run
-                smooth = [statistics.fmean(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
-                ax.plot(steps, smooth, label=f"{method} s{seed}", alpha=0.85)
+                curves.append(([x["step"] for x in h], [statistics.fmean(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]))
+            n = min(len(c[1]) for c in curves)
+            steps = curves[0][0][:n]
+            mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
+            line = ax.plot(steps, mean, label=f"{method} (mean of {len(curves)} seed(s))")[0]
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(c[1][i] for c in curves) for i in range(n)], [max(c[1][i] for c in curves) for i in range(n)], color=line.get_color(), alpha=0.15)
         ax.set_title(f"{task}: training loss (moving average)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
@@ -204,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Tasks {p.data.tasks}, methods {p.train.methods}, seeds {p.train.seeds}. Base `{p.base.source}` (4-bit {p.base.quant.quant_type if p.base.quant.enabled else 'off'}).",
         f"Train subset {p.data.train_subset}, max length {p.data.max_length}, epochs {p.train.loop.epochs}, batch {p.train.loop.batch_size}x{p.train.loop.grad_accum}, lr {p.train.loop.lr}.",
-        "Test split = GLUE dev. Metrics are fractions; paper anchors are **from the Bi-LoRA paper (T5-base, %)**, for context only, not comparable in absolute terms.",
+        "Test split = GLUE dev. Metrics are fractions; paper anchors are **from the papers (T5-base, %; Bi-LoRA Table A2, Flat-LoRA Table 1)**, for context only: another model, full data and many more steps, not comparable in absolute terms.",
         "",
         "Sharpness: mean loss increase under random filter-normalised perturbations at the largest radius (full weight space | LoRA space).",
         "Attack: the main test metric after the largest worst-case step alpha (full | LoRA space). Both: mean over seeds.",
@@ -228,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         md.append(f"| {task} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |")
         table.add_row(task, method, str(n), f"{main} {mm:.4f} ± {ms:.4f}", gap_s, sharp_s.replace("\\", ""), attack_s.replace("\\", ""), f"{st:.3f}", paper_s)
         summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st}
-    md += ["", "![training loss](loss_curves.png)", ""]
+    md += [""] + detail_tables(p, data["rows"])
+    md += ["![training loss](loss_curves.png)", ""]
     extra = plot_sharpness(p, data["sharpness"], layout.REPORTS)
     md += [f"![{f[:-4].replace('_', ' ')}]({f})" for f in extra] + [""]
     tracker = Tracker("report", p.tracking.experiment, flatten({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds}))
