@@ -14,7 +14,7 @@ PRESETS = sorted(run.PRESETS.glob("*.yaml"))
 
 
 def test_presets_exist():
-    assert {p.stem for p in PRESETS} >= {"smollm2_gsm8k_cpu", "smollm2_gsm8k_gpu"}
+    assert {p.stem for p in PRESETS} >= {"smollm2_gsm8k_cpu", "smollm2_gsm8k_gpu", "glue_comparison"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -24,8 +24,19 @@ def test_preset_is_valid_and_complete(path: Path):
     p = load_params(path)
     raw = yaml.safe_load(path.read_text())
     assert set(raw) == {"data", "base", "train", "eval", "merge", "tracking"}  # complete: every section spelled out
-    assert p.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert p.data.tasks == ["gsm8k"] and p.merge.task == "gsm8k"
+    assert p.merge.task in p.data.tasks and p.merge.method in p.train.methods and p.merge.seed in p.train.seeds
+    if path.stem.startswith("smollm2_gsm8k"):
+        assert p.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert p.data.tasks == ["gsm8k"]
+
+
+def test_comparison_preset_covers_the_method_matrix():
+    from bilora import methods
+
+    p = load_params(run.PRESETS / "glue_comparison.yaml")
+    assert sorted(p.train.methods) == sorted(methods.available())  # every registered method
+    assert len(p.train.seeds) >= 3 and len(p.data.tasks) >= 2
+    assert p.base.quant.enabled and p.eval.sharpness.enabled and p.eval.sharpness.spaces == ["full", "lora"]
 
 
 def test_apply_preset_copies_after_validation(tmp_path, monkeypatch):
