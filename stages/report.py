@@ -36,20 +36,19 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
-def _fmt(r: dict, kind: str, space: str, main: str = "") -> str:
-    """Mean ± std over seeds of the headline figure at the largest radius (random) or alpha (attack)."""
-    pat = re.compile(rf"^sharp\.{space}\.random\.r(.+)\.mean$" if kind == "random" else rf"^sharp\.{space}\.attack\.a(.+)\.{re.escape(main)}$")
-    found = sorted((float(m.group(1)), k) for k in r if (m := pat.match(k)))
-    if not found:
-        return "-"
-    m, s = _mean_std(r[found[-1][1]])
-    return f"{m:.4f} ± {s:.4f}"
-
-
 def _keyed(r: dict, pattern: str) -> list[tuple[float, str]]:
     """(number, key) for every key of ``r`` matching ``pattern`` (one float group), sorted by number."""
     pat = re.compile(pattern)
     return sorted((float(m.group(1)), k) for k in r if (m := pat.match(k)))
+
+
+def _fmt(r: dict, kind: str, space: str, main: str = "") -> str:
+    """Mean ± std over seeds of the headline figure at the largest radius (random) or alpha (attack)."""
+    found = _keyed(r, rf"^sharp\.{space}\.random\.r(.+)\.mean$" if kind == "random" else rf"^sharp\.{space}\.attack\.a(.+)\.{re.escape(main)}$")
+    if not found:
+        return "-"
+    m, s = _mean_std(r[found[-1][1]])
+    return f"{m:.4f} ± {s:.4f}"
 
 
 def detail_tables(p: Params, rows: dict) -> list[str]:
