@@ -28,7 +28,9 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     import copy
 
     state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
+    # remove_duplicate=False: tied weights (SmolLM2's lm_head IS embed_tokens) appear under both names,
+    # as in the fresh model's state_dict.
+    for name, param in model.named_parameters(remove_duplicate=False):
         quant_state = getattr(param, "quant_state", None)
         if quant_state is not None:
             import bitsandbytes.functional as bnbf

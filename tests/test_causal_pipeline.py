@@ -41,7 +41,8 @@ def tiny_llama_folder(out: Path) -> Path:
     hf_tok = tiny_bpe_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
+                      max_position_embeddings=256, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                      tie_word_embeddings=True)  # tied like SmolLM2 (merge must rebuild lm_head)
     LlamaForCausalLM(cfg).save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out

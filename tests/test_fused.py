@@ -19,12 +19,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm()) / den if den > 0 else float((a - b).norm())
 
 
-def _dual_model(dtype=torch.float64, base=None, spec=tiny.SPEC, seed=0, scale=0.3):
+def _dual_model(dtype=torch.float64, base=None, spec=tiny.SPEC, seed=0, scale=0.3, task_type="SEQ_CLS"):
     if base is None:
         model = tiny.peft_bert(seed, spec)
     else:
         torch.manual_seed(seed + 1)
-        model = adapters.attach_lora(base, spec, "SEQ_CLS")
+        model = adapters.attach_lora(base, spec, task_type)
     method = methods.build("bilora", {"rho": 0.05, "aux_rank": 3, "aux_alpha": 9.0}, seed=seed)  # r2 != r1, s2 != s1
     method.prepare(model)
     if base is None:
@@ -102,6 +102,15 @@ def test_fused_equals_unfused_float32_within_1e6():
     model = _dual_model(torch.float32, scale=0.05)
     batch = tiny.collate(tiny.cls_examples(8, seed=2))
     _compare(model, batch, tol=1e-6)
+
+
+def test_fused_equals_unfused_on_causal_llama_float64():
+    # The causal presets fuse every linear of a Llama block (attention and MLP, GQA-shaped k/v).
+    spec = adapters.LoraSpec(r=4, alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    model = _dual_model(base=tiny.tiny_llama().double(), spec=spec, task_type="CAUSAL_LM").double()
+    assert len(FusedAdapters(model).layers) == 7 * 2 and not FusedAdapters(model).skipped
+    ids = torch.randint(1, 128, (4, 12), generator=torch.Generator().manual_seed(3))  # (B, L)
+    _compare(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}, tol=1e-12)
 
 
 def test_fused_float32_matches_float64_reference_as_well_as_unfused_does():

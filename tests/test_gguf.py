@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from bilora import base, causal
+from bilora.merge import dequantize
 
 gguf = pytest.importorskip("gguf")
 
@@ -190,6 +191,11 @@ def test_resolve_gguf_source_caches_then_nf4_quantize(tiny_gguf, tmp_path, monke
     torch.testing.assert_close(logits(again), got)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
     assert len(causal.generate_answers(again, tok, ["the cat"], max_new_tokens=3)) == 1
+
+    # merge's dequantize keeps the tied head (lm_head.weight is not a separate parameter) and the logits.
+    plain = dequantize(again, torch.float32)
+    assert plain.config.tie_word_embeddings and plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(logits(plain), got, rtol=1e-4, atol=1e-4)
 
 
 def test_resolve_gguf_missing_file(tmp_path):
