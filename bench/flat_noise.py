@@ -1,6 +1,6 @@
 """Where Flat-LoRA's extra step time goes: the weight-noise work per step next to a LoRA step.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.flat_noise [--batch 16 --length 64 --threads 1 --reps 10]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.flat_noise [--batch 16 --length 64 --threads 1 --reps 20]
 
 Same base, batches and LoRA spec as ``bench.bench``. Per optimizer step Flat-LoRA does, for every
 adapted layer (out × in weights), on top of LoRA's work:
@@ -10,7 +10,7 @@ adapted layer (out × in weights), on top of LoRA's work:
 * backward: dequantize and redraw the same eps from its seed (decisions.md: never stored).
 
 This script times each of those components alone, summed over all adapted layers, and the
-forward + backward of a LoRA step and of a Flat-LoRA step on one batch (median of ``--reps``),
+forward + backward of a LoRA step and of a Flat-LoRA step on one batch (timed alternately, ``--reps`` pairs: median and IQR of the per-pair ratio),
 so the overhead is explained by measurement. Writes ``reports/flat_noise.json`` and prints a table.
 """
 
@@ -38,12 +38,25 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def paired_ms(fa: Callable[[], object], fb: Callable[[], object], reps: int) -> tuple[float, float, list[float]]:
+    """Medians of ``fa`` and ``fb`` timed alternately (a, b, a, b, ...), so machine drift hits both,
+    and the per-pair ratios b/a (sorted)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, sorted(b / a for a, b in zip(ta, tb))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.flat_noise", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "reports")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -71,16 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             fwd_bwd()
 
     gen = torch.Generator().manual_seed(0)
+    lora_ms, flat_ms, ratios = paired_ms(fwd_bwd, flat_fwd_bwd, args.reps)
     rows = {
-        "lora forward+backward": median_ms(fwd_bwd, args.reps),
-        "flat_lora forward+backward (noise on)": median_ms(flat_fwd_bwd, args.reps),
+        "lora forward+backward": lora_ms,
+        "flat_lora forward+backward (noise on)": flat_ms,
         "row norms of W0 + s·BA (all layers, once per step)": median_ms(lambda: [fl.merged_row_norms(l) for l in layers], args.reps),
         "dequantize W0 (all layers, once)": median_ms(lambda: [fl.dequantized_weight(b) for b in bases], args.reps),
         "draw eps ~ N(0, 1) (all layers, once)": median_ms(lambda: [torch.randn((b.out_features, b.in_features), generator=gen) for b in bases], args.reps),
         "uniform U(0, 1) of the same size (for scale)": median_ms(lambda: [torch.rand((b.out_features, b.in_features), generator=gen) for b in bases], args.reps),
     }
     lora = rows["lora forward+backward"]
-    extra = rows["flat_lora forward+backward (noise on)"] - lora
+    extra = (statistics.median(ratios) - 1.0) * lora
     predicted = rows["row norms of W0 + s·BA (all layers, once per step)"] + 2 * (rows["dequantize W0 (all layers, once)"] + rows["draw eps ~ N(0, 1) (all layers, once)"])
     res = {
         "command": "python -m bench.flat_noise " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
@@ -88,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_step_padded": tokens,
         "adapted_weights": n_weights,
         "ms": rows,
-        "flat_over_lora_fwd_bwd": rows["flat_lora forward+backward (noise on)"] / lora,
+        "flat_over_lora_fwd_bwd": statistics.median(ratios),  # median of the interleaved pairs
+        "flat_over_lora_fwd_bwd_iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
         "measured_extra_ms": extra,
         "components_extra_ms": predicted,
         "randn_ns_per_weight": rows["draw eps ~ N(0, 1) (all layers, once)"] * 1e6 / n_weights,
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n_weights / 1e6:.1f}M adapted weights, {tokens} padded tokens per step, {args.threads} thread(s)")
     for k, v in rows.items():
         print(f"{v:9.2f} ms  {k}")
-    print(f"flat_lora / lora forward+backward = {res['flat_over_lora_fwd_bwd']:.3f}; extra {extra:.1f} ms measured, "
+    print(f"flat_lora / lora forward+backward = {res['flat_over_lora_fwd_bwd']:.3f} (paired, IQR {res['flat_over_lora_fwd_bwd_iqr'][0]:.3f}-{res['flat_over_lora_fwd_bwd_iqr'][1]:.3f}); extra {extra:.1f} ms measured, "
           f"{predicted:.1f} ms from the components (norms + 2 x (dequantize + draw eps)); "
           f"{res['randn_ns_per_weight']:.2f} ns per normal")
     return 0

@@ -15,8 +15,8 @@ CPU; full curves belong on a GPU). Methods: every registered method plus ``bilor
 * Within a point the methods are interleaved (one step each per round, rotating order) and the
   ratio to LoRA is the median of per-round ratios.
 * Memory: after the timed rounds, one more step per method with autograd saved-tensor hooks that sum
-  the bytes of the distinct tensors saved for backward, parameters excluded, divided by the method's
-  forward passes per step: the activation memory of one forward pass, the part of training memory
+  the bytes of the distinct tensors saved for backward in each forward pass, parameters excluded, and
+  keep the largest pass: the activation memory of the step, the part of training memory
   that grows with length and batch. It is deterministic (no allocator noise) but it is NOT process
   RSS: temporaries freed within an op (e.g. Flat-LoRA's W0 + eps) do not appear.
 
@@ -112,23 +112,39 @@ class Data:
 
 
 def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during ``run()``, parameters excluded."""
+    """Activation memory of ``run()``: the bytes of the distinct tensors autograd saves for backward in
+    one forward pass of ``model`` (parameters excluded), the largest over the passes ``run()`` makes.
+
+    A pass starts at each call of ``model`` (forward pre-hook). Passes are counted separately because
+    each pass's graph is freed by its backward before the next pass: LoRA-SAM's two passes need the
+    memory of one, not two (and a freed pass's addresses may be reused by the next, so one set of
+    storages across passes would undercount).
+    """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    passes: list[int] = []
     seen: set[int] = set()
-    total = 0
+
+    def new_pass(*_: Any) -> None:
+        seen.clear()
+        passes.append(0)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
+        if not passes:  # saved outside any call of ``model``: count it as one pass
+            new_pass()
         s = t.untyped_storage()
         ptr = s.data_ptr()
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
-            total += s.nbytes()
+            passes[-1] += s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return total
+    handle = model.register_forward_pre_hook(new_pass)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        handle.remove()
+    return max(passes, default=0)
 
 
 def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Callable[[int], float], Callable[[], int]]:
@@ -158,7 +174,7 @@ def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Ca
         return time.perf_counter() - t0
 
     def memory() -> int:
-        return activation_bytes(model, lambda: step(total)) // max(1, method.passes_per_step)
+        return activation_bytes(model, lambda: step(total))
 
     return step, memory
 
@@ -191,23 +207,23 @@ def plot(xs: list[Any], rows: list[dict[str, float]], names: list[str], xlabel: 
 
     pos = xs if log_x else list(range(len(xs)))
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    colour = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per method in every panel
     for n in names:
-        ax1.plot(pos, [r[n] for r in rows], marker="o", label=n)
-        ax3.plot(pos, [r[f"{n}_act_mib"] for r in rows], marker="o", label=n)
+        ax1.plot(pos, [r[n] for r in rows], marker="o", label=n, color=colour[n])
+        ax3.plot(pos, [r[f"{n}_act_mib"] for r in rows], marker="o", label=n, color=colour[n])
         if n != "lora":
-            ax2.plot(pos, [r[f"{n}_ratio_to_lora"] for r in rows], marker="o", label=n)
+            ax2.plot(pos, [r[f"{n}_ratio_to_lora"] for r in rows], marker="o", label=n, color=colour[n])
     ax1.set(xlabel=xlabel, ylabel="median s / optimizer step", title=title, yscale="log")
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set(xlabel=xlabel, ylabel="step time / LoRA (paired median)", title="ratio to LoRA")
-    ax3.set(xlabel=xlabel, ylabel="MiB saved for backward per forward pass", title="activation memory", yscale="log")
+    ax3.set(xlabel=xlabel, ylabel="MiB saved for backward (largest pass)", title="activation memory", yscale="log")
     for ax in (ax1, ax2, ax3):
         if log_x:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(pos, [str(x) for x in xs])
         ax.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    ax3.legend(fontsize=8)
+    ax1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

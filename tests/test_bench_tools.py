@@ -16,6 +16,17 @@ def test_activation_bytes_counts_saved_inputs_and_outputs_not_parameters():
     assert activation_bytes(lin, run) == 4 * (4 * 6 + 4 * 5)
 
 
+def test_activation_bytes_is_the_largest_forward_pass_not_the_sum():
+    lin = torch.nn.Linear(6, 5, bias=False)
+    small, big = torch.randn(2, 6), torch.randn(4, 6)
+
+    def run():  # two passes, each freed by its backward before the next (like LoRA-SAM)
+        lin(small).sum().backward()  # saves small (2x6)
+        lin(big).sum().backward()  # saves big (4x6)
+
+    assert activation_bytes(lin, run) == 4 * 4 * 6
+
+
 def test_activation_bytes_counts_a_shared_tensor_once():
     w = torch.nn.Parameter(torch.randn(3, 3))
     x = torch.randn(2, 3)
