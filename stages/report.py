@@ -32,6 +32,17 @@ PAPER_T5 = {
 }
 
 
+def _split_note(tasks: list[str], test_subset: int | None) -> str:
+    """What "test" means for these tasks, and what the paper column is (GLUE tasks only)."""
+    files = ", ".join(f"{t}: `{get_task(t).test_file}`" for t in tasks)
+    subset = f" (first {test_subset} rows)" if test_subset else ""
+    glue = any(get_task(t).test_file.startswith("glue/") for t in tasks)
+    note = f"Test split{subset}: {files}" + (" (GLUE test labels are private, so GLUE tasks use dev)" if glue else "") + ". Metrics are fractions."
+    if any(t in PAPER_T5 for t in tasks):
+        note += " Paper anchors are **from the papers (T5-base, %; Bi-LoRA Table A2, Flat-LoRA Table 1)**, for context only: another model, full data and many more steps, not comparable in absolute terms."
+    return note
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Tasks {p.data.tasks}, methods {p.train.methods}, seeds {p.train.seeds}. Base `{p.base.source}` (4-bit {p.base.quant.quant_type if p.base.quant.enabled else 'off'}).",
         f"Train subset {p.data.train_subset}, max length {p.data.max_length}, epochs {p.train.loop.epochs}, batch {p.train.loop.batch_size}x{p.train.loop.grad_accum}, lr {p.train.loop.lr}.",
-        "Test split = GLUE dev. Metrics are fractions; paper anchors are **from the papers (T5-base, %; Bi-LoRA Table A2, Flat-LoRA Table 1)**, for context only: another model, full data and many more steps, not comparable in absolute terms.",
+        _split_note(p.data.tasks, p.data.test_subset),
         "",
         "Sharpness: mean loss increase under random filter-normalised perturbations at the largest radius (full weight space | LoRA space).",
         "Attack: the main test metric after the largest worst-case step alpha (full | LoRA space). Both: mean over seeds.",
