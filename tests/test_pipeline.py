@@ -120,14 +120,15 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
     ran = repro(repo)
     assert "finetune@sst2-bilora-0" in ran and "finetune@sst2-lora-0" not in ran
 
-    # Every other method, one short real MiniLM run each through the pipeline; finished runs are kept.
+    # Every other method, one short real MiniLM run each through the pipeline (sharpness included);
+    # adding methods neither retrains nor re-evaluates the finished runs.
     others = ["lora_sam", "flat_lora", "eflat_lora", "bilevel_lora"]
     params["train"]["methods"] = ["lora", "bilora", *others]
-    params["train"]["loop"]["max_steps"] = 2
-    params["eval"]["sharpness"]["enabled"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = repro(repo)
-    assert {f"finetune@sst2-{m}-0" for m in others} <= set(ran)
+    assert {f"finetune@sst2-{m}-0" for m in others} | {f"evaluate@sst2-{m}-0" for m in others} <= set(ran)
+    assert not {"finetune@sst2-lora-0", "finetune@sst2-bilora-0", "evaluate@sst2-lora-0", "evaluate@sst2-bilora-0"} & set(ran)
     for m in others:
         assert (repo / "artifacts" / "finetune" / f"sst2-{m}-0" / "adapter" / "adapter_model.safetensors").is_file()
-        assert "accuracy" in __import__("json").loads((repo / "metrics" / f"sst2-{m}-0.json").read_text())["test"]
+        metrics = __import__("json").loads((repo / "metrics" / f"sst2-{m}-0.json").read_text())
+        assert "accuracy" in metrics["test"] and "full.random.r0.05.mean" in metrics["sharpness"]
