@@ -281,3 +281,24 @@ def test_real_smollm2_gguf():
     with torch.no_grad():
         ppl = float(torch.exp(model(**enc, labels=enc["input_ids"]).loss))
     assert ppl < 20
+
+    # The real 4-bit path: nf4 SmolLM2, two fused Bi-LoRA steps on GSM8K-style SFT rows (prompt masked).
+    from bilora import adapters, methods
+    from bilora.train import FineTuner, LoopConfig
+
+    del model
+    q, report = base.quantize(r, base.QuantSpec(compute_dtype="float32"))
+    assert report["n_quantized_layers"] == 210  # 30 blocks x 7 linears; lm_head (tied) stays dense
+    torch.manual_seed(0)
+    peft_model = adapters.attach_lora(q, adapters.LoraSpec(r=4, alpha=8, target_modules=causal.LLAMA_TARGET_MODULES), "CAUSAL_LM")
+    pairs = [(causal.gsm8k_prompt(f"What is {a} + {b}?"), causal.gsm8k_target(f"{a} + {b} = {a + b}\n#### {a + b}")) for a, b in [(2, 3), (10, 7)]]
+    data = causal.sft_dataset(tok, pairs, max_length=48)
+    assert all(row["labels"][0] == causal.IGNORE_INDEX for row in data)
+    method = methods.build("bilora", {"rho": 0.05, "fused": True}, seed=0)
+    ft = FineTuner(peft_model, method, data, causal.CausalCollator(causal.pad_id(tok)), LoopConfig(max_steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0), seed=0)
+    summary = ft.train()
+    assert summary["steps"] == 2 and all(0 < h["loss"] < 20 for h in ft.history)
+    # The auxiliary ascended, and its effective perturbation sqrt(sum_l ||s2 B2 A2||_F^2) is inside the rho ball.
+    deltas = [s2 * b.detach().double() @ a.detach().double() for a, b, s2 in adapters.lora_factors(peft_model, adapters.AUX)]  # (out, in) each
+    c = float(sum(d.pow(2).sum() for d in deltas).sqrt())
+    assert len(deltas) == 210 and 0 < c <= 0.05 * (1 + 1e-6)
