@@ -48,7 +48,7 @@ def test_projection_lands_on_rho_and_is_global():
     model, _ = _bilora_model()
     _randomize_aux(model)
     before = _dense_norm64(model)
-    ratios_before = [float((b @ a).norm()) for a, b, _ in adapters.lora_factors(model, adapters.AUX)]
+    ratios_before = [float((b @ a).detach().norm()) for a, b, _ in adapters.lora_factors(model, adapters.AUX)]
     c, clipped = project_to_ball(adapters.lora_factors(model, adapters.AUX), 0.05)
     assert clipped and c == pytest.approx(before, rel=1e-5)
     assert _dense_norm64(model) == pytest.approx(0.05, abs=1e-5)
