@@ -53,7 +53,7 @@ def test_projection_lands_on_rho_and_is_global():
     assert clipped and c == pytest.approx(before, rel=1e-5)
     assert _dense_norm64(model) == pytest.approx(0.05, abs=1e-5)
     # Global, not per-layer: every layer's product shrinks by the same factor rho / c.
-    after = [float((b @ a).norm()) for a, b, _ in adapters.lora_factors(model, adapters.AUX)]
+    after = [float((b @ a).detach().norm()) for a, b, _ in adapters.lora_factors(model, adapters.AUX)]
     for x, y in zip(ratios_before, after):
         assert y == pytest.approx(x * 0.05 / before, rel=1e-4)
 
