@@ -10,7 +10,7 @@ adapted layer (out × in weights), on top of LoRA's work:
 * backward: dequantize and redraw the same eps from its seed (decisions.md: never stored).
 
 This script times each of those components alone, summed over all adapted layers, and the
-forward + backward of a LoRA step and of a Flat-LoRA step on one batch (timed alternately, ``--reps`` pairs: median and IQR of the per-pair ratio),
+forward + backward of a LoRA step and of a Flat-LoRA step on one batch (``--reps`` pairs in alternating order: median and IQR of the per-pair ratio),
 so the overhead is explained by measurement. Writes ``reports/flat_noise.json`` and prints a table.
 """
 
@@ -39,12 +39,13 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 def paired_ms(fa: Callable[[], object], fb: Callable[[], object], reps: int) -> tuple[float, float, list[float]]:
-    """Medians of ``fa`` and ``fb`` timed alternately (a, b, a, b, ...), so machine drift hits both,
-    and the per-pair ratios b/a (sorted)."""
+    """Medians of ``fa`` and ``fb`` timed in pairs whose order alternates (ab, ba, ab, ...), so machine
+    drift and any first-of-the-pair effect hit both, and the per-pair ratios b/a (sorted)."""
     fa(), fb()  # warm-up
     ta, tb = [], []
-    for _ in range(reps):
-        for fn, times in ((fa, ta), (fb, tb)):
+    for i in range(reps):
+        pair = ((fa, ta), (fb, tb))
+        for fn, times in pair if i % 2 == 0 else pair[::-1]:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)

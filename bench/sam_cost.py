@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.sam_cost [--reps 30]
 
 Same base, LoRA spec and loop as ``bench.bench`` (nf4 MiniLM-L6, SST-2, batch 16, 1 thread). Per round,
-interleaved: one LoRA optimizer step, one LoRA-SAM optimizer step, and one bare forward+backward of the
-LoRA model, all on the longest of the benchmark's batches. SAM is two forward+backward passes by
+interleaved in a rotating order: one LoRA optimizer step, one LoRA-SAM optimizer step, and one bare
+forward+backward of the LoRA model, all on the longest of the benchmark's batches. SAM is two forward+backward passes by
 definition, so its floor is 2 x fwd_bwd; the LoRA step is fwd_bwd + clip + AdamW. Writes
 ``reports/sam_cost.json``.
 """
@@ -41,16 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     def fwd_bwd() -> float:
         ft = lora.ft
         ctx = StepContext(model=lora.model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batch], step=0, max_steps=ft.max_steps, max_grad_norm=1.0)
-        lora.model.zero_grad(set_to_none=True)
+        lora.model.zero_grad(set_to_none=True)  # a fresh backward allocates its gradients, as in a step
         t0 = time.perf_counter()
         ctx.forward_backward()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        lora.model.zero_grad(set_to_none=True)  # the next LoRA step starts from no gradients, as always
+        return dt
 
     t: dict[str, list[float]] = {"lora_step": [], "lora_sam_step": [], "fwd_bwd": []}
+    jobs = [("lora_step", lambda i: lora.step(i, batch)), ("lora_sam_step", lambda i: sam.step(i, batch)), ("fwd_bwd", lambda i: fwd_bwd())]
     for i in range(total):
-        a, b, c = lora.step(i, batch), sam.step(i, batch), fwd_bwd()
-        if i >= args.warmup:
-            t["lora_step"].append(a), t["lora_sam_step"].append(b), t["fwd_bwd"].append(c)
+        k = i % len(jobs)
+        for name, job in jobs[k:] + jobs[:k]:  # rotate the order each round
+            dt = job(i)
+            if i >= args.warmup:
+                t[name].append(dt)
 
     def q(xs: list[float]) -> dict[str, float]:
         xs = sorted(xs)

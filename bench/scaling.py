@@ -174,7 +174,9 @@ def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Ca
         return time.perf_counter() - t0
 
     def memory() -> int:
-        return activation_bytes(model, lambda: step(total))
+        # Step index 0: the method's ordinary step (bi-level BiLoRA's index 4 = total would be its
+        # cheaper Lambda-only upper step); the batch is the first one, the same for every method.
+        return activation_bytes(model, lambda: step(0))
 
     return step, memory
 

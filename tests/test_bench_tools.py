@@ -20,9 +20,10 @@ def test_activation_bytes_is_the_largest_forward_pass_not_the_sum():
     lin = torch.nn.Linear(6, 5, bias=False)
     small, big = torch.randn(2, 6), torch.randn(4, 6)
 
-    def run():  # two passes, each freed by its backward before the next (like LoRA-SAM)
+    def run():  # three passes, each freed by its backward before the next (like LoRA-SAM)
         lin(small).sum().backward()  # saves small (2x6)
-        lin(big).sum().backward()  # saves big (4x6)
+        lin(big).sum().backward()  # saves big (4x6): the largest, neither first nor last
+        lin(small).sum().backward()
 
     assert activation_bytes(lin, run) == 4 * 4 * 6
 
