@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+from bilora import layers
 from bilora.io import atomic_dir
 
 
@@ -57,6 +58,7 @@ class QuantSpec:
     double_quant: bool = True
     compute_dtype: str = "auto"
     skip_modules: tuple[str, ...] = ("classifier", "score", "lm_head")
+    cpu_kernel: str = "fp32"  # bilora.layers.CPU_KERNELS: fp32 on every CPU unless packed_bf16 is opted in
 
 
 @dataclass
@@ -315,8 +317,6 @@ def load_original(resolved: ResolvedBase, revision: str | None = None) -> torch.
 @torch.no_grad()
 def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the base quantized to 4-bit; report memory before/after and per-layer dequantization error."""
-    import bitsandbytes.functional as bnbf
-
     original = load_original(resolved, revision)
     stored_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
     cfg_dtype = getattr(original.config, "torch_dtype", None) or getattr(original.config, "dtype", None)
@@ -325,21 +325,23 @@ def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) 
         report.update(memory_bytes_quantized=report["memory_bytes_original"], layers={})
         return original, report
     model = _backbone_class(original.config).from_pretrained(resolved.path, revision=revision, quantization_config=bnb_config(q), device_map=device(), dtype=torch.float32)
+    layers.set_cpu_kernel(model, q.cpu_kernel)  # before any forward: bitsandbytes must not pick it
     ref = dict(original.named_parameters())
-    layers: dict[str, float] = {}
+    errors: dict[str, float] = {}
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if w is not None and getattr(w, "quant_state", None) is not None:
-            deq = bnbf.dequantize_4bit(w.data, w.quant_state).float().cpu()  # (out, in)
+            deq = layers.dequantize_param(w, w.quant_state).float().cpu()  # (out, in)
             orig = ref[f"{name}.weight"].float()
-            layers[name] = float((deq - orig).norm() / orig.norm().clamp_min(1e-12))
+            errors[name] = float((deq - orig).norm() / orig.norm().clamp_min(1e-12))
     report.update(
         memory_bytes_quantized=model.get_memory_footprint(),
-        layers=layers,
-        mean_rel_dequant_error=sum(layers.values()) / max(1, len(layers)),
-        max_rel_dequant_error=max(layers.values(), default=0.0),
-        n_quantized_layers=len(layers),
+        layers=errors,
+        mean_rel_dequant_error=sum(errors.values()) / max(1, len(errors)),
+        max_rel_dequant_error=max(errors.values(), default=0.0),
+        n_quantized_layers=len(errors),
         quant=asdict(q),
+        kernel=layers.kernel_info(model),
     )
     return model, report
 
@@ -350,19 +352,36 @@ def save_quantized(model: torch.nn.Module, tokenizer_source: str, out_dir: Path,
     (out_dir / "bilora_base.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
-def load_for_task(base_dir: str | Path, kind: str, num_labels: int = 2) -> torch.nn.Module:
+def saved_quant(base_dir: str | Path) -> QuantSpec:
+    """The quantization settings recorded by :func:`save_quantized` (defaults for folders without them)."""
+    info = Path(base_dir) / "bilora_base.json"
+    raw = json.loads(info.read_text()).get("quant", {}) if info.is_file() else {}
+    known = {k: v for k, v in raw.items() if k in QuantSpec.__dataclass_fields__}
+    if "skip_modules" in known:
+        known["skip_modules"] = tuple(known["skip_modules"])
+    return QuantSpec(**known)
+
+
+def load_for_task(base_dir: str | Path, kind: str, num_labels: int = 2, cpu_kernel: str | None = None) -> torch.nn.Module:
     """Reload the saved (quantized) base with a task head. The head is freshly initialised from the
-    global RNG, so seed before calling. ``kind``: classification | regression | generation."""
+    global RNG, so seed before calling. ``kind``: classification | regression | generation.
+
+    The 4-bit CPU kernel is set before any forward (:func:`bilora.layers.set_cpu_kernel`):
+    ``cpu_kernel``, else the one recorded in the folder's ``bilora_base.json``, else ``fp32``.
+    """
     base_dir = str(base_dir)
     if kind == "generation":
-        return AutoModelForCausalLM.from_pretrained(base_dir, device_map=device(), dtype=torch.float32)
-    return AutoModelForSequenceClassification.from_pretrained(
-        base_dir,
-        num_labels=num_labels,
-        problem_type="regression" if kind == "regression" else "single_label_classification",
-        device_map=device(),
-        dtype=torch.float32,
-    )
+        model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device(), dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_dir,
+            num_labels=num_labels,
+            problem_type="regression" if kind == "regression" else "single_label_classification",
+            device_map=device(),
+            dtype=torch.float32,
+        )
+    layers.set_cpu_kernel(model, cpu_kernel or saved_quant(base_dir).cpu_kernel)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 
 from bilora.adapters import AUX, PRIMARY
+from bilora.layers import dequantize_param
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
     Built as a fresh model of the same class from the config without ``quantization_config``,
     filled by a strict ``load_state_dict``: every bitsandbytes ``Params4bit`` is replaced by
-    ``dequantize_4bit(weight, quant_state)``; everything else is copied as is. (transformers'
+    ``dequantize_4bit(weight, quant_state)`` (unpacked first if bitsandbytes packed it for its CPU kernel); everything else is copied as is. (transformers'
     ``model.dequantize()`` keeps quantizer hooks that ``save_pretrained`` then refuses.)
     """
     import copy
@@ -33,9 +34,7 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     for name, param in model.named_parameters(remove_duplicate=False):
         quant_state = getattr(param, "quant_state", None)
         if quant_state is not None:
-            import bitsandbytes.functional as bnbf
-
-            state[name] = bnbf.dequantize_4bit(param.data, quant_state).to(torch.float32)  # (out, in)
+            state[name] = dequantize_param(param, quant_state).to(torch.float32)  # (out, in)
         else:
             state[name] = param.detach().to(torch.float32)
     config = copy.deepcopy(model.config)

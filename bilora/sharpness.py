@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from bilora import adapters
 from bilora.evaluate import predict
-from bilora.methods import flat_lora
+from bilora import layers as base_layers
 from bilora.metrics import compute
 
 SPACES = ("full", "lora")
@@ -208,7 +208,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 class SeededRows:
     """A full-space direction component stored as a seed: d[i, :] = row_scale[i] · g[i, :], g ~ N(0, 1)^(out, in).
 
-    g is :func:`bilora.methods.flat_lora.layer_noise` of ``seed`` (a private generator on
+    g is :func:`bilora.layers.layer_noise` of ``seed`` (a private generator on
     ``row_scale``'s device), regenerated whenever it is needed.
     """
 
@@ -218,7 +218,7 @@ class SeededRows:
 
     def materialize(self, scale: float = 1.0) -> torch.Tensor:
         """scale · d as a dense (out, in) float32 tensor (computed as g · (scale · row_scale))."""
-        return flat_lora.layer_noise(self.seed, self.row_scale * scale, self.n_in)
+        return base_layers.layer_noise(self.seed, self.row_scale * scale, self.n_in)
 
 
 Part = Union[torch.Tensor, SeededRows]
@@ -259,15 +259,15 @@ def random_direction(model: torch.nn.Module, space: str, seed: int = 0, index: i
         if space == "full":
             for i, layer in enumerate(_layers(model)):
                 base = layer.get_base_layer()
-                flat_lora.check_base(base)
-                w_norm = flat_lora.merged_row_norms(layer, adapters.PRIMARY)  # (out,) float32
+                base_layers.check_base(base)
+                w_norm = base_layers.merged_row_norms(layer, adapters.PRIMARY)  # (out,) float32
                 s = direction_seed(seed, space, index, i)
-                g_norm = flat_lora.layer_noise(s, torch.ones_like(w_norm), base.in_features).norm(dim=1)  # (out,)
+                g_norm = base_layers.layer_noise(s, torch.ones_like(w_norm), base.in_features).norm(dim=1)  # (out,)
                 parts.append(SeededRows(s, w_norm / g_norm, base.in_features))
         else:
             for i, p in enumerate(lora_tensors(model)):
                 w = p.detach().to(_work_dtype(p.dtype))
-                g = flat_lora.layer_noise(direction_seed(seed, space, index, i), torch.ones(w.shape[0], device=w.device), w.shape[1]).to(w.dtype)
+                g = base_layers.layer_noise(direction_seed(seed, space, index, i), torch.ones(w.shape[0], device=w.device), w.shape[1]).to(w.dtype)
                 parts.append(g.mul_((w.norm(dim=1) / g.norm(dim=1))[:, None]))  # (rows, cols)
     return Direction(space, parts)
 
@@ -281,8 +281,8 @@ def _shifted_forward(base: torch.nn.Module, delta_fn: Callable[[torch.Tensor], t
     """
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cd = flat_lora.compute_dtype(base, x.dtype)
-        w0 = flat_lora.dequantized_weight(base)  # (out, in); a fresh copy for 4-bit bases, never written
+        cd = base_layers.compute_dtype(base, x.dtype)
+        w0 = base_layers.dequantized_weight(base)  # (out, in); a fresh copy for 4-bit bases, never written
         delta = delta_fn(w0)
         w_eff = delta.add_(w0) if fresh else delta + w0  # (out, in) = dequant(W0) + t·d
         bias = base.bias
@@ -323,7 +323,7 @@ def perturbation(model: torch.nn.Module, direction: Direction, scale: float) -> 
         bases = [layer.get_base_layer() for layer in layers]
         forwards = []
         for base, part in zip(bases, direction.parts):
-            flat_lora.check_base(base)
+            base_layers.check_base(base)
             fn, fresh = _delta_fn(part, scale)
             forwards.append(_shifted_forward(base, fn, fresh))
         with _override_forwards(bases, forwards):
@@ -360,19 +360,14 @@ def _requires_grad_only(model: torch.nn.Module, keep: Sequence[torch.Tensor]) ->
 
 @contextmanager
 def _measuring(model: torch.nn.Module) -> Iterator[None]:
-    """Primary adapter only, eval mode, no bitsandbytes CPU repacking; all undone on exit."""
+    """Primary adapter only, eval mode, 4-bit layers on the dequantize (fp32 path) kernel; all undone on exit."""
     modes = [(m, m.training) for m in model.modules()]
-    repack = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     primary = adapters.primary_only(model) if hasattr(getattr(model, "base_model", None), "active_adapters") else nullcontext()
     try:
-        for m in repack:
-            m.support_avx512bf16_for_cpu = False
-        with primary:
+        with base_layers.fp32_kernel(model), primary:
             model.eval()
             yield
     finally:
-        for m in repack:
-            m.support_avx512bf16_for_cpu = True
         for m, mode in modes:
             m.training = mode
 
@@ -392,8 +387,8 @@ def gradient_direction(model: torch.nn.Module, space: str, objective: Objective)
             bases = [layer.get_base_layer() for layer in layers]
             leaves = []
             for base in bases:
-                flat_lora.check_base(base)
-                w0 = flat_lora.dequantized_weight(base)  # only for its shape, dtype and device
+                base_layers.check_base(base)
+                w0 = base_layers.dequantized_weight(base)  # only for its shape, dtype and device
                 leaves.append(torch.zeros(w0.shape, dtype=_work_dtype(w0.dtype), device=w0.device, requires_grad=True))  # (out, in)
                 del w0
             forwards = [_shifted_forward(b, (lambda w0, leaf=leaf: leaf.to(w0.device)), False) for b, leaf in zip(bases, leaves)]

@@ -57,8 +57,9 @@ class QuantConfig(_Section):
     enabled: bool = Field(True, description="Quantize the base to 4-bit with bitsandbytes (QLoRA-style).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA double quantization).")
-    compute_dtype: DType = Field("auto", description="Dtype of 4-bit matmuls; auto = float32 on CPU (bf16 is 20x slower there), bfloat16 on CUDA.")
+    compute_dtype: DType = Field("auto", description="Dtype of 4-bit matmuls; auto = float32 on every CPU (identical numbers on every CPU class; bf16 is 20-25x slower than fp32 on AVX2-only CPUs), bfloat16 on CUDA. bfloat16 on a CPU is an explicit choice: ~6x faster matmuls where the CPU has avx512_bf16 (reports/bench_compute_dtype.md), different numbers.")
     skip_modules: list[str] = Field(["classifier", "score", "lm_head"], description="Modules kept in full precision (task heads).")
+    cpu_kernel: Literal["fp32", "packed_bf16"] = Field("fp32", description="bitsandbytes kernel for 4-bit layers on a CPU. fp32: dequantize + matmul in compute_dtype on every CPU (same numbers everywhere). packed_bf16: opt in to bitsandbytes' packed AVX512-BF16 inference kernel for eval-mode forwards (CPUs with avx512_bf16 only; bf16 numbers, ~1e-3 relative logit changes; training, sharpness and merge always use the fp32 path). Ignored on CUDA.")
 
 
 class BaseModelConfig(_Section):

@@ -7,7 +7,7 @@ import argparse
 import torch
 from peft import PeftModel
 
-from bilora import adapters, causal
+from bilora import adapters, causal, layers
 from bilora.base import load_for_task
 from bilora.evaluate import predict
 from bilora.io import atomic_dir, atomic_write_json
@@ -39,8 +39,7 @@ def headline(result: dict, main_metric: str) -> dict[str, float]:
             if main_metric in pt["metrics"]:
                 out[f"{space}.attack.a{pt['alpha']:g}.{main_metric}"] = pt["metrics"][main_metric]
             out[f"{space}.attack.a{pt['alpha']:g}.loss"] = pt["loss"]
-    out["cost_s"] = result["cost"]["total_s"]
-    return out
+    return out  # timings (result["cost"]) stay in sharpness.json, out of DVC metrics
 
 
 def load_adapted(task_name: str, adapter_dir) -> PeftModel:
@@ -83,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     tracker = Tracker("evaluate", p.tracking.experiment, flatten({"eval": p.eval.model_dump(), "task": args.task, "method": args.method, "seed": args.seed}), tags=tags, run_name=f"evaluate@{name}")
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, list] = {}
+    kernel = layers.kernel_info(model)
     with tracker:
+        tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         # Generation tasks: test and the train subset only (generation is the expensive part; the
         # validation split is not scored).
         for split in ("test", "train") if generation else ("test", "validation", "train"):
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             for split, rows in predictions.items():
                 atomic_write_json(tmp / f"predictions_{split}.json", rows)
             atomic_write_json(tmp / "metrics.json", metrics)
-            atomic_write_json(tmp / "run_info.json", tracker.info())
+            atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         atomic_write_json(layout.metrics_path(name), metrics)
         tracker.log_artifact(layout.metrics_path(name))
         tracker.log_artifact(summary)

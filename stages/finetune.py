@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from bilora import adapters, checkpoint, distributed, methods
+from bilora import adapters, checkpoint, distributed, methods, layers
 from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.methods.base import NonFiniteError
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     loop = LoopConfig(**p.train.loop.model_dump())
     tags = {"task": args.task, "method": args.method, "seed": args.seed}
     tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}")
+    kernel = layers.kernel_info(model)
     with tracker:
+        tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         with (progress(f"train {name}", loop.total_steps(len(train_ds))) if main_rank else contextlib.nullcontext(lambda *a, **k: None)) as advance:
             ft = FineTuner(
                 model, method, train_ds, collator_for(task, tokenizer), loop,
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
             atomic_write_json(tmp / "summary.json", summary)
             atomic_write_json(tmp / "history.json", ft.history)
-            atomic_write_json(tmp / "run_info.json", tracker.info())
+            atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
         tracker.log_artifacts(out / "adapter", "adapter")
         tracker.log_artifact(out / "summary.json")
@@ -138,6 +140,7 @@ class _NoTracker:
     def log_metrics(self, *a, **k) -> None: ...
     def log_artifacts(self, *a, **k) -> None: ...
     def log_artifact(self, *a, **k) -> None: ...
+    def set_tags(self, *a, **k) -> None: ...
     def info(self) -> dict:
         return {"run_id": None, "tracked": False, "rank": distributed.rank()}
     def __enter__(self) -> "_NoTracker":

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         base_info = {"provenance": resolved.provenance, "quant": asdict(q), "stored_dtype": report["stored_dtype"], "architectures": model.config.architectures}
         save_quantized(model, resolved.path, tmp / "model", base_info)
         atomic_write_json(tmp / "quant_report.json", report)
-        tracker.set_tags({f"base.{k}": v for k, v in resolved.provenance.items()})
+        tracker.set_tags({f"base.{k}": v for k, v in resolved.provenance.items()} | {f"kernel.{k}": v for k, v in report.get("kernel", {}).items()})
         tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.log_dict(report, "quant_report.json")
         atomic_write_json(tmp / "run_info.json", tracker.info())

@@ -8,6 +8,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from bilora import layers
 from bilora.base import load_for_task, resolve
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.merge import dequantize, merge, relative_logit_drift
@@ -63,11 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
         batch = collate([{k: v for k, v in ds[i].items() if k in keep} for i in range(min(len(ds), m.check_examples))])
         batch.pop("labels")
-        with torch.no_grad():
-            ref = load_adapted(m.task, adapter_dir)(**batch).logits
+        adapted = load_adapted(m.task, adapter_dir)
+        kernel = layers.kernel_info(adapted)
+        tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
+        with torch.no_grad(), layers.fp32_kernel(adapted):  # the merged model computes in fp32: compare like with like
+            ref = adapted(**batch).logits
             got = merged(**batch).logits
         drift = relative_logit_drift(ref, got)
-        report = {"mode": m.mode, "run": name, "dtype": str(dtype).replace("torch.", ""), "relative_logit_drift": drift, "tolerance": m.tolerance, "check_examples": int(batch["input_ids"].shape[0])}
+        report = {"kernel": kernel, "mode": m.mode, "run": name, "dtype": str(dtype).replace("torch.", ""), "relative_logit_drift": drift, "tolerance": m.tolerance, "check_examples": int(batch["input_ids"].shape[0])}
         tracker.log_metrics({"relative_logit_drift": drift})
         info(f"relative logit drift merged vs adapter-on-4-bit: {drift:.2e} (tolerance {m.tolerance:g}, enforced for nf4_roundtrip)")
         if m.mode == "nf4_roundtrip" and drift > m.tolerance:

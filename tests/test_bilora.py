@@ -185,11 +185,7 @@ def test_primary_only_disables_aux_and_restores_it():
 
 
 def test_bilora_trains_on_nf4_base(tmp_path):
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-
-    tiny.tiny_bert(seed=0).save_pretrained(tmp_path / "fp32")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
-    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32", quantization_config=q, device_map="cpu")
+    base = tiny.nf4_bert(tmp_path / "fp32")
     torch.manual_seed(1)
     model = adapters.attach_lora(base, tiny.SPEC, "SEQ_CLS")
     layer = dict(adapters.lora_layers(model))

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from bilora import adapters
+from bilora import layers as base_layers
 from bilora.methods import build, flat_lora
 from bilora.methods.flat_lora import effective_weight, flat_noise, layer_noise, noise_seed, schedule_factor
 from bilora.train import FineTuner, LoopConfig
 from tests.tiny import SPEC, cls_examples, collate, peft_bert, tiny_bert
+from tests.tiny import nf4_bert as tiny_nf4_bert
 
 
 class OneLinear(torch.nn.Module):
@@ -44,11 +46,7 @@ def hand_std(layer, sigma_t: float) -> torch.Tensor:
 
 
 def nf4_peft_bert(tmp_path, seed: int = 0):
-    from transformers import BertForSequenceClassification, BitsAndBytesConfig
-
-    tiny_bert(seed=seed).save_pretrained(tmp_path / "tiny")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
-    model = BertForSequenceClassification.from_pretrained(tmp_path / "tiny", quantization_config=quant, device_map="cpu")
+    model = tiny_nf4_bert(tmp_path / "tiny", seed=seed)
     torch.manual_seed(seed + 1)
     return adapters.attach_lora(model, SPEC, "SEQ_CLS")
 
@@ -184,7 +182,7 @@ def test_nf4_layer_forward_and_input_grad_use_dequantized_weight_plus_noise(tmp_
     model = nf4_peft_bert(tmp_path)
     _, layer = adapters.lora_layers(model)[0]
     base = layer.get_base_layer()
-    assert flat_lora.is_4bit(base)
+    assert base_layers.is_4bit(base)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0.0, 0.5)
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]

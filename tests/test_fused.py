@@ -194,12 +194,7 @@ def test_export_of_fused_run_has_primary_keys_only(tmp_path):
 
 
 def _nf4_base(tmp_path):
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-
-    if not (tmp_path / "fp32").exists():
-        tiny.tiny_bert(seed=0).save_pretrained(tmp_path / "fp32")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
-    return AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32", quantization_config=q, device_map="cpu")
+    return tiny.nf4_bert(tmp_path / "fp32")
 
 
 def test_fused_on_nf4_base(tmp_path):

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from bilora import adapters, sharpness
+from bilora import adapters
+from bilora import layers as base_layers, sharpness
 from bilora.methods import flat_lora
 from bilora.sharpness import Direction, Objective, SharpnessConfig, perturbation, random_direction
 from tests.tiny import SPEC, cls_examples, collate, peft_bert, tiny_bert
+from tests.tiny import nf4_bert as tiny_nf4_bert
 
 P = adapters.PRIMARY
 
@@ -323,11 +325,7 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
 
 
 def nf4_bert(tmp_path):
-    from transformers import BertForSequenceClassification, BitsAndBytesConfig
-
-    tiny_bert(seed=0).save_pretrained(tmp_path / "tiny")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
-    model = BertForSequenceClassification.from_pretrained(tmp_path / "tiny", quantization_config=quant, device_map="cpu")
+    model = tiny_nf4_bert(tmp_path / "tiny")
     torch.manual_seed(1)
     model = adapters.attach_lora(model, SPEC, "SEQ_CLS")
     with torch.no_grad():
@@ -342,7 +340,7 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     model = nf4_bert(tmp_path)
     _, layer = adapters.lora_layers(model)[0]
     base = layer.get_base_layer()
-    assert flat_lora.is_4bit(base)
+    assert base_layers.is_4bit(base)
     a, b, s = factors(layer)
     w0 = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
     x = torch.randn(2, 3, 32)
@@ -375,7 +373,7 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     model.zero_grad(set_to_none=True)
 
     # bitsandbytes' CPU inference repacking would rewrite the 4-bit weights: it is off during measure
-    q4 = [m for m in model.modules() if flat_lora.is_4bit(m)]
+    q4 = [m for m in model.modules() if base_layers.is_4bit(m)]
     flags = [m.support_avx512bf16_for_cpu for m in q4]
     before = state(model)
     try:

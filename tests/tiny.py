@@ -39,3 +39,17 @@ def peft_bert(seed: int = 0, spec: adapters.LoraSpec = SPEC):
     model = tiny_bert(seed=seed)
     torch.manual_seed(seed + 1)
     return adapters.attach_lora(model, spec, "SEQ_CLS")
+
+
+def nf4_bert(folder, seed: int = 0, *, cpu_kernel: str = "fp32") -> BertForSequenceClassification:
+    """:func:`tiny_bert` saved to ``folder`` and reloaded nf4 (double quant, fp32 compute, head kept
+    full precision), with the project's 4-bit CPU kernel set before any forward (bilora.layers)."""
+    from transformers import BitsAndBytesConfig
+
+    from bilora import layers
+
+    tiny_bert(seed=seed).save_pretrained(folder)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+    model = BertForSequenceClassification.from_pretrained(folder, quantization_config=q, device_map="cpu")
+    layers.set_cpu_kernel(model, cpu_kernel)
+    return model

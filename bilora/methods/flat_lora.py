@@ -31,7 +31,6 @@ first step) or sigma = 0 nothing is installed and the step equals a plain LoRA s
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from bilora import adapters
+from bilora.layers import check_base, compute_dtype, dequantized_weight, layer_noise, merged_row_norms
 from bilora.methods.base import Method, StepContext, register
 
 
@@ -56,65 +56,6 @@ def noise_seed(run_seed: int, step: int, layer: int) -> int:
     """A 63-bit generator seed from (run seed, optimizer step, layer index); a pure function of its inputs."""
     digest = hashlib.blake2b(f"flat_lora:{run_seed}:{step}:{layer}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def layer_noise(seed: int, std_rows: torch.Tensor, n_in: int) -> torch.Tensor:
-    """eps (m, n_in) float32 with eps[i, :] ~ N(0, std_rows[i]^2), drawn from a private generator."""
-    device = std_rows.device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    eps = torch.randn((std_rows.shape[0], n_in), generator=gen, device=device, dtype=torch.float32)
-    return eps.mul_(std_rows.to(torch.float32)[:, None])
-
-
-# -- base layers --------------------------------------------------------------------------------
-@functools.cache
-def _bnb_linear4bit() -> type | None:
-    try:
-        import bitsandbytes as bnb  # optional: absent on some machines (engineering notes, GPU machine)
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
-def is_4bit(base: torch.nn.Module) -> bool:
-    cls = _bnb_linear4bit()
-    return cls is not None and isinstance(base, cls)
-
-
-def check_base(base: torch.nn.Module) -> None:
-    """Flat-LoRA here supports plain ``nn.Linear`` and bitsandbytes 4-bit ``Linear4bit`` bases."""
-    if is_4bit(base):
-        return
-    if type(base).__module__.startswith("bitsandbytes"):
-        raise NotImplementedError(f"flat_lora: unsupported quantized base layer {type(base).__name__} (nf4/fp4 Linear4bit and nn.Linear only)")
-    if not isinstance(base, torch.nn.Linear):
-        raise NotImplementedError(f"flat_lora: unsupported base layer {type(base).__name__} (nn.Linear and bitsandbytes Linear4bit only)")
-
-
-def compute_dtype(base: torch.nn.Module, x_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the base matmul runs in: the weight's dtype, or the 4-bit layer's compute dtype."""
-    if is_4bit(base):
-        return base.compute_dtype if base.compute_dtype is not None else x_dtype
-    return base.weight.dtype
-
-
-@torch.no_grad()
-def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W0 (out, in) as a dense tensor; for 4-bit bases a fresh dequantized copy (the stored weight is untouched)."""
-    if is_4bit(base):
-        import bitsandbytes.functional as bnbf
-
-        weight = base.weight
-        quant_state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
-        if quant_state is None:
-            raise RuntimeError("flat_lora: 4-bit base layer has no quant_state (not quantized yet?)")
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            raise NotImplementedError("flat_lora: 4-bit weight is in bitsandbytes' AVX512-BF16 CPU inference packing; train before any no-grad eval-mode inference")
-        w = bnbf.dequantize_4bit(weight.data, quant_state)
-        return w.to(dtype or base.compute_dtype or torch.float32)
-    w = base.weight.detach()
-    return w if dtype is None else w.to(dtype)
 
 
 def effective_weight(base: torch.nn.Module, std_rows: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -163,17 +104,6 @@ def noisy_forward(base: torch.nn.Module, std_rows: torch.Tensor, seed: int):
         return NoisyLinear.apply(x, base.bias, std_rows, seed, base)
 
     return forward
-
-
-@torch.no_grad()
-def merged_row_norms(layer: torch.nn.Module, adapter: str = adapters.PRIMARY) -> torch.Tensor:
-    """||W'_row||_2 for W' = dequant(W0) + s·B@A, float32, shape (out,)."""
-    base = layer.get_base_layer()
-    w = dequantized_weight(base, torch.float32)
-    a = layer.lora_A[adapter].weight.detach().to(torch.float32)
-    b = layer.lora_B[adapter].weight.detach().to(torch.float32)
-    merged = torch.addmm(w.to(a.device), b, a, alpha=float(layer.scaling[adapter]))  # (m, n) = W0 + s·(m, r)@(r, n); new tensor
-    return merged.norm(dim=1)
 
 
 def noisy_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[torch.nn.Module]:
