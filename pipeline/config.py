@@ -1,20 +1,23 @@
 """The pydantic schema of ``params.yaml``: the single source of truth for every stage.
 
 Every field has a documented default and a description (they double as the parameter
-reference in the README). Unknown keys are rejected. ``load_params`` validates the whole
-file at once and raises :class:`ConfigError` listing every problem by its dotted path.
+reference in the README). Unknown keys, duplicate keys and non-finite numbers (inf, nan) are
+rejected, and so are combinations that a stage would reject before training (e.g. a batch that
+does not split over the processes). ``load_params`` validates the whole file at once and raises
+:class:`ConfigError` listing every problem by its dotted path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MethodName = Literal["lora", "bilora", "lora_sam", "flat_lora", "eflat_lora", "bilevel_lora"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class ConfigError(Exception):
@@ -27,8 +30,17 @@ class ConfigError(Exception):
         super().__init__("\n".join(lines))
 
 
+class _Problems(ValueError):
+    """Raised by a model validator: (path relative to that model, message) pairs, reported one by one."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in problems))
+        self.problems = problems
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float (list entries included) must be finite
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -51,6 +63,13 @@ class DataConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("tasks must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _train_rows_left(self) -> "DataConfig":
+        # prepare's split (pipeline.data.split_indices) holds out round(val_fraction * train_subset) rows
+        if self.train_subset is not None and round(self.val_fraction * self.train_subset) >= self.train_subset:
+            raise _Problems([("val_fraction", f"holds out all {self.train_subset} rows of data.train_subset, leaving none to train on; lower it or raise data.train_subset")])
+        return self
 
 
 class QuantConfig(_Section):
@@ -144,6 +163,13 @@ class TrainConfig(_Section):
             raise ValueError("entries must be unique")
         return v
 
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> "TrainConfig":
+        n, bs = self.distributed.nproc_per_node, self.loop.batch_size
+        if bs % n:  # bilora.train.FineTuner checks the same at run time (world size)
+            raise _Problems([("distributed.nproc_per_node", f"train.loop.batch_size ({bs}) is the global micro-batch and must be divisible by nproc_per_node ({n}): set nproc_per_node to a divisor of {bs}, or batch_size to a multiple of {n}")])
+        return self
+
     def method_config(self, method: str) -> dict[str, Any]:
         """Constructor kwargs of ``method`` (its ``train.<method>`` section; LoRA has none)."""
         return {} if method == "lora" else getattr(self, method).model_dump()
@@ -154,19 +180,12 @@ class SharpnessParams(_Section):
     examples: int = Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")
     metric_examples: int = Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")
     spaces: list[Literal["full", "lora"]] = Field(["full", "lora"], min_length=1, description="full: merged W0 + s*BA of adapted layers; lora: A, B only.")
-    radii: list[float] = Field([0.01, 0.05], description="Radii of random filter-normalised perturbations (fraction of each row norm).")
+    radii: list[NonNegFloat] = Field([0.01, 0.05], description="Radii of random filter-normalised perturbations (fraction of each row norm).")
     n_directions: int = Field(2, ge=0, description="Random directions per radius and space (0: skip random sharpness).")
-    attack_alphas: list[float] = Field([0.0, 1.0, 2.5], description="Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).")
+    attack_alphas: list[NonNegFloat] = Field([0.0, 1.0, 2.5], description="Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).")
     curve_points: int = Field(7, ge=0, description="Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).")
     curve_radius: float = Field(0.1, gt=0, description="Half-width of the 1-D loss curve along a random filter-normalised direction.")
     seed: int = Field(0, description="Seed of the random directions (same seed => same numbers).")
-
-    @field_validator("radii", "attack_alphas")
-    @classmethod
-    def _finite_nonneg(cls, v: list[float]) -> list[float]:
-        if any(not (x >= 0 and x < float("inf")) for x in v):
-            raise ValueError("values must be finite and >= 0")
-        return v
 
 
 class EvalConfig(_Section):
@@ -203,18 +222,32 @@ class Params(_Section):
         problems = []
         if self.merge.mode != "none":
             if self.merge.task not in self.data.tasks:
-                problems.append(f"merge.task {self.merge.task!r} is not in data.tasks {self.data.tasks}")
+                problems.append(("merge.task", f"{self.merge.task!r} is not in data.tasks {self.data.tasks}"))
             if self.merge.method not in self.train.methods:
-                problems.append(f"merge.method {self.merge.method!r} is not in train.methods {self.train.methods}")
+                problems.append(("merge.method", f"{self.merge.method!r} is not in train.methods {self.train.methods}"))
             if self.merge.seed not in self.train.seeds:
-                problems.append(f"merge.seed {self.merge.seed} is not in train.seeds {self.train.seeds}")
+                problems.append(("merge.seed", f"{self.merge.seed} is not in train.seeds {self.train.seeds}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise _Problems(problems)
         return self
 
 
 def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _problems(err: dict) -> list[tuple[str, str]]:
+    """One pydantic error as (dotted path, message) pairs."""
+    loc, msg = _loc(err["loc"]), err["msg"]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, _Problems):  # a model validator's cross-field problems, by their own paths
+        prefix = "" if loc == "<root>" else loc + "."
+        return [(prefix + sub, m) for sub, m in cause.problems]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?); see the parameter reference in the README"
+    elif err["type"] in ("literal_error", "finite_number"):
+        msg = f"{msg} (got {err.get('input')!r})"
+    return [(loc, msg)]
 
 
 def validate_dict(raw: Any, path: str = "params.yaml") -> Params:
@@ -224,15 +257,47 @@ def validate_dict(raw: Any, path: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (typo?); see the parameter reference in the README"
-            elif err["type"] == "literal_error":
-                msg = f"{msg} (got {err.get('input')!r})"
-            problems.append((_loc(err["loc"]), msg))
-        raise ConfigError(path, problems) from None
+        raise ConfigError(path, [p for err in e.errors() for p in _problems(err)]) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that records every duplicate mapping key, at any depth, instead of keeping the last silently.
+
+    Mappings and sequences are constructed top-down, so each one records its children's dotted
+    paths (``paths``, by node id) before they are built.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.paths: dict[int, str] = {}
+        self.duplicates: list[tuple[int, str, str]] = []  # (line, dotted path, message)
+
+    def _child(self, parent: yaml.Node, child: yaml.Node, key: object) -> str:
+        prefix = self.paths.get(id(parent))
+        self.paths[id(child)] = path = f"{prefix}.{key}" if prefix else str(key)
+        return path
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[object, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden on purpose
+                continue
+            key = self.construct_object(key_node)
+            path = self._child(node, value_node, key)
+            line = key_node.start_mark.line + 1
+            try:
+                if key not in first_line:
+                    first_line[key] = line
+                    continue
+            except TypeError:  # unhashable key: the base constructor reports it
+                continue
+            self.duplicates.append((line, path, f"duplicate key: first on line {first_line[key]}, again on line {line} (YAML would keep only the last; remove one)"))
+        return super().construct_mapping(node, deep)
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list:
+        for i, item in enumerate(node.value):
+            self._child(node, item, i)
+        return super().construct_sequence(node, deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -244,12 +309,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(str(path), [("<file>", "not found; run from the repository root or pass --params")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [("<file>", f"not valid UTF-8 ({e.reason} at byte {e.start})")]) from None
+    loader = _UniqueKeyLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
         raise ConfigError(str(path), [(where, f"YAML syntax error: {getattr(e, 'problem', e)}")]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:  # before any other check: the values of a duplicated key are ambiguous
+        raise ConfigError(str(path), [(loc, msg) for _, loc, msg in sorted(loader.duplicates)])
     return validate_dict(raw, str(path))
 
 
