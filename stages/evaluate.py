@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from bilora import adapters, causal, layers
-from bilora.base import load_for_task
+from bilora.base import load_adapted
 from bilora.evaluate import predict
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.metrics import compute
@@ -42,13 +42,6 @@ def headline(result: dict, main_metric: str) -> dict[str, float]:
     return out  # timings (result["cost"]) stay in sharpness.json, out of DVC metrics
 
 
-def load_adapted(task_name: str, adapter_dir) -> PeftModel:
-    task = get_task(task_name)
-    torch.manual_seed(0)  # the head is overwritten by the adapter's saved classifier
-    model = load_for_task(layout.BASE / "model", task.kind, task.num_labels)
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-
-
 def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_size: int, max_new_tokens: int) -> tuple[dict, list]:
     """GSM8K: greedy generation + exact match of the final number; BoolQ: log-likelihood of true/false.
     Run with the auxiliary adapter (if any) disabled. Returns (metrics, per-example predictions)."""
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     name = layout.run_name(args.task, args.method, args.seed)
     header("evaluate", name)
-    model = load_adapted(args.task, layout.finetune_dir(name) / "adapter")
+    model = load_adapted(layout.BASE / "model", task.kind, task.num_labels, layout.finetune_dir(name) / "adapter")
     tokenizer = tokenizer_for(layout.BASE / "model")
     collate = collator_for(task, tokenizer)
     generation = task.kind == "generation"

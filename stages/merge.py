@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bilora import layers
-from bilora.base import load_for_task, resolve
+from bilora.base import load_adapted, load_for_task, resolve
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.merge import dequantize, merge, relative_logit_drift
 from pipeline import layout
@@ -19,7 +19,6 @@ from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
-from stages.evaluate import load_adapted
 
 
 class MergeCheckError(RuntimeError):
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
         batch = collate([{k: v for k, v in ds[i].items() if k in keep} for i in range(min(len(ds), m.check_examples))])
         batch.pop("labels")
-        adapted = load_adapted(m.task, adapter_dir)
+        adapted = load_adapted(layout.BASE / "model", task.kind, task.num_labels, adapter_dir)
         kernel = layers.kernel_info(adapted)
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         with torch.no_grad(), layers.fp32_kernel(adapted):  # the merged model computes in fp32: compare like with like
