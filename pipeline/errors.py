@@ -16,11 +16,15 @@ class UserError(Exception):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from bilora.methods.base import NonFiniteError
+    """The exception types :func:`cli` reports as user errors. ``NonFiniteError`` counts only once
+    ``bilora.methods.base`` is imported (nothing else raises it), so checking a params file never
+    imports torch, peft or bitsandbytes."""
     from pipeline.config import ConfigError
     from pipeline.tasks import DataError
 
-    return (UserError, ConfigError, DataError, NonFiniteError)
+    errors: tuple[type[BaseException], ...] = (UserError, ConfigError, DataError)
+    methods = sys.modules.get("bilora.methods.base")
+    return errors + ((methods.NonFiniteError,) if methods is not None else ())
 
 
 def cli(fn: F) -> F:

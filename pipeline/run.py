@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.console import console, error, header
 from pipeline.errors import cli
+from pipeline.quiet import quiet
 
 
 def pipeline_env() -> dict[str, str]:
@@ -59,6 +60,7 @@ def dvc(*args: str, env: dict[str, str]) -> int:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
     ap.add_argument("--preset", default=None, help="validate pipeline/presets/PRESET.yaml and COPY IT OVER params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
