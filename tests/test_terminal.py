@@ -1,7 +1,8 @@
-"""A quiet terminal: known third-party noise is filtered, our messages are one line."""
+"""A quiet, readable terminal: known third-party noise is filtered, our messages are one line, tables fit 80 columns."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from pipeline.quiet import only_head_missing, quiet
+from pipeline.run import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = "known: ['boolq', 'cola', 'gsm8k', 'mrpc', 'rte', 'sst2', 'stsb']"
@@ -31,6 +34,12 @@ def _capture(name: str) -> tuple[logging.Logger, _Records]:
     logger, rec = logging.getLogger(name), _Records()
     logger.addHandler(rec)
     return logger, rec
+
+
+def _render(table) -> str:
+    c = Console(width=80, record=True, file=open(os.devnull, "w"))
+    c.print(table)
+    return c.export_text()
 
 
 def _env() -> dict[str, str]:
@@ -96,6 +105,41 @@ def test_load_report_dropped_for_a_fresh_head_only(tmp_path):
 ])
 def test_only_head_missing(report, head_only):
     assert only_head_missing(report) is head_only
+
+
+def _longest_summary() -> dict:
+    s = json.loads((ROOT / "reports" / "comparison" / "summary.json").read_text())
+    s |= json.loads((ROOT / "reports" / "summary.json").read_text())
+    s["gsm8k.bilevel_lora"] = {"main_metric": "exact_match", "mean": 0.0123456, "std": 0.0067891, "n_seeds": 10, "median_step_time": 123.4567}
+    return s
+
+
+def test_summary_table_fits_80_columns_uncut():
+    s = _longest_summary()
+    text = _render(summary_table(s))
+    assert "…" not in text, text
+    assert max(map(len, text.splitlines())) <= 80
+    for key, row in s.items():
+        assert key in text and row["main_metric"] in text
+        for v in (f"{row['mean']:.4f}", f"{row['std']:.4f}", f"{row['median_step_time']:.3f}"):
+            assert v in text, (key, v)
+
+
+def test_report_stage_table_fits_80_columns_uncut():
+    from stages.report import terminal_table
+
+    rows = [
+        {"task": "sst2", "method": "lora", "main": "accuracy", "seeds": 3, "mean": 0.7943, "std": 0.0078, "gap": "+0.0976",
+         "sharpness": "full 0.0058\nlora 0.0008", "attack": "full 0.5117\nlora 0.5130", "step_time": 0.665},
+        {"task": "gsm8k", "method": "bilevel_lora", "main": "exact_match", "seeds": 1, "mean": 0.02, "std": 0.0, "gap": "n/a",
+         "sharpness": "-", "attack": "lora 0.0100", "step_time": 123.456},
+    ]
+    text = _render(terminal_table(rows))
+    assert "…" not in text, text
+    assert max(map(len, text.splitlines())) <= 80
+    for v in ("sst2.lora", "gsm8k.bilevel_lora", "accuracy, n=3", "exact_match, n=1", "0.7943", "±0.0078", "+0.0976",
+              "full 0.0058", "lora 0.0008", "full 0.5117", "lora 0.5130", "0.665", "lora 0.0100", "123.456", "reports/report.md"):
+        assert v in text, v
 
 
 def test_non_finite_error_is_a_user_error_once_the_methods_are_imported():
