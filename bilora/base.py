@@ -319,7 +319,7 @@ def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) 
     """Load the base quantized to 4-bit; report memory before/after and per-layer dequantization error."""
     original = load_original(resolved, revision)
     stored_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
-    cfg_dtype = getattr(original.config, "torch_dtype", None) or getattr(original.config, "dtype", None)
+    cfg_dtype = getattr(original.config, "dtype", None)  # transformers 5: reading config.torch_dtype logs a deprecation
     report: dict[str, Any] = {"memory_bytes_original": original.get_memory_footprint(), "stored_dtype": str(cfg_dtype or stored_dtype).replace("torch.", "")}
     if not q.enabled:
         report.update(memory_bytes_quantized=report["memory_bytes_original"], layers={})

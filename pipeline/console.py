@@ -1,4 +1,7 @@
-"""The rich console shared by stages: headers, progress bars with ETA, tables, clean errors."""
+"""The rich console shared by stages: headers, progress bars with ETA, tables, clean errors.
+
+``info``/``warn``/``error`` messages are never hard-wrapped (``soft_wrap``): in a log file each stays one line.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +21,15 @@ def header(stage: str, detail: str = "") -> None:
 
 
 def info(msg: str) -> None:
-    console.print(f"[dim]•[/] {msg}")
+    console.print(f"[dim]•[/] {msg}", soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {msg}")
+    err_console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
 def error(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}")
+    err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
 
 
 @contextmanager

@@ -23,9 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.table import Table
+
 from pipeline.config import load_params
 from pipeline.console import console, error, header
 from pipeline.errors import cli
+from pipeline.quiet import quiet
 
 
 def pipeline_env() -> dict[str, str]:
@@ -53,12 +56,26 @@ def apply_preset(name: str, params_path: str) -> None:
     console.print(f"[yellow]preset {name}[/]: copied {src.relative_to(PRESETS.parent.parent)} over {params_path}")
 
 
+def summary_table(summary: dict[str, dict]) -> Table:
+    """The closing table of ``reports/summary.json`` (``task.method`` -> mean/std/seeds/step time).
+    Fits 80 columns for every task x method name; a longer cell folds onto a second line, never cut."""
+    table = Table(title="bilora summary (test split; mean ± std over seeds)")
+    table.add_column("run", overflow="fold")
+    table.add_column("metric", overflow="fold")
+    for col in ("mean", "std", "seeds", "s/step"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for key, row in summary.items():
+        table.add_row(key, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
+    return table
+
+
 def dvc(*args: str, env: dict[str, str]) -> int:
     return subprocess.call([str(Path(sys.executable).parent / "dvc"), *args], env=env)
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
     ap.add_argument("--preset", default=None, help="validate pipeline/presets/PRESET.yaml and COPY IT OVER params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
@@ -79,14 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(rc)
     summary = Path("reports/summary.json")
     if summary.exists():
-        from rich.table import Table
-
-        table = Table(title="bilora summary (test split; mean ± std over seeds)")
-        for col in ("run", "metric", "mean", "std", "seeds", "s/step"):
-            table.add_column(col)
-        for key, row in json.loads(summary.read_text()).items():
-            table.add_row(key, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
-        console.print(table)
+        console.print(summary_table(json.loads(summary.read_text())))
         console.print("Details: reports/report.md · MLflow UI: see README ('Look at the runs')")
 
 

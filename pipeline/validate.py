@@ -7,10 +7,12 @@ import argparse
 from pipeline.config import load_params
 from pipeline.console import console
 from pipeline.errors import cli
+from pipeline.quiet import quiet
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("params", nargs="?", default="params.yaml")
     args = ap.parse_args(argv)

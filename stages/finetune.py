@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         if not need.is_file():
             raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
     model = load_for_task(base_dir, task.kind, task.num_labels)
+    if task.kind != "generation":  # replaces transformers' LOAD REPORT table (pipeline/quiet.py)
+        info(f"{task.kind} head freshly initialised ({task.num_labels} {'output' if task.num_labels == 1 else 'labels'}, seed {args.seed})")
     check_targets(model, p.train.lora.target_modules)
     generation = task.kind == "generation"  # causal LM: LM loss on the target tokens, no task head to save
     spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=() if generation else ("classifier",))
