@@ -88,6 +88,7 @@ def quiet() -> None:
     _add_once(logging.getLogger("bitsandbytes.backends.cpu.ops"), _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
     _add_once(logging.getLogger("transformers.modeling_utils"), _HeadOnlyLoadReport())
     _add_once(logging.getLogger("mlflow.store.db.utils"), _DropBelow(logging.WARNING))
+    _add_once(logging.getLogger("mlflow.system_metrics.system_metrics_monitor"), _DropBelow(logging.WARNING))  # "Started/Stopping monitoring", "Skip logging GPU metrics"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers and huggingface_hub at import
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if not sys.warnoptions:  # the user asked for specific warnings (-W / PYTHONWARNINGS): leave them alone

@@ -2,6 +2,11 @@
 
 Tags on every run: ``dvc.stage`` ($DVC_STAGE), ``dvc.exp`` ($DVC_EXP_NAME when present),
 ``git.commit``, ``git.dirty``, and the run's ``task``/``method``/``seed`` where they apply.
+The experiment is tagged as a model-training experiment (``mlflow.experimentKind``), so the MLflow 3
+UI opens it on "Training runs"; the data splits a run read are logged as dataset inputs
+(:meth:`Tracker.log_dataset`, :func:`split_digest`); ``system_metrics=True`` (finetune) adds MLflow's
+CPU/memory/disk/network (and GPU, with ``nvidia-ml-py``) ``system/*`` metrics, sampled every 10 s
+(MLflow's default; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it).
 The default tracking URI is ``sqlite:///mlflow.db`` at the repository root; ``MLFLOW_TRACKING_URI``
 overrides it. If the tracking server is unreachable the stage still completes: the tracker warns
 once and turns into a no-op; metrics stay in the DVC outputs.
@@ -9,12 +14,23 @@ once and turns into a no-op; metrics stay in the DVC outputs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from pipeline.console import warn
+
+# MLflow 3.17 has no Python constant for the experiment kind: the key and value below are the ones
+# its UI reads and writes (mlflow/server/js: ``"mlflow.experimentKind"``, enum value
+# ``CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"``, shown as "Machine learning", opening on
+# "Training runs"; ``"genai_development"`` opens the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Values the UI treats as "not chosen by anyone": replaced by EXPERIMENT_KIND; an explicit choice stays.
+_UNSET_KINDS = {"", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred"}
 
 
 def repo_root() -> Path:
@@ -37,10 +53,41 @@ def git_info() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+def split_digest(split_dir: str | Path) -> str:
+    """Content hash of a split saved by ``datasets`` (``prepare``'s ``artifacts/data/<task>/<split>/``):
+    sha256 over the bytes of its ``*.arrow`` files in name order, first 16 hex digits. Same rows,
+    same digest, whichever machine or worktree produced them."""
+    h = hashlib.sha256()
+    for f in sorted(Path(split_dir).glob("*.arrow")):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _metadata_dataset(name: str, digest: str, source: str, rows: int):
+    """An MLflow dataset that carries metadata only (no copy of the data): MLflow's ``MetaDataset``
+    with a local source and a profile ``{"num_rows": rows}`` (the row count the UI shows)."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class _SplitDataset(MetaDataset):
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": rows}
+
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self.profile)}
+
+    # "local" = MLflow's LocalArtifactDatasetSource (a path); built by type, not guessed from the string.
+    return _SplitDataset(get_dataset_source_from_json(json.dumps({"uri": source}), "local"), name=name, digest=digest)
+
+
 class Tracker:
     """A thin, outage-tolerant wrapper around one MLflow run."""
 
-    def __init__(self, stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None) -> None:
+    def __init__(self, stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None, system_metrics: bool = False) -> None:
         self.stage = stage
         self.run_id: str | None = None
         self.enabled = True
@@ -50,15 +97,19 @@ class Tracker:
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp"] = os.environ["DVC_EXP_NAME"]
         self.tags = all_tags
-        self._guard(self._start, experiment, params, run_name or all_tags["dvc.stage"])
+        self._guard(self._start, experiment, params, run_name or all_tags["dvc.stage"], system_metrics)
 
-    def _start(self, experiment: str, params: dict[str, Any], run_name: str) -> None:
+    def _start(self, experiment: str, params: dict[str, Any], run_name: str, system_metrics: bool) -> None:
         import mlflow
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name, tags=self.tags)
+        exp = mlflow.set_experiment(experiment)
+        if exp.tags.get(EXPERIMENT_KIND_TAG, "") in _UNSET_KINDS:  # new experiment, or one made before this tag
+            mlflow.MlflowClient(self.uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        # System metrics: MLflow samples in a daemon thread that stops when the run ends, when it
+        # cannot read the run back (outage) or at exit; it never keeps the process alive.
+        run = mlflow.start_run(run_name=run_name, tags=self.tags, log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
@@ -85,11 +136,46 @@ class Tracker:
     def log_dict(self, obj: dict, name: str) -> None:
         self._guard(lambda: self._mlflow.log_dict(obj, name))
 
+    def log_dataset(self, name: str, digest: str, source: str | Path, rows: int, context: str) -> None:
+        """Record a dataset the run read as an MLflow run input (metadata only, the data is not copied).
+        ``context``: ``training``, ``validation``, ``evaluation``, ``test``."""
+        self._guard(lambda: self._mlflow.log_input(_metadata_dataset(name, digest, str(source), int(rows)), context=context))
+
+    def log_split(self, data_dir: str | Path, task: str, split: str, rows: int, context: str, first: int | None = None) -> None:
+        """:meth:`log_dataset` for ``<data_dir>/<task>/<split>`` (a split saved by ``prepare``): name
+        ``<task>/<split>``, digest :func:`split_digest`, source the split's folder. ``first``: only the
+        first ``first`` rows were read (name ``<task>/<split>[:first]``, digest of digest + count)."""
+        if not self.enabled:
+            return
+        folder = Path(data_dir) / task / split
+        digest, name = split_digest(folder), f"{task}/{split}"
+        if first is not None:
+            digest, name = hashlib.sha256(f"{digest}[:{first}]".encode()).hexdigest()[:16], f"{name}[:{first}]"
+        try:
+            source = folder.resolve().relative_to(repo_root()).as_posix()
+        except ValueError:
+            source = folder.resolve().as_posix()
+        self.log_dataset(name, digest, source, rows, context)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._guard(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
     def end(self, status: str = "FINISHED") -> None:
         self._guard(lambda: self._mlflow.end_run(status=status))
+        if self.run_id is not None and not self.enabled:  # end_run failed before stopping the sampler
+            self._stop_system_metrics()
+
+    def _stop_system_metrics(self) -> None:
+        """Signal MLflow's system-metrics thread of this run to stop, without joining it (it would
+        otherwise notice the outage only at its next sample). Best effort: MLflow-internal registry."""
+        try:
+            from mlflow.tracking import fluent
+
+            monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+            if monitor is not None:
+                monitor._shutdown_event.set()
+        except Exception:  # noqa: BLE001
+            pass
 
     def info(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}

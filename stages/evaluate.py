@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 ds = ds.select(range(min(len(ds), p.eval.train_subset)))
             if len(ds) == 0:
                 continue
+            tracker.log_split(layout.DATA, args.task, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
             if generation:
                 metrics[split], predictions[split] = evaluate_generation(model, tokenizer, task.name, ds, p.eval.batch_size, p.eval.max_new_tokens)
                 info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))

@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     train_ds = load_split(layout.DATA, args.task, "train")
     loop = LoopConfig(**p.train.loop.model_dump())
     tags = {"task": args.task, "method": args.method, "seed": args.seed}
-    tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}")
+    tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}", system_metrics=True)
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
+        tracker.log_split(layout.DATA, args.task, "train", len(train_ds), "training")
+        tracker.log_split(layout.DATA, args.task, "validation", len(load_split(layout.DATA, args.task, "validation")), "validation")
         with (progress(f"train {name}", loop.total_steps(len(train_ds))) if main_rank else contextlib.nullcontext(lambda *a, **k: None)) as advance:
             ft = FineTuner(
                 model, method, train_ds, collator_for(task, tokenizer), loop,
@@ -143,6 +145,7 @@ class _NoTracker:
     def log_artifacts(self, *a, **k) -> None: ...
     def log_artifact(self, *a, **k) -> None: ...
     def set_tags(self, *a, **k) -> None: ...
+    def log_split(self, *a, **k) -> None: ...
     def info(self) -> dict:
         return {"run_id": None, "tracked": False, "rank": distributed.rank()}
     def __enter__(self) -> "_NoTracker":
