@@ -13,6 +13,12 @@ from bilora import metrics
 P = [1, 0, 1, 1, 0]
 Y = [1, 1, 1, 0, 0]
 
+# Tolerances. Every metric is a float64 formula over small integer counts or short float64 vectors: a handful of
+# correctly rounded operations (sums of integers or halves are exact; then a few products, a division, a sqrt), so
+# results are within a few ulp of the exact value (ulp ≤ 2.2e-16 for values ≤ 1; all observed identical). abs=1e-15
+# (≥ 4.5 ulp) where there are ≤ 3 roundings; abs=1e-14 (≥ 45 ulp) for MCC, Pearson and Spearman, which take a dozen
+# or so. Neither depends on the CPU.
+
 
 def test_accuracy():
     # positions 0, 2, 4 agree -> 3 / 5
@@ -50,11 +56,11 @@ def test_mcc_binary_hand_computed():
     tp, tn, fp, fn = 6, 3, 2, 1
     expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))  # 16 / sqrt(1120)
     assert expected == pytest.approx(16 / math.sqrt(1120), abs=1e-15)
-    assert metrics.matthews_corrcoef(preds, labels) == pytest.approx(expected, abs=1e-12)
+    assert metrics.matthews_corrcoef(preds, labels) == pytest.approx(expected, abs=1e-14)
     # shuffling the pairs changes nothing
     rng = np.random.default_rng(0)
     order = rng.permutation(len(preds))
-    assert metrics.matthews_corrcoef(np.array(preds)[order], np.array(labels)[order]) == pytest.approx(expected, abs=1e-12)
+    assert metrics.matthews_corrcoef(np.array(preds)[order], np.array(labels)[order]) == pytest.approx(expected, abs=1e-14)
 
 
 def test_mcc_multiclass_hand_computed():
@@ -64,12 +70,13 @@ def test_mcc_multiclass_hand_computed():
     # t = row sums = [4, 3, 3], p = column sums = [4, 3, 3], c = trace = 7, s = 10
     # MCC = (c*s - sum p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2))
     #     = (70 - 34) / sqrt(66 * 66) = 36 / 66 = 6/11
-    assert metrics.matthews_corrcoef(preds, labels) == pytest.approx(6 / 11, abs=1e-12)
+    assert metrics.matthews_corrcoef(preds, labels) == pytest.approx(6 / 11, abs=1e-14)
 
 
 def test_mcc_edge_cases():
-    assert metrics.matthews_corrcoef([0, 1, 1, 0], [0, 1, 1, 0]) == pytest.approx(1.0)
-    assert metrics.matthews_corrcoef([1, 0, 0, 1], [0, 1, 1, 0]) == pytest.approx(-1.0)
+    # ±1 exactly: the numerator equals sqrt(denominator), the square of an integer (see the note on tolerances above)
+    assert metrics.matthews_corrcoef([0, 1, 1, 0], [0, 1, 1, 0]) == pytest.approx(1.0, abs=1e-15)
+    assert metrics.matthews_corrcoef([1, 0, 0, 1], [0, 1, 1, 0]) == pytest.approx(-1.0, abs=1e-15)
     # a single predicted class: denominator is zero -> 0.0
     assert metrics.matthews_corrcoef([1, 1, 1, 1], [0, 1, 1, 0]) == 0.0
     assert metrics.matthews_corrcoef([1, 1], [1, 1]) == 0.0
@@ -77,15 +84,15 @@ def test_mcc_edge_cases():
     preds, labels = _from_confusion([[3, 2], [1, 6]])
     relabel = {0: 5, 1: 9}
     assert metrics.matthews_corrcoef([relabel[v] for v in preds], [relabel[v] for v in labels]) == pytest.approx(
-        16 / math.sqrt(1120), abs=1e-12
+        16 / math.sqrt(1120), abs=1e-14
     )
 
 
 def test_pearson_hand_computed():
     x, y = [1, 2, 3, 4], [2, 4, 5, 9]
     # centred: x = [-1.5, -0.5, 0.5, 1.5], y = [-3, -1, 0, 4]; sum xy = 11, sum xx = 5, sum yy = 26
-    assert metrics.pearson(x, y) == pytest.approx(11 / math.sqrt(130), abs=1e-12)
-    assert metrics.pearson(x, [-v for v in y]) == pytest.approx(-11 / math.sqrt(130), abs=1e-12)
+    assert metrics.pearson(x, y) == pytest.approx(11 / math.sqrt(130), abs=1e-14)
+    assert metrics.pearson(x, [-v for v in y]) == pytest.approx(-11 / math.sqrt(130), abs=1e-14)
     assert metrics.pearson(x, x) == pytest.approx(1.0, abs=1e-15)
     # constant input: undefined -> 0.0
     assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
@@ -99,7 +106,7 @@ def test_pearson_float64_precision():
     y = np.array([2.0, 4.0, 5.0, 9.0])
     r = metrics.pearson(x, y)
     assert isinstance(r, float)
-    assert r == pytest.approx(11 / math.sqrt(130), abs=1e-12)
+    assert r == pytest.approx(11 / math.sqrt(130), abs=1e-14)
 
 
 def test_spearman_with_ties():
@@ -110,7 +117,7 @@ def test_spearman_with_ties():
     ry = [1, 4, 2.5, 2.5, 5]
     assert metrics.spearman(x, y) == pytest.approx(metrics.pearson(rx, ry), abs=1e-15)
     # and by hand: centred ranks [-2,-.5,-.5,1,2] and [-2,1,-.5,-.5,2]: 7.25 / sqrt(9.5 * 9.5) = 29/38
-    assert metrics.spearman(x, y) == pytest.approx(29 / 38, abs=1e-12)
+    assert metrics.spearman(x, y) == pytest.approx(29 / 38, abs=1e-14)
 
 
 def test_spearman_monotone_and_constant():
@@ -128,6 +135,8 @@ def test_rank_average_matches_definition():
 
 
 def test_compute():
+    # compute() only dispatches by name: the values are the ones checked to a few ulp above, so pytest's default
+    # rel 1e-6 suffices to tell which metric ran (0.6 vs 2/3, ...)
     out = metrics.compute(("accuracy", "f1"), P, Y)
     assert list(out) == ["accuracy", "f1"]
     assert out["accuracy"] == pytest.approx(0.6) and out["f1"] == pytest.approx(2 / 3)

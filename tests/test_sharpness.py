@@ -23,6 +23,11 @@ P = adapters.PRIMARY
 
 
 # -- a quadratic case: one adapted linear layer, MSE loss, float64 -------------------------------
+# Tolerances in this section: everything is float64 (full-space directions are drawn in float32, but measurement and
+# reference use the same drawn numbers), so a loss ~1 carries ~1e-16 absolute error and an analytic reference agrees
+# to ~1e-15 relative (observed ≤ 3e-16). Sharpness values are loss *differences*: their error is absolute (~3e-16),
+# hence abs 1e-13 for the small ones and rel 1e-12 elsewhere, ≥ 100x the observed errors; the loss curve is the
+# exception (float32 scaling of the direction, see there).
 class OneLinear(torch.nn.Module):
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
@@ -81,6 +86,7 @@ def test_objective_is_the_example_weighted_mean():
     model, layer, objective, x, y = quadratic()
     bias = layer.get_base_layer().bias.detach().double()
     assert objective.weights == [5 / 8, 3 / 8]
+    # weighted mean of two batch means vs one mean over 40 squares: another summation order (observed identical)
     assert objective.value(model) == pytest.approx(mse(merged(layer), bias, x, y), rel=1e-12)
 
 
@@ -92,10 +98,12 @@ def test_full_space_random_sharpness_equals_the_quadratic_form():
     for entry in res["radii"]:
         t = entry["radius"]
         expected = [quad_delta(layer, x, y, random_direction(model, "full", 4, k).parts[0].materialize(t).double()) for k in range(3)]
-        assert entry["values"] == pytest.approx(expected, rel=1e-9, abs=1e-13)
-        assert entry["mean"] == pytest.approx(sum(expected) / 3, rel=1e-9)
+        # loss differences (see the section note; observed ≤ 3.4e-16 absolute); the mean and std of three of them
+        # carry the same absolute error at most
+        assert entry["values"] == pytest.approx(expected, rel=1e-12, abs=1e-13)
+        assert entry["mean"] == pytest.approx(sum(expected) / 3, rel=1e-12, abs=1e-13)
         m = sum(expected) / 3
-        assert entry["std"] == pytest.approx(math.sqrt(sum((e - m) ** 2 for e in expected) / 2), rel=1e-7)
+        assert entry["std"] == pytest.approx(math.sqrt(sum((e - m) ** 2 for e in expected) / 2), rel=1e-12, abs=1e-13)
         assert entry["min"] == min(entry["values"]) and entry["max"] == max(entry["values"])
     # quadratic growth: the second-order term dominates at large t and is positive
     assert res["radii"][-1]["mean"] > 0
@@ -113,28 +121,31 @@ def test_lora_space_random_sharpness_equals_explicit_factors():
         for k, value in enumerate(entry["values"]):
             da, db = (d.double() for d in random_direction(model, "lora", 1, k).parts)
             w_t = w0 + s * (b + t * db) @ (a + t * da)
-            assert value == pytest.approx(mse(w_t, bias, x, y) - l0, rel=1e-9, abs=1e-13)
+            # loss differences, float64 (section note; observed ≤ 4.4e-16 absolute)
+            assert value == pytest.approx(mse(w_t, bias, x, y) - l0, rel=1e-12, abs=1e-13)
 
 
 def test_gradient_direction_and_attack_are_analytic_in_the_full_space():
     model, layer, objective, x, y = quadratic()
     g = quad_grad(layer, x, y)
     d, norm, loss = sharpness.gradient_direction(model, "full", objective)
-    assert norm == pytest.approx(float(g.norm()), rel=1e-10)
-    torch.testing.assert_close(d.parts[0].double(), g / g.norm(), rtol=1e-9, atol=1e-12)
+    # float64 autograd vs the analytic gradient (another association of the same products): observed ≤ 2e-16
+    # relative; atol 1e-14 for entries near 0 of the unit direction
+    assert norm == pytest.approx(float(g.norm()), rel=1e-12)
+    torch.testing.assert_close(d.parts[0].double(), g / g.norm(), rtol=1e-12, atol=1e-14)
     assert d.norm() == pytest.approx(1.0, rel=1e-12)
-    assert loss == pytest.approx(objective.value(model), rel=1e-12)
+    assert loss == pytest.approx(objective.value(model), rel=1e-12)  # the same float64 forward (observed identical)
 
     alphas = (0.0, 0.1, 1.0, 2.5)
     res = sharpness.attack_curve(model, objective, "full", alphas)
-    assert res["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    assert res["grad_norm"] == pytest.approx(norm, rel=1e-12)  # the same float64 computation again (observed identical)
     g_hat = g / g.norm()
     xd = x @ g_hat.T
     for point, alpha in zip(res["points"], alphas):
         # L(W' + αĜ) = L0 + α||G|| + α² ||XĜᵀ||²/(Nm)
         expected = res["base_loss"] + alpha * float(g.norm()) + alpha**2 * float((xd**2).sum()) / xd.numel()
         assert point["alpha"] == alpha and point["metrics"] == {}
-        assert point["loss"] == pytest.approx(expected, rel=1e-9)
+        assert point["loss"] == pytest.approx(expected, rel=1e-12)  # float64 losses (observed ≤ 3e-16 relative)
     assert res["points"][0]["loss"] == res["base_loss"]  # α = 0 is the model itself
     assert [p["loss"] for p in res["points"]] == sorted(p["loss"] for p in res["points"])  # ascent
 
@@ -146,14 +157,15 @@ def test_gradient_direction_and_attack_in_the_lora_space():
     ga, gb = s * b.T @ g, s * g @ a.T  # dL/dA (r, in), dL/dB (out, r)
     norm = math.sqrt(float((ga**2).sum() + (gb**2).sum()))
     d, measured_norm, _ = sharpness.gradient_direction(model, "lora", objective)
-    assert measured_norm == pytest.approx(norm, rel=1e-10)
-    torch.testing.assert_close(d.parts[0].double(), ga / norm, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(d.parts[1].double(), gb / norm, rtol=1e-9, atol=1e-12)
+    # as in the full space: float64 autograd vs analytic factors (observed ≤ 5e-16 relative)
+    assert measured_norm == pytest.approx(norm, rel=1e-12)
+    torch.testing.assert_close(d.parts[0].double(), ga / norm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d.parts[1].double(), gb / norm, rtol=1e-12, atol=1e-14)
     w0 = layer.get_base_layer().weight.detach().double()
     bias = layer.get_base_layer().bias.detach().double()
     res = sharpness.attack_curve(model, objective, "lora", (0.0, 0.5))
     w_attacked = w0 + s * (b + 0.5 * gb / norm) @ (a + 0.5 * ga / norm)
-    assert res["points"][1]["loss"] == pytest.approx(mse(w_attacked, bias, x, y), rel=1e-9)
+    assert res["points"][1]["loss"] == pytest.approx(mse(w_attacked, bias, x, y), rel=1e-12)  # float64 (observed 3e-16)
     assert res["points"][1]["loss"] > res["points"][0]["loss"]
 
 
@@ -168,9 +180,14 @@ def test_loss_curve_is_the_analytic_parabola_and_the_slice_of_direction_zero():
     bias = layer.get_base_layer().bias.detach().double()
     r0 = x @ merged(layer).T + bias - y
     lin, quad = float(2 * (r0 * (x @ d1.T)).mean()), float(((x @ d1.T) ** 2).mean())
+    # The curve perturbs by t·d materialised in float32 (noise x (t·row_scale)), the reference uses t x d(1.0): the
+    # perturbation differs by float32 rounding (≤ 1.2e-7 relative), which reaches the loss through t·lin and t² quad:
+    # ≲ 1.2e-7 (|t·lin| + 2 t² quad) absolute, small next to L here (observed 2e-9 relative); rel 1e-7 would hold
+    # even with |t·lin| ~ L.
     for t, value in curve:
         assert value == pytest.approx(l0 + t * lin + t * t * quad, rel=1e-7)
-    # symmetric part: L(t) + L(-t) - 2 L0 = 2 t² quad
+    # symmetric part: L(t) + L(-t) - 2 L0 = 2 t² quad. Rounding is sign-symmetric, so the linear term's errors cancel
+    # and the float32 rounding of the perturbation enters 2 t² quad only, twice (≤ 2.4e-7 relative; observed 9e-8)
     assert curve[4][1] + curve[0][1] - 2 * l0 == pytest.approx(2 * 0.04 * quad, rel=1e-6)
     # the curve is the slice along random direction 0 of random_sharpness, bit for bit
     rs = sharpness.random_sharpness(model, objective, "full", (0.1, 0.2), n_directions=1, seed=2)
@@ -194,6 +211,9 @@ def test_filter_normalisation_rows_have_the_weight_row_norms():
     layers = [layer for _, layer in adapters.lora_layers(model)]
     full = random_direction(model, "full", seed=0)
     assert len(full.parts) == len(layers)
+    # float32 direction rows (noise x ||W'_row|| / ||noise_row||: W' = W0 + s·BA formed in float32, two float32 norms
+    # over 32-64 columns, a division and a product) against float64 row norms: the a-priori float32 bound for norms
+    # of ≤ 64 terms is ~32·2^-24 = 2e-6 each, ~1e-5 altogether; rtol 2e-5 is that bound (observed 1.5e-7)
     for part, layer in zip(full.parts, layers):
         w_rows = merged(layer).norm(dim=1)
         torch.testing.assert_close(part.materialize().double().norm(dim=1), w_rows, rtol=2e-5, atol=0)
@@ -203,9 +223,11 @@ def test_filter_normalisation_rows_have_the_weight_row_norms():
     assert len(lora.parts) == len(params) == 2 * len(layers)
     for part, p in zip(lora.parts, params):
         assert part.shape == p.shape
+        # float32 both: the scaled noise row's norm vs the factor row's (three float32 norms of ≤ 64 terms, a
+        # division, a product; a-priori bound ~1e-5) (observed 1e-7)
         torch.testing.assert_close(part.norm(dim=1), p.detach().norm(dim=1), rtol=1e-5, atol=0)
     other = random_direction(model, "lora", seed=0, index=1)
-    assert not torch.allclose(other.parts[0], lora.parts[0])
+    assert not torch.allclose(other.parts[0], lora.parts[0])  # independent draws: O(1) apart, not rounding
 
 
 def test_full_perturbation_equals_an_explicit_merged_weight_fp32():
@@ -220,10 +242,12 @@ def test_full_perturbation_equals_an_explicit_merged_weight_fp32():
             out = layer(x)
         delta = 0.07 * direction.dense()[0].double()
         ref = F.linear(x.double(), merged(layer) + delta, base.bias.detach().double())
+        # float32 layer (one matmul over 32 inputs, plus the LoRA path) vs float64, outputs ~1 (observed ≤ 2e-7
+        # absolute, 1.4% of the tolerance)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer(x), layer(x))  # and the clean forward is back
     clean = F.linear(x.double(), merged(layer), base.bias.detach().double())
-    torch.testing.assert_close(layer(x).double(), clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x).double(), clean, rtol=1e-5, atol=1e-5)  # as above (observed 1.8e-7)
 
 
 def test_lora_perturbation_touches_only_the_primary_factors():
@@ -235,6 +259,8 @@ def test_lora_perturbation_touches_only_the_primary_factors():
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         params = dict(model.named_parameters())
         for n, d in zip(names, direction.parts):
+            # fl(fl(p + 0.1 d) - p) vs fl(0.1 d): two float32 roundings, ≤ 2^-24 (|p + 0.1 d| + |0.1 d|) ≤ 7e-8 for
+            # entries ≤ ~1 (observed 2.8e-8); atol 1e-7
             torch.testing.assert_close(params[n].detach() - before[n], 0.1 * d, rtol=1e-5, atol=1e-7)
     assert changed == set(names)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -345,10 +371,12 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     w0 = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
     x = torch.randn(2, 3, 32)
     direction = random_direction(model, "full", seed=0)
+    # as in test_filter_normalisation_rows_have_the_weight_row_norms (observed 8e-8)
     torch.testing.assert_close(direction.parts[0].materialize().double().norm(dim=1), (w0 + s * b @ a).norm(dim=1), rtol=2e-5, atol=0)
     with perturbation(model, direction, 0.05):
         out = layer(x)
     ref = F.linear(x.double(), w0 + s * b @ a + 0.05 * direction.parts[0].materialize().double(), base.bias.detach().double())
+    # float32 layer on the dequantized weight vs float64, as in the fp32 test above (observed 1.5e-7 absolute)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
     # the full-space gradient on a 4-bit base is dL/dW' of the explicit dequantised merged weight
@@ -369,7 +397,10 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     finally:
         handle.remove()
     g_ref = torch.einsum("...o,...i->oi", go.double(), grads["x"].detach().double())  # dL/dW' = Σ grad_out ⊗ x
-    torch.testing.assert_close(d.parts[0].double() * norm, g_ref, rtol=1e-4, atol=1e-7)
+    # float32 dL/dW' (a sum over 96 token positions) vs the float64 einsum of the same float32 activations: errors
+    # ≤ 4e-7 of the terms' size (observed); entries ≤ 3.6e-4, so atol 1e-9 ≈ 3e-6 of the largest (observed max error
+    # 7e-11 to 9e-11 on AVX512 and AVX2, 3% of the tolerance)
+    torch.testing.assert_close(d.parts[0].double() * norm, g_ref, rtol=1e-5, atol=1e-9)
     model.zero_grad(set_to_none=True)
 
     # bitsandbytes' CPU inference repacking would rewrite the 4-bit weights: it is off during measure
