@@ -190,6 +190,29 @@ def kernel_info(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def dense_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A deep copy of ``model`` with every ``Linear4bit`` replaced by an ``nn.Linear`` holding dequant(W)
+    exactly, and every floating parameter and buffer cast to ``dtype``; ``model`` is not touched.
+
+    dequant(W) is exact in float32 (nf4/fp4 code x absmax), so a float64 copy computes the same
+    function as the 4-bit model with float64 rounding: loss differences of 1e-6 (sharpness at small
+    radii) are then resolved instead of being float32 summation noise that depends on the CPU's
+    vector width. The copy costs 8 bytes per parameter in float64.
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        if is_4bit(m):
+            dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=torch.float32)
+            dense.weight.copy_(dequantized_weight(m, torch.float32))  # (out, in), exact
+            if m.bias is not None:
+                dense.bias.copy_(m.bias.detach())
+            dense.requires_grad_(False)
+            dense.train(m.training)
+            memo[id(m)] = dense  # deepcopy substitutes it wherever the 4-bit layer is referenced
+    return copy.deepcopy(model, memo).to(dtype)
+
+
 def layer_noise(seed: int, std_rows: torch.Tensor, n_in: int) -> torch.Tensor:
     """eps (m, n_in) float32 with eps[i, :] ~ N(0, std_rows[i]^2), drawn from a private generator."""
     device = std_rows.device

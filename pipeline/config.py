@@ -186,6 +186,7 @@ class SharpnessParams(_Section):
     curve_points: int = Field(7, ge=0, description="Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).")
     curve_radius: float = Field(0.1, gt=0, description="Half-width of the 1-D loss curve along a random filter-normalised direction.")
     seed: int = Field(0, description="Seed of the random directions (same seed => same numbers).")
+    dtype: Literal["float64", "model"] = Field("float64", description="float64: measure on a float64 dense copy of the adapted model (exact dequantized base; figures independent of the CPU class; ~2x the time of float32, 8 bytes per parameter). model: measure the model as it is (float32 fp32-path kernels on CPU): cheaper, but small-radius figures carry float32 summation noise of a few percent.")
 
 
 class EvalConfig(_Section):

@@ -18,6 +18,7 @@ from pipeline.config import SharpnessParams, flatten, load_params
 from pipeline.console import console, header, info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
+from pipeline.figures import rounded
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
 
@@ -25,7 +26,7 @@ from pipeline.tracking import Tracker
 def sharpness_config(p: SharpnessParams) -> SharpnessConfig:
     n = p.curve_points
     points = tuple(-1.0 + 2.0 * i / (n - 1) for i in range(n)) if n > 1 else ((0.0,) if n == 1 else ())
-    return SharpnessConfig(radii=tuple(p.radii), n_directions=p.n_directions, attack_alphas=tuple(p.attack_alphas), curve_points=points, curve_radius=p.curve_radius, seed=p.seed, spaces=tuple(p.spaces))
+    return SharpnessConfig(radii=tuple(p.radii), n_directions=p.n_directions, attack_alphas=tuple(p.attack_alphas), curve_points=points, curve_radius=p.curve_radius, seed=p.seed, spaces=tuple(p.spaces), dtype=p.dtype)
 
 
 def headline(result: dict, main_metric: str) -> dict[str, float]:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                 atomic_write_json(tmp / f"predictions_{split}.json", rows)
             atomic_write_json(tmp / "metrics.json", metrics)
             atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
-        atomic_write_json(layout.metrics_path(name), metrics)
+        atomic_write_json(layout.metrics_path(name), rounded(metrics))  # committed: pipeline/figures.py precision
         tracker.log_artifact(layout.metrics_path(name))
         tracker.log_artifact(summary)
         if sharp is not None:

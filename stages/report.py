@@ -19,6 +19,7 @@ from pipeline import layout  # noqa: E402
 from pipeline.config import Params, flatten, load_params  # noqa: E402
 from pipeline.console import console, header  # noqa: E402
 from pipeline.errors import cli  # noqa: E402
+from pipeline.figures import rounded  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
@@ -145,9 +146,10 @@ def collect(p: Params) -> dict:
         for method in p.train.methods:
             for seed in p.train.seeds:
                 name = layout.run_name(task, method, seed)
-                metrics = json.loads(layout.metrics_path(name).read_text())
-                summary = json.loads((layout.finetune_dir(name) / "summary.json").read_text())
-                histories[name] = json.loads((layout.finetune_dir(name) / "history.json").read_text())
+                # everything the report records and plots is read at the committed precision (pipeline/figures.py)
+                metrics = rounded(json.loads(layout.metrics_path(name).read_text()))
+                summary = rounded(json.loads((layout.finetune_dir(name) / "summary.json").read_text()))
+                histories[name] = rounded(json.loads((layout.finetune_dir(name) / "history.json").read_text()))
                 r = rows[(task, method)]
                 for k, v in metrics["test"].items():
                     if k != "n":
@@ -158,7 +160,7 @@ def collect(p: Params) -> dict:
                     r[f"sharp.{k}"].append(v)
                 sharp_file = layout.eval_dir(name) / "sharpness.json"
                 if sharp_file.exists():
-                    sharpness[name] = json.loads(sharp_file.read_text())
+                    sharpness[name] = rounded(json.loads(sharp_file.read_text()))
                 r["step_time"].append(summary["median_step_time"])
                 r["final_loss"].append(summary["final_loss"])
     return {"rows": rows, "histories": histories, "sharpness": sharpness}
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_losses(p, data["histories"], layout.REPORTS / "loss_curves.png")
         write_histories(data["histories"], layout.REPORTS / "history")
         atomic_write_text(layout.REPORTS / "report.md", "\n".join(md))
-        atomic_write_json(layout.REPORTS / "summary.json", summary)
+        atomic_write_json(layout.REPORTS / "summary.json", rounded(summary))
         for f in ("report.md", "loss_curves.png", "summary.json", *extra):
             tracker.log_artifact(layout.REPORTS / f, "reports")
         for k, v in summary.items():

@@ -171,3 +171,17 @@ def test_no_forbidden_imports():
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     assert not roots & {"sklearn", "scipy", "pipeline", "stages", "torch"}, roots
+
+
+def test_committed_figures_are_rounded_to_significant_digits():
+    from pipeline.figures import rounded
+
+    # hand-derived: 4 significant digits, nested containers, exact types kept
+    assert rounded(0.8061926605504587) == 0.8062
+    assert rounded(3.805860420533731e-05) == 3.806e-05
+    assert rounded(-2.7721405029296875) == -2.772
+    assert rounded(1234567.0) == 1235000.0
+    assert rounded({"a": [0.33359843, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}) == {"a": [0.3336, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}
+    assert math.isnan(rounded(float("nan"))) and rounded(float("inf")) == float("inf")
+    # two float32 runs that differ in the last bits (cross-CPU summation order) record the same figure
+    assert rounded(0.6977776885032654) == rounded(0.6977777481079102) == 0.6978

@@ -3,6 +3,7 @@ perturbation (fp32 and nf4), determinism, and a bit-identical model afterwards."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -295,7 +296,8 @@ def assert_same(a: dict, b: dict) -> None:
             assert x == y, k
 
 
-SMALL = SharpnessConfig(radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=(-1.0, 0.0, 1.0), curve_radius=0.05)
+# dtype="model": measured on the model itself, so its losses are exactly objective.value(model)
+SMALL = SharpnessConfig(radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=(-1.0, 0.0, 1.0), curve_radius=0.05, dtype="model")
 
 
 def without_times(result: dict) -> dict:
@@ -420,11 +422,56 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     assert result["spaces"]["lora"]["curve"][1][1] == result["base"]["loss"]
 
 
+def _dense_float64_by_hand(model):
+    """The 4-bit model as float64 nn.Linear layers, built independently of bilora.layers.dense_copy:
+    bitsandbytes' own dequantize_4bit, assigned into a deep copy by module name."""
+    import bitsandbytes.functional as bnbf
+
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if base_layers.is_4bit(m):
+            lin = torch.nn.Linear(m.in_features, m.out_features)
+            with torch.no_grad():
+                lin.weight.copy_(bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state))
+                lin.bias.copy_(m.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, lin)
+    return ref.double()
+
+
+def test_float64_measurement_is_the_dense_float64_model(tmp_path):
+    model = nf4_bert(tmp_path)
+    data = cls_examples(8)
+    objective = Objective.from_dataset(data, collate, batch_size=8)
+    before = state(model)
+    cfg = dataclasses.replace(SMALL, dtype="float64")
+    got = sharpness.measure(model, objective, cfg, None)
+    assert_same(before, state(model))  # the copy is measured; the 4-bit model is untouched
+    ref = _dense_float64_by_hand(model)
+    assert not any(base_layers.is_4bit(m) for m in ref.modules())
+    want = sharpness.measure(ref, objective, dataclasses.replace(SMALL, dtype="model"), None)
+    # the same float64 function evaluated in the same order: equal up to float64 rounding (1e-16 relative)
+    assert got["base"]["loss"] == pytest.approx(want["base"]["loss"], rel=1e-12, abs=0)
+    for space in ("full", "lora"):
+        g = [v for r in got["spaces"][space]["random"]["radii"] for v in r["values"]]
+        w = [v for r in want["spaces"][space]["random"]["radii"] for v in r["values"]]
+        # loss differences ~1e-3 computed from float64 losses ~0.7: absolute error ~1e-15
+        assert g == pytest.approx(w, rel=0, abs=1e-12)
+        assert got["spaces"][space]["attack"]["points"][1]["loss"] == pytest.approx(want["spaces"][space]["attack"]["points"][1]["loss"], rel=1e-12)
+    # float32 on the 4-bit model computes the same function: the losses agree to float32 rounding
+    # (~1e-7 relative of a mean over 8 examples), so 1e-5 bounds it and the float64 figure is a refinement
+    f32 = sharpness.measure(model, objective, SMALL, None)
+    assert f32["base"]["loss"] != got["base"]["loss"]
+    assert f32["base"]["loss"] == pytest.approx(got["base"]["loss"], rel=1e-5)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown space"):
         SharpnessConfig(spaces=("weights",))
     with pytest.raises(ValueError):
         SharpnessConfig(curve_radius=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        SharpnessConfig(dtype="float16")
     model, _, objective, _, _ = quadratic()
     with pytest.raises(ValueError, match="unknown space"):
         sharpness.random_direction(model, "both")
