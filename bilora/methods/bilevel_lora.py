@@ -54,12 +54,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bilora import adapters
-from bilora.methods.base import Method, NonFiniteError, StepContext, _grad_norm, register
+from bilora import layers
+from bilora.methods.base import Method, NonFiniteError, StepContext, register
 
 
 def lambda_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[tuple[str, torch.nn.Module]]:
     """(module name, LoRA layer) for every layer of ``adapter``, in the fixed registration order."""
-    return [(n, m) for n, m in adapters.lora_layers(model) if adapter in m.lora_A]
+    return adapters.adapter_layers(model, adapter)
 
 
 def orthogonality_penalty(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> torch.Tensor:
@@ -245,7 +246,7 @@ class BilevelLoRA(Method):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        norm = _grad_norm(self._lambdas)
+        norm = layers.grad_norm(self._lambdas)
         total = loss + self.gamma2 * r2
         if not (math.isfinite(total) and torch.isfinite(norm)):
             raise NonFiniteError(f"non-finite value at optimizer step {ctx.step + 1} (upper level): loss={total}, grad_norm={norm.item()}")

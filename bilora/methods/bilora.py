@@ -35,7 +35,8 @@ from peft import PeftModel
 
 from bilora import adapters
 from bilora.fused import FusedAdapters
-from bilora.methods.base import Method, StepContext, grad_norm_fast, register
+from bilora import layers
+from bilora.methods.base import Method, StepContext, register
 
 
 @dataclass
@@ -136,7 +137,7 @@ class BiLoRA(Method):
                 loss = ctx.forward_backward()  # one forward + one backward, one matmul pair per layer
         else:
             loss = ctx.forward_backward()  # one forward + one backward: grads for A1, B1, A2, B2
-        aux_grad = grad_norm_fast(parts.aux)
+        aux_grad = layers.grad_norm(parts.aux)
         grad_norm = ctx.clip_and_step(parts.primary, loss)
         c, clipped = project_to_ball(parts.aux_factors, self.rho)
         self.last_norm = min(c, self.rho) if clipped else c

@@ -31,7 +31,6 @@ first step) or sigma = 0 nothing is installed and the step equals a plain LoRA s
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.layers import check_base, compute_dtype, dequantized_weight, layer_noise, merged_row_norms
+from bilora.layers import check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
 from bilora.methods.base import Method, StepContext, register
 
 
@@ -54,8 +53,7 @@ def schedule_factor(step: int, max_steps: int) -> float:
 
 def noise_seed(run_seed: int, step: int, layer: int) -> int:
     """A 63-bit generator seed from (run seed, optimizer step, layer index); a pure function of its inputs."""
-    digest = hashlib.blake2b(f"flat_lora:{run_seed}:{step}:{layer}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return stream_seed("flat_lora", run_seed, step, layer)
 
 
 def effective_weight(base: torch.nn.Module, std_rows: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +106,7 @@ def noisy_forward(base: torch.nn.Module, std_rows: torch.Tensor, seed: int):
 
 def noisy_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[torch.nn.Module]:
     """The adapted layers that receive noise, in the fixed order that defines the layer index."""
-    return [layer for _, layer in adapters.lora_layers(model) if adapter in layer.lora_A]
+    return [layer for _, layer in adapters.adapter_layers(model, adapter)]
 
 
 @contextmanager
@@ -131,7 +129,7 @@ def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int,
             seed = noise_seed(run_seed, step, index)
             pairs.append((base, noisy_forward(base, std_rows, seed)))
             info.append((seed, std_rows))
-    with adapters.forwards_replaced(pairs):
+    with forwards_replaced(pairs):
         yield info
 
 

@@ -40,18 +40,10 @@ from typing import Any
 import torch
 
 from bilora import adapters
+from bilora.layers import grad_norm_sumsq
 from bilora.methods.base import Method, StepContext, register
 
 EPS = 1e-12
-
-
-def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """sqrt(sum_p ||grad_p||_F^2) in fp32 over the parameters that have a gradient."""
-    total = torch.zeros((), dtype=torch.float32)
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum()
-    return total.sqrt()
 
 
 @register
@@ -76,7 +68,7 @@ class LoRASAM(Method):
         lora = self.perturbed_parameters(ctx.model)
         # Pass 1: accumulated gradient over every micro-batch of this optimizer step.
         loss = ctx.forward_backward()
-        g_norm = global_grad_norm(lora)
+        g_norm = grad_norm_sumsq(lora)
         scale = self.rho / (g_norm + EPS)
         saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         e_sq = torch.zeros((), dtype=torch.float32)
