@@ -66,6 +66,7 @@ from bilora import adapters
 from bilora.evaluate import predict
 from bilora import layers as base_layers
 from bilora.metrics import compute
+from bilora.sharpness_result import SharpnessResult
 
 SPACES = ("full", "lora")
 DTYPES = ("float64", "model")
@@ -468,10 +469,10 @@ class _Counted:
         return self.inner.grad(model, inputs)
 
 
-def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None) -> dict[str, Any]:
-    """All three measurements in each space of ``cfg``, with their cost; JSON-serialisable.
+def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None) -> SharpnessResult:
+    """All three measurements in each space of ``cfg``, with their cost, as a :class:`SharpnessResult`.
 
-    {"config": cfg, "base": {"loss", "metrics"},
+    Its ``to_dict()`` (JSON-serialisable) is {"config": cfg, "base": {"loss", "metrics"},
      "spaces": {space: {"dim", "random": random_sharpness(...), "attack": attack_curve(...),
                         "curve": [[t, loss], ...], "cost": {"random_s", "attack_s", "curve_s",
                         "loss_evals", "grad_passes", "metric_evals"}}},
@@ -514,4 +515,4 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
             res["cost"] = cost
             out["spaces"][space] = res
     out["cost"] = {"total_s": time.perf_counter() - start, "loss_evals": counted.values, "grad_passes": counted.grads, "metric_evals": metric_evals}
-    return out
+    return SharpnessResult.from_dict(out)

@@ -126,7 +126,7 @@ def test_summary_table_fits_80_columns_uncut():
 
 
 def test_report_stage_table_fits_80_columns_uncut():
-    from stages.report import terminal_table
+    from pipeline.report.tables import terminal_table
 
     rows = [
         {"task": "sst2", "method": "lora", "main": "accuracy", "seeds": 3, "mean": 0.7943, "std": 0.0078, "gap": "+0.0976",
