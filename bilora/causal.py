@@ -469,3 +469,22 @@ def evaluate_boolq(
     if return_predictions:
         result["predictions"] = preds
     return result
+
+
+# -- quality check of a quantized base (stage load_base) -----------------------------------------
+#: Fixed text and question of the causal-LM quality check (perplexity, one greedy answer).
+QUALITY_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "
+                "for the World's Fair. Paris is also home to the Louvre, the most visited museum in the world.")
+QUALITY_PROMPT = "Question: What is the capital of France?\nAnswer:"
+
+
+@torch.no_grad()
+def quality_check(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Causal LMs only: perplexity of the quantized model on :data:`QUALITY_TEXT` and its greedy
+    answer to :data:`QUALITY_PROMPT` (a quick sign that quantization kept the model usable)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"].to(dev)
+    loss = float(model(input_ids=ids, labels=ids).loss)
+    answer = generate_answers(model, tokenizer, [QUALITY_PROMPT], max_new_tokens=max_new_tokens, batch_size=1, stop=GSM8K_STOP)[0]
+    return {"perplexity": math.exp(loss), "text_tokens": int(ids.shape[1]), "prompt": QUALITY_PROMPT, "greedy_answer": answer, "max_new_tokens": max_new_tokens}

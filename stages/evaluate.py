@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from peft import PeftModel
 
 from bilora import adapters, causal, layers
