@@ -147,7 +147,7 @@ class Runner:
         self.times: list[float] = []
 
     def step(self, i: int, batch: dict[str, torch.Tensor]) -> float:
-        from bilora.methods.base import StepContext
+        from bilora.methods.method import StepContext
 
         ft = self.ft
         ctx = StepContext(model=self.model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batch], step=i, max_steps=ft.max_steps, max_grad_norm=ft.loop.max_grad_norm)
@@ -164,7 +164,7 @@ class Runner:
 def naive_bilora_step(method: Any, ctx: Any) -> dict[str, float]:
     """The Bi-LoRA step before the overhead cuts (reference for the measurement only)."""
     from bilora import adapters
-    from bilora.methods.base import NonFiniteError
+    from bilora.methods.method import NonFiniteError
     from bilora.methods.bilora import project_to_ball
 
     def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:  # the per-tensor loop the cuts replaced

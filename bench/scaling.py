@@ -150,7 +150,7 @@ def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
 def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Callable[[int], float], Callable[[], int]]:
     from bilora import adapters, methods
     from bilora.base import load_for_task
-    from bilora.methods.base import StepContext
+    from bilora.methods.method import StepContext
     from bilora.train import FineTuner, LoopConfig
 
     name, cfg = variants()[label]

@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 
 from bilora import adapters
 from bilora import layers
-from bilora.methods.base import Method, NonFiniteError, StepContext, register
+from bilora.methods.method import Method, NonFiniteError, StepContext, register
 
 
 def lambda_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[tuple[str, torch.nn.Module]]:

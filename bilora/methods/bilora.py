@@ -36,7 +36,7 @@ from peft import PeftModel
 from bilora import adapters
 from bilora.fused import FusedAdapters
 from bilora import layers
-from bilora.methods.base import Method, StepContext, register
+from bilora.methods.method import Method, StepContext, register
 
 
 @dataclass

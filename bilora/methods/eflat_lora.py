@@ -53,7 +53,7 @@ from peft import PeftModel
 
 from bilora import adapters
 from bilora.layers import work_dtype
-from bilora.methods.base import Method, StepContext, register
+from bilora.methods.method import Method, StepContext, register
 
 ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first term of G_hat is used
 EPS = 1e-12

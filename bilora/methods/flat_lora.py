@@ -41,7 +41,7 @@ from peft import PeftModel
 
 from bilora import adapters
 from bilora.layers import check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
-from bilora.methods.base import Method, StepContext, register
+from bilora.methods.method import Method, StepContext, register
 
 
 def schedule_factor(step: int, max_steps: int) -> float:

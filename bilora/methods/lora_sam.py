@@ -41,7 +41,7 @@ import torch
 
 from bilora import adapters
 from bilora.layers import grad_norm_sumsq
-from bilora.methods.base import Method, StepContext, register
+from bilora.methods.method import Method, StepContext, register
 
 EPS = 1e-12
 
