@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 CPU_KERNELS = ("fp32", "packed_bf16")
 PACK_BLOCK_ROWS = 32  # bitsandbytes packs output rows in blocks of 32 (``block_n``)
@@ -76,6 +77,15 @@ def compute_dtype(base: torch.nn.Module, x_dtype: torch.dtype) -> torch.dtype:
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or ``dtype`` if wider (float64 stays float64): the dtype small updates are computed in."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def base_linear(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) as the base layer would run it: ONE matmul in its compute dtype,
+    the output in x's dtype. The temporary forwards (Flat-LoRA's noise, sharpness perturbations)
+    compute with a temporary ``weight`` (out, in) = dequant(W0) + delta through this."""
+    cd = compute_dtype(base, x.dtype)
+    out = F.linear(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd))  # (..., in) -> (..., out)
+    return out.to(x.dtype)
 
 
 def is_packed(base: torch.nn.Module) -> bool:

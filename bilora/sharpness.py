@@ -60,7 +60,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from bilora import adapters
 from bilora.evaluate import predict
@@ -286,13 +285,10 @@ def _shifted_forward(base: torch.nn.Module, delta_fn: Callable[[torch.Tensor], t
     """
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cd = base_layers.compute_dtype(base, x.dtype)
         w0 = base_layers.dequantized_weight(base)  # (out, in); a fresh copy for 4-bit bases, never written
         delta = delta_fn(w0)
         w_eff = delta.add_(w0) if fresh else delta + w0  # (out, in) = dequant(W0) + t·d
-        bias = base.bias
-        out = F.linear(x.to(cd), w_eff.to(cd), None if bias is None else bias.to(cd))  # (..., in) -> (..., out)
-        return out.to(x.dtype)
+        return base_layers.base_linear(base, x, w_eff, base.bias)  # (..., in) -> (..., out)
 
     return forward
 

@@ -59,3 +59,13 @@ def test_work_dtype_widens_to_float32_only():
     assert layers.work_dtype(torch.bfloat16) == torch.float32
     assert layers.work_dtype(torch.float32) == torch.float32
     assert layers.work_dtype(torch.float64) == torch.float64
+
+
+def test_base_linear_runs_in_the_base_dtype_and_returns_the_input_dtype():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(5, 3).to(torch.bfloat16)  # an nn.Linear computes in its weight's dtype
+    x = torch.randn(2, 4, 5)  # (B, L, in) float32
+    w = torch.randn(3, 5)  # a temporary float32 weight, e.g. dequant(W0) + delta
+    out = layers.base_linear(base, x, w, base.bias)
+    want = torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), base.bias).float()  # the same bf16 matmul, written out
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 3) and torch.equal(out, want)

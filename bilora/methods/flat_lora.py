@@ -36,11 +36,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.layers import check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
+from bilora.layers import base_linear, check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
 from bilora.methods.method import Method, StepContext, register
 
 
@@ -75,12 +74,12 @@ class NoisyLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, std_rows: torch.Tensor, seed: int, base: torch.nn.Module) -> torch.Tensor:
         cd = compute_dtype(base, x.dtype)
         w_eff = effective_weight(base, std_rows, seed, cd)  # (m, n_in), temporary
-        out = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))  # (..., n_in) -> (..., m), one matmul
+        out = base_linear(base, x, w_eff, bias)  # (..., n_in) -> (..., m), one matmul, in x's dtype
         del w_eff
         ctx.save_for_backward(std_rows)
         ctx.seed, ctx.base, ctx.cd, ctx.x_dtype = seed, base, cd, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
