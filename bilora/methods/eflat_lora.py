@@ -3,7 +3,7 @@
 Not Li et al.'s Flat-LoRA (``flat_lora``). Objective: min_{A,B} max_{||E||_F <= rho} L(W0 + s B A + E),
 with W = W0 + s B A, A: (r, n), B: (m, r), s = alpha / r.
 
-The efficient single-pass variant (methods.md §5.3). Between steps the model sits at the perturbed
+The efficient single-pass variant (docs/methods.md, "EFlat-LoRA"). Between steps the model sits at the perturbed
 point (B + E_ema, A). One optimizer step t = step + 1:
 
 1. one forward/backward over all micro-batches at (B + E_ema, A) -> (gB, gA) (accumulated, 1 pass);
@@ -28,7 +28,7 @@ fp32 (float64 inputs stay float64). Pseudo-inverses use ``torch.linalg.pinv`` (S
 paper's Householder QR: the same matrices, and r is small.
 ``full_grad_estimate`` forms the dense G_hat for tests and diagnostics.
 
-Decisions (methods.md §8.15, all [I]):
+Decisions (docs/methods.md, "EFlat-LoRA"; all ours):
 - The printed rho * sign(g) * g / ||g|| is read as a typo: E_W = rho_t * G_hat / ||G_hat||.
 - beta = 0.9 is a PLACEHOLDER: the paper does not publish beta; 0.9 is the default of the one public
   re-implementation [S].

@@ -6,12 +6,12 @@ t (0-based) of T, every adapted linear layer l (fixed order of :func:`bilora.ada
 is perturbed with
 
     eps_l[i, j] ~ N(0, std_l[i]^2),   std_l[i] = f_t * sigma / sqrt(n_in) * ||W'_l[i, :]||_2
-    f_t = 0.5 * (1 - cos(pi * t / T))                          (cosine ramp 0 -> 1, methods.md §4.2)
+    f_t = 0.5 * (1 - cos(pi * t / T))                          (cosine ramp 0 -> 1, docs/methods.md)
 
 and the gradient taken at W0 + eps + s·BA updates A and B only. One forward and one backward per
 micro-batch (``passes_per_step = 1``); every micro-batch of a step sees the same eps.
 
-How the noise is applied (decisions.md, "Flat-LoRA noise"; methods.md §8.11-8.13):
+How the noise is applied (docs/methods.md, "Flat-LoRA"):
 
 * the row norms are computed once per step under ``no_grad`` on dequant(W0) + s·BA (m floats per layer);
 * eps is drawn from a private ``torch.Generator`` seeded by a hash of (run seed, step, layer index):
