@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bilora import adapters
+from bilora import adapters, layers
 
 
 def _fusable(layer: Any, names: tuple[str, str]) -> bool:
@@ -92,18 +92,8 @@ class FusedAdapters:
     @contextmanager
     def installed(self) -> Iterator[int]:
         """Install the fused forwards for the duration of the block; yields how many layers are fused."""
-        done: list[tuple[torch.nn.Module, str, Any]] = []
-        try:
-            for layer, attr, fwd in self.layers:
-                done.append((layer, attr, vars(layer).get(attr)))
-                setattr(layer, attr, fwd)
+        with layers.forwards_replaced((layer, fwd) for layer, _, fwd in self.layers):
             yield len(self.layers)
-        finally:
-            for layer, attr, previous in reversed(done):
-                if previous is None:
-                    delattr(layer, attr)
-                else:
-                    setattr(layer, attr, previous)
 
 
 @contextmanager
