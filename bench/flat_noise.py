@@ -7,7 +7,7 @@ adapted layer (out × in weights), on top of LoRA's work:
 
 * row norms of W0 + s·BA: one dequantization + one (out, r) @ (r, in) product;
 * forward: dequantize again and draw eps (out × in normals) for the one matmul with W0 + eps;
-* backward: dequantize and redraw the same eps from its seed (decisions.md: never stored).
+* backward: dequantize and redraw the same eps from its seed (docs/methods.md, "Flat-LoRA": never stored).
 
 This script times each of those components alone, summed over all adapted layers, and the
 forward + backward of a LoRA step and of a Flat-LoRA step on one batch (``--reps`` pairs in alternating order: median and IQR of the per-pair ratio),

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "reports")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from bilora.methods.base import StepContext
+    from bilora.methods.method import StepContext
 
     base_dir = prepare_base("nf4", Path("~/.cache/bilora/bench").expanduser())
     examples, tok = load_examples("sst2", base_dir, 16, 64, args.reps + args.warmup)

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scaling [--lengths 64 128 256 512 --ranks 4 8 16 32 64
                                                         --models minilm smollm2 --batch 4 --steps 3]
 
-Few steps per point (decisions.md, "Benchmarks": scaling curves use few steps and small batches on
+Few steps per point (docs/methods.md, "Benchmarks": scaling curves use few steps and small batches on
 CPU; full curves belong on a GPU). Methods: every registered method plus ``bilora_fused``.
 
 * Length and rank sweeps: MiniLM-L6 (nf4), real SST-2 text: the token stream of consecutive training
@@ -150,7 +150,7 @@ def activation_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
 def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Callable[[int], float], Callable[[], int]]:
     from bilora import adapters, methods
     from bilora.base import load_for_task
-    from bilora.methods.base import StepContext
+    from bilora.methods.method import StepContext
     from bilora.train import FineTuner, LoopConfig
 
     name, cfg = variants()[label]

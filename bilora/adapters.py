@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -53,7 +53,7 @@ def add_auxiliary(model: PeftModel, r: int, alpha: float, name: str = AUX) -> No
     """Add a second LoRA on the primary's target modules and make both active and trainable.
 
     Uses the generic ``PeftModel.add_adapter`` so that a task head in ``modules_to_save``
-    stays owned by the primary adapter only (engineering-notes §13). Build the optimizer
+    stays owned by the primary adapter only (docs/methods.md, "Bi-LoRA"). Build the optimizer
     *after* this call: PEFT leaves a freshly added adapter frozen until it is activated.
     """
     primary = model.peft_config[PRIMARY]
@@ -77,13 +77,17 @@ def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def adapter_layers(model: torch.nn.Module, adapter: str = PRIMARY) -> list[tuple[str, LoraLayer]]:
+    """(module name, LoRA layer) for every layer that carries ``adapter``, in :func:`lora_layers` order.
+
+    This order defines the layer index of Flat-LoRA's noise seeds and of the sharpness spaces.
+    """
+    return [(n, m) for n, m in lora_layers(model) if adapter in m.lora_A]
+
+
 def lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, s) per adapted layer for ``adapter``; A: (r, n_in), B: (n_out, r)."""
-    out = []
-    for _, layer in lora_layers(model):
-        if adapter in layer.lora_A:
-            out.append((layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])))
-    return out
+    return [(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])) for _, layer in adapter_layers(model, adapter)]
 
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
@@ -123,25 +127,3 @@ def primary_only(model: PeftModel, aux: str = AUX) -> Iterator[PeftModel]:
 def save_primary(model: PeftModel, out_dir: str | Path) -> None:
     """Write the primary adapter only, in plain PEFT format (loadable by ``PeftModel.from_pretrained``)."""
     model.save_pretrained(str(out_dir), selected_adapters=[PRIMARY])
-
-
-@contextmanager
-def forwards_replaced(pairs: Iterable[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """Give each module a temporary instance ``forward`` and restore the previous state on exit (also on error).
-
-    An instance attribute shadows the class forward. Under an accelerate hook (device_map offload)
-    ``forward`` is already the hook's wrapper, which calls ``_old_forward``: that is replaced instead.
-    """
-    installed: list[tuple[torch.nn.Module, str, Any]] = []  # (module, attribute, previous instance value)
-    try:
-        for module, fwd in pairs:
-            attr = "_old_forward" if "_old_forward" in vars(module) else "forward"
-            installed.append((module, attr, vars(module).get(attr)))
-            setattr(module, attr, fwd)
-        yield
-    finally:
-        for module, attr, previous in reversed(installed):
-            if previous is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, previous)

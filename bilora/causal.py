@@ -8,7 +8,7 @@ Formats
 * **GSM8K**: prompt ``"Question: {question}\\nAnswer:"`` (:data:`GSM8K_TEMPLATE`), target
   ``" " + <worked solution ending in "#### N">``. The model learns to write the solution and its
   ``####`` line after ``Answer:``; :func:`extract_answer` reads the number back. This differs from
-  the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (methods.md §7) on purpose: the space
+  the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (docs/methods.md, "Evaluation") on purpose: the space
   belongs to the target, so BPE tokenisers see ``" Janet"`` as in running text.
 * **BoolQ** (closed book): prompt = the LLM-Adapters instruction
   ``BOOLQ_PREFIX + question + BOOLQ_SUFFIX`` followed by ``"\\nAnswer:"`` (:data:`BOOLQ_TEMPLATE`,
@@ -135,7 +135,7 @@ def extract_answer(text: str) -> str | None:
       but not a hyphen glued to a word or digit ("3-4" -> "4"); "$" before and units, "%", "." or
       "$" after the number are ignored; "5.0", "5.00" and "5." all give "5".
 
-    Deviation from the Bi-LoRA authors' script (methods.md §7): they drop the sign on both sides;
+    Deviation from the Bi-LoRA authors' script (docs/methods.md, "Evaluation"): they drop the sign on both sides;
     here it is kept on both sides (``gold_answer`` uses the same function), which only matters for
     the few GSM8K items with negative answers.
     """
@@ -469,3 +469,22 @@ def evaluate_boolq(
     if return_predictions:
         result["predictions"] = preds
     return result
+
+
+# -- quality check of a quantized base (stage load_base) -----------------------------------------
+#: Fixed text and question of the causal-LM quality check (perplexity, one greedy answer).
+QUALITY_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "
+                "for the World's Fair. Paris is also home to the Louvre, the most visited museum in the world.")
+QUALITY_PROMPT = "Question: What is the capital of France?\nAnswer:"
+
+
+@torch.no_grad()
+def quality_check(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Causal LMs only: perplexity of the quantized model on :data:`QUALITY_TEXT` and its greedy
+    answer to :data:`QUALITY_PROMPT` (a quick sign that quantization kept the model usable)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"].to(dev)
+    loss = float(model(input_ids=ids, labels=ids).loss)
+    answer = generate_answers(model, tokenizer, [QUALITY_PROMPT], max_new_tokens=max_new_tokens, batch_size=1, stop=GSM8K_STOP)[0]
+    return {"perplexity": math.exp(loss), "text_tokens": int(ids.shape[1]), "prompt": QUALITY_PROMPT, "greedy_answer": answer, "max_new_tokens": max_new_tokens}

@@ -5,7 +5,7 @@ Under ``torchrun`` (``torch.distributed`` initialised, world size W > 1):
 * :class:`bilora.train.FineTuner` gives rank r the r-th contiguous slice of every *global*
   micro-batch (``train.loop.batch_size`` examples, which must be divisible by W), so the global
   batch, data order and step count are those of a single-process run.
-* :meth:`bilora.methods.base.StepContext.forward_backward` averages the ``.grad`` of every
+* :meth:`bilora.methods.method.StepContext.forward_backward` averages the ``.grad`` of every
   trainable parameter that has one, and the loss, over the ranks (one flat all-reduce) after
   its micro-batches. Every method's update therefore sees the same (all-reduced) gradient on
   every rank, and the parameters stay identical on every rank without broadcasting them:

@@ -16,7 +16,7 @@ gradient of each block back to A1, B1, A2, B2: each part keeps its own optimizer
 descends, auxiliary ascends), the projection code, checkpoints and export are unchanged, and the
 auxiliary is still dropped at export. Only the *order of floating-point operations* differs
 (the scale multiplies B instead of the output, and the two rank-r sums are one rank-(r1+r2) sum),
-so the fused path matches PEFT's to float rounding, not bit for bit (decisions.md: within 1e-6
+so the fused path matches PEFT's to float rounding, not bit for bit (docs/methods.md, "Bi-LoRA": within 1e-6
 relative in float32).
 
 The fused forward is installed as an instance ``forward`` on each LoRA layer only for the duration
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bilora import adapters
+from bilora import adapters, layers
 
 
 def _fusable(layer: Any, names: tuple[str, str]) -> bool:
@@ -92,18 +92,8 @@ class FusedAdapters:
     @contextmanager
     def installed(self) -> Iterator[int]:
         """Install the fused forwards for the duration of the block; yields how many layers are fused."""
-        done: list[tuple[torch.nn.Module, str, Any]] = []
-        try:
-            for layer, attr, fwd in self.layers:
-                done.append((layer, attr, vars(layer).get(attr)))
-                setattr(layer, attr, fwd)
+        with layers.forwards_replaced((layer, fwd) for layer, _, fwd in self.layers):
             yield len(self.layers)
-        finally:
-            for layer, attr, previous in reversed(done):
-                if previous is None:
-                    delattr(layer, attr)
-                else:
-                    setattr(layer, attr, previous)
 
 
 @contextmanager

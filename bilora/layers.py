@@ -2,7 +2,11 @@
 
 One module owns the backend questions (PEFT keeps them in ``tuners/lora/bnb.py``): is a layer
 4-bit, what is its dense weight, which dtype does its matmul run in, and which bitsandbytes CPU
-kernel runs it. Methods and the sharpness code import from here, never from each other.
+kernel runs it; and the small helpers every method and the sharpness code share on top of
+those layers: temporary forwards (:func:`forwards_replaced`), seeded noise (:func:`stream_seed`,
+:func:`layer_noise`), work dtypes and gradient norms. The list of one adapter's LoRA layers is
+:func:`bilora.adapters.adapter_layers`. Methods and the sharpness code import from here, never from
+each other.
 
 **The 4-bit CPU kernel is chosen by the project, not by bitsandbytes.** bitsandbytes (0.50)
 ``Linear4bit`` sets ``support_avx512bf16_for_cpu`` from the CPU at construction; on a CPU with
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 CPU_KERNELS = ("fp32", "packed_bf16")
 PACK_BLOCK_ROWS = 32  # bitsandbytes packs output rows in blocks of 32 (``block_n``)
@@ -66,6 +72,20 @@ def compute_dtype(base: torch.nn.Module, x_dtype: torch.dtype) -> torch.dtype:
     if is_4bit(base):
         return base.compute_dtype if base.compute_dtype is not None else x_dtype
     return base.weight.dtype
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or ``dtype`` if wider (float64 stays float64): the dtype small updates are computed in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def base_linear(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) as the base layer would run it: ONE matmul in its compute dtype,
+    the output in x's dtype. The temporary forwards (Flat-LoRA's noise, sharpness perturbations)
+    compute with a temporary ``weight`` (out, in) = dequant(W0) + delta through this."""
+    cd = compute_dtype(base, x.dtype)
+    out = F.linear(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd))  # (..., in) -> (..., out)
+    return out.to(x.dtype)
 
 
 def is_packed(base: torch.nn.Module) -> bool:
@@ -231,3 +251,61 @@ def merged_row_norms(layer: torch.nn.Module, adapter: str) -> torch.Tensor:
     b = layer.lora_B[adapter].weight.detach().to(torch.float32)  # (m, r)
     merged = torch.addmm(w.to(a.device), b, a, alpha=float(layer.scaling[adapter]))  # (m, n) = W0 + s·(m, r)@(r, n); new tensor
     return merged.norm(dim=1)
+
+
+def stream_seed(*key: object) -> int:
+    """A 63-bit generator seed that is a pure function of ``key`` (e.g. ("flat_lora", run seed, step, layer)).
+
+    blake2b of the parts joined by ``:``; the first part names the random stream, so streams of
+    different users never share a seed.
+    """
+    digest = hashlib.blake2b(":".join(str(k) for k in key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def forwards_replaced(pairs: Iterable[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Give each module a temporary instance ``forward`` and restore the previous state on exit (also on error).
+
+    An instance attribute shadows the class forward. Under an accelerate hook (device_map offload)
+    ``forward`` is already the hook's wrapper, which calls ``_old_forward``: that is replaced instead.
+    """
+    installed: list[tuple[torch.nn.Module, str, Any]] = []  # (module, attribute, previous instance value)
+    try:
+        for module, fwd in pairs:
+            attr = "_old_forward" if "_old_forward" in vars(module) else "forward"
+            installed.append((module, attr, vars(module).get(attr)))
+            setattr(module, attr, fwd)
+        yield
+    finally:
+        for module, attr, previous in reversed(installed):
+            if previous is None:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, previous)
+
+
+def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad.detach() if p.grad.dtype == torch.float32 else p.grad.detach().float() for p in params if p.grad is not None]
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` in float32: the norm of the per-tensor norms
+    (torch's fused ``get_total_norm``, what ``clip_grad_norm_`` computes); 0 without gradients."""
+    grads = _grads(params)
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.nn.utils.get_total_norm(grads, 2.0)
+
+
+def grad_norm_sumsq(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """sqrt(Σ_p ||grad_p||_F²) in float32, summed tensor by tensor.
+
+    The same quantity as :func:`grad_norm`, rounded differently (it differs in the last bits on
+    about half of random inputs). LoRA-SAM's ascent uses it, so its trained adapters stay
+    bit-identical to the committed runs.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for g in _grads(params):
+        total = total + g.pow(2).sum()
+    return total.sqrt()

@@ -2,7 +2,7 @@
 
 Everything is measured on a fixed evaluation batch set (an :class:`Objective`) with the Bi-LoRA
 auxiliary discarded (:func:`bilora.adapters.primary_only`), in eval mode, in two weight spaces
-(decisions.md, "Sharpness full weight space"; methods.md §3.7):
+(docs/methods.md, "Sharpness"):
 
 * ``"full"``: the merged weights W' = dequant(W0) + s·B@A of the adapted linear layers, one
   (out, in) tensor per layer in :func:`bilora.adapters.lora_layers` order. Embeddings, norms, biases
@@ -53,7 +53,6 @@ the batch set), gradient passes and metric evaluations per part and space.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -61,12 +60,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from bilora import adapters
 from bilora.evaluate import predict
 from bilora import layers as base_layers
 from bilora.metrics import compute
+from bilora.sharpness_result import SharpnessResult
 
 SPACES = ("full", "lora")
 DTYPES = ("float64", "model")
@@ -82,7 +81,7 @@ class SharpnessConfig:
 
     radii: tuple[float, ...] = (0.01, 0.02, 0.05)  # t for random sharpness (fraction of each row's norm)
     n_directions: int = 4  # K random directions per space
-    attack_alphas: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0)  # α of the gradient attack (methods.md flatness protocol)
+    attack_alphas: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0)  # α of the gradient attack (docs/methods.md, "Sharpness")
     curve_points: tuple[float, ...] = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # × curve_radius
     curve_radius: float = 0.05
     seed: int = 0
@@ -179,7 +178,7 @@ def task_eval(dataset: Sequence[dict[str, Any]], collate: Callable[[list[dict[st
 
 # -- the two spaces -----------------------------------------------------------------------------
 def _layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[torch.nn.Module]:
-    layers = [layer for _, layer in adapters.lora_layers(model) if adapter in layer.lora_A]
+    layers = [layer for _, layer in adapters.adapter_layers(model, adapter)]
     if not layers:
         raise ValueError("sharpness: the model has no LoRA layers for the primary adapter")
     for layer in layers:
@@ -207,11 +206,6 @@ def space_dim(model: torch.nn.Module, space: str) -> int:
 def _check_space(space: str) -> None:
     if space not in SPACES:
         raise ValueError(f"sharpness: unknown space {space!r}; known: {SPACES}")
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or the weight's dtype if wider (float64 bases stay float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # -- directions ---------------------------------------------------------------------------------
@@ -253,8 +247,7 @@ class Direction:
 
 def direction_seed(seed: int, space: str, index: int, part: int) -> int:
     """A 63-bit generator seed for (seed, space, direction index, tensor index); a pure function of its inputs."""
-    digest = hashlib.blake2b(f"sharpness:{seed}:{space}:{index}:{part}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return base_layers.stream_seed("sharpness", seed, space, index, part)
 
 
 def random_direction(model: torch.nn.Module, space: str, seed: int = 0, index: int = 0) -> Direction:
@@ -277,7 +270,7 @@ def random_direction(model: torch.nn.Module, space: str, seed: int = 0, index: i
                 parts.append(SeededRows(s, w_norm / g_norm, base.in_features))
         else:
             for i, p in enumerate(lora_tensors(model)):
-                w = p.detach().to(_work_dtype(p.dtype))
+                w = p.detach().to(base_layers.work_dtype(p.dtype))
                 g = base_layers.layer_noise(direction_seed(seed, space, index, i), torch.ones(w.shape[0], device=w.device), w.shape[1]).to(w.dtype)
                 parts.append(g.mul_((w.norm(dim=1) / g.norm(dim=1))[:, None]))  # (rows, cols)
     return Direction(space, parts)
@@ -292,26 +285,18 @@ def _shifted_forward(base: torch.nn.Module, delta_fn: Callable[[torch.Tensor], t
     """
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cd = base_layers.compute_dtype(base, x.dtype)
         w0 = base_layers.dequantized_weight(base)  # (out, in); a fresh copy for 4-bit bases, never written
         delta = delta_fn(w0)
         w_eff = delta.add_(w0) if fresh else delta + w0  # (out, in) = dequant(W0) + t·d
-        bias = base.bias
-        out = F.linear(x.to(cd), w_eff.to(cd), None if bias is None else bias.to(cd))  # (..., in) -> (..., out)
-        return out.to(x.dtype)
+        return base_layers.base_linear(base, x, w_eff, base.bias)  # (..., in) -> (..., out)
 
     return forward
 
 
-def _override_forwards(bases: Sequence[torch.nn.Module], forwards: Sequence[Callable]):
-    """Install instance forwards on ``bases`` for the block (shared helper, as Flat-LoRA does)."""
-    return adapters.forwards_replaced(zip(bases, forwards))
-
-
 def _delta_fn(part: Part, scale: float) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
     if isinstance(part, SeededRows):
-        return (lambda w0: part.materialize(scale).to(device=w0.device, dtype=_work_dtype(w0.dtype))), True
-    return (lambda w0: part.to(device=w0.device, dtype=_work_dtype(w0.dtype)) * scale), True
+        return (lambda w0: part.materialize(scale).to(device=w0.device, dtype=base_layers.work_dtype(w0.dtype))), True
+    return (lambda w0: part.to(device=w0.device, dtype=base_layers.work_dtype(w0.dtype)) * scale), True
 
 
 @contextmanager
@@ -337,7 +322,7 @@ def perturbation(model: torch.nn.Module, direction: Direction, scale: float) -> 
             base_layers.check_base(base)
             fn, fresh = _delta_fn(part, scale)
             forwards.append(_shifted_forward(base, fn, fresh))
-        with _override_forwards(bases, forwards):
+        with base_layers.forwards_replaced(zip(bases, forwards)):
             yield
         return
     params = lora_tensors(model)
@@ -400,10 +385,10 @@ def gradient_direction(model: torch.nn.Module, space: str, objective: Objective)
             for base in bases:
                 base_layers.check_base(base)
                 w0 = base_layers.dequantized_weight(base)  # only for its shape, dtype and device
-                leaves.append(torch.zeros(w0.shape, dtype=_work_dtype(w0.dtype), device=w0.device, requires_grad=True))  # (out, in)
+                leaves.append(torch.zeros(w0.shape, dtype=base_layers.work_dtype(w0.dtype), device=w0.device, requires_grad=True))  # (out, in)
                 del w0
             forwards = [_shifted_forward(b, (lambda w0, leaf=leaf: leaf.to(w0.device)), False) for b, leaf in zip(bases, leaves)]
-            with _override_forwards(bases, forwards), _requires_grad_only(model, []):
+            with base_layers.forwards_replaced(zip(bases, forwards)), _requires_grad_only(model, []):
                 loss, grads = objective.grad(model, leaves)
         else:
             params = lora_tensors(model)
@@ -480,10 +465,10 @@ class _Counted:
         return self.inner.grad(model, inputs)
 
 
-def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None) -> dict[str, Any]:
-    """All three measurements in each space of ``cfg``, with their cost; JSON-serialisable.
+def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None) -> SharpnessResult:
+    """All three measurements in each space of ``cfg``, with their cost, as a :class:`SharpnessResult`.
 
-    {"config": cfg, "base": {"loss", "metrics"},
+    Its ``to_dict()`` (JSON-serialisable) is {"config": cfg, "base": {"loss", "metrics"},
      "spaces": {space: {"dim", "random": random_sharpness(...), "attack": attack_curve(...),
                         "curve": [[t, loss], ...], "cost": {"random_s", "attack_s", "curve_s",
                         "loss_evals", "grad_passes", "metric_evals"}}},
@@ -526,4 +511,4 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
             res["cost"] = cost
             out["spaces"][space] = res
     out["cost"] = {"total_s": time.perf_counter() - start, "loss_evals": counted.values, "grad_passes": counted.grads, "metric_evals": metric_evals}
-    return out
+    return SharpnessResult.from_dict(out)

@@ -21,7 +21,7 @@ from peft import PeftModel
 from transformers import get_cosine_schedule_with_warmup
 
 from bilora import checkpoint, distributed
-from bilora.methods.base import Method, StepContext
+from bilora.methods.method import Method, StepContext
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ class UserError(Exception):
 _USER_ERROR_CLASSES = (
     ("pipeline.config", "ConfigError"),
     ("pipeline.tasks", "DataError"),
-    ("bilora.methods.base", "NonFiniteError"),
+    ("bilora.methods.method", "NonFiniteError"),
     ("bilora.layers", "KernelError"),
 )
 

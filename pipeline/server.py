@@ -9,7 +9,7 @@ then, on every machine that runs stages::
     python -m pipeline.run
 
 This execs ``mlflow server`` (the process *becomes* the server, so stopping it is a SIGTERM to
-this PID, or to its process group) with the light settings measured in engineering-notes §10:
+this PID, or to its process group) with light settings:
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` (no huey job workers), ``--workers 1`` and
 ``--serve-artifacts``: clients upload adapters and summaries through the server's HTTP
 ``mlflow-artifacts:`` proxy, so they need no access to the artifact folder (or bucket) itself.

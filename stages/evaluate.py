@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from peft import PeftModel
 
 from bilora import adapters, causal, layers
@@ -27,20 +26,6 @@ def sharpness_config(p: SharpnessParams) -> SharpnessConfig:
     n = p.curve_points
     points = tuple(-1.0 + 2.0 * i / (n - 1) for i in range(n)) if n > 1 else ((0.0,) if n == 1 else ())
     return SharpnessConfig(radii=tuple(p.radii), n_directions=p.n_directions, attack_alphas=tuple(p.attack_alphas), curve_points=points, curve_radius=p.curve_radius, seed=p.seed, spaces=tuple(p.spaces), dtype=p.dtype)
-
-
-def headline(result: dict, main_metric: str) -> dict[str, float]:
-    """Flat, DVC-friendly sharpness figures: mean random sharpness per radius, attacked metric per alpha."""
-    out: dict[str, float] = {}
-    for space, res in result["spaces"].items():
-        for r in res["random"]["radii"]:
-            out[f"{space}.random.r{r['radius']:g}.mean"] = r["mean"]
-            out[f"{space}.random.r{r['radius']:g}.std"] = r["std"]
-        for pt in (res["attack"] or {}).get("points", []):
-            if main_metric in pt["metrics"]:
-                out[f"{space}.attack.a{pt['alpha']:g}.{main_metric}"] = pt["metrics"][main_metric]
-            out[f"{space}.attack.a{pt['alpha']:g}.loss"] = pt["loss"]
-    return out  # timings (result["cost"]) stay in sharpness.json, out of DVC metrics
 
 
 def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_size: int, max_new_tokens: int) -> tuple[dict, list]:
@@ -113,13 +98,13 @@ def main(argv: list[str] | None = None) -> None:
             eval_fn = None if generation else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
             info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
             sharp = measure(model, objective, sharpness_config(sp), eval_fn)
-            metrics["sharpness"] = headline(sharp, task.main_metric)
+            metrics["sharpness"] = sharp.headline(task.main_metric)  # timings stay in sharpness.json, out of DVC metrics
             tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()})
-            info(f"sharpness measured in {sharp['cost']['total_s']:.1f}s ({sharp['cost']['loss_evals']} loss passes, {sharp['cost']['grad_passes']} gradient passes)")
+            info(f"sharpness measured in {sharp.cost['total_s']:.1f}s ({sharp.cost['loss_evals']} loss passes, {sharp.cost['grad_passes']} gradient passes)")
         summary = layout.finetune_dir(name) / "summary.json"
         with atomic_dir(layout.eval_dir(name)) as tmp:
             if sharp is not None:
-                atomic_write_json(tmp / "sharpness.json", sharp)
+                atomic_write_json(tmp / "sharpness.json", sharp.to_dict())
             for split, rows in predictions.items():
                 atomic_write_json(tmp / f"predictions_{split}.json", rows)
             atomic_write_json(tmp / "metrics.json", metrics)

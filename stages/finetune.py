@@ -19,7 +19,7 @@ import torch
 from bilora import adapters, checkpoint, distributed, methods, layers
 from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
-from bilora.methods.base import NonFiniteError
+from bilora.methods.method import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
 from pipeline import layout
 from pipeline.config import Params, flatten, load_params

@@ -3,39 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict
 
-import torch
 from safetensors import SafetensorError
 
-from bilora.base import BaseModelError, QuantSpec, is_causal_lm, quantize, resolve, save_quantized
+from bilora.base import QuantSpec, is_causal_lm, quantize, save_quantized
+from bilora.causal import QUALITY_PROMPT, quality_check
+from bilora.sources import BaseModelError, resolve
 from bilora.io import atomic_dir, atomic_write_json
 from pipeline import layout
 from pipeline.config import flatten, load_params
 from pipeline.console import header, info
 from pipeline.errors import UserError, cli
 from pipeline.tracking import Tracker
-
-#: Fixed text and question of the causal-LM quality check (perplexity, one greedy answer).
-QUALITY_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "
-                "for the World's Fair. Paris is also home to the Louvre, the most visited museum in the world.")
-QUALITY_PROMPT = "Question: What is the capital of France?\nAnswer:"
-
-
-@torch.no_grad()
-def quality_check(model, tokenizer, max_new_tokens: int = 16) -> dict:
-    """Causal LMs only: perplexity of the quantized model on :data:`QUALITY_TEXT` and its greedy
-    answer to :data:`QUALITY_PROMPT` (a quick sign that quantization kept the model usable)."""
-    from bilora.causal import GSM8K_STOP, generate_answers
-
-    model.eval()
-    dev = next(model.parameters()).device
-    ids = tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"].to(dev)
-    loss = float(model(input_ids=ids, labels=ids).loss)
-    answer = generate_answers(model, tokenizer, [QUALITY_PROMPT], max_new_tokens=max_new_tokens, batch_size=1, stop=GSM8K_STOP)[0]
-    return {"perplexity": math.exp(loss), "text_tokens": int(ids.shape[1]), "prompt": QUALITY_PROMPT, "greedy_answer": answer, "max_new_tokens": max_new_tokens}
-
 
 @cli
 def main(argv: list[str] | None = None) -> None:

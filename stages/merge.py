@@ -6,12 +6,12 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bilora import layers
-from bilora.base import load_adapted, load_for_task, resolve
+from bilora.base import load_adapted, load_for_task, task_model_class
+from bilora.sources import resolve
 from bilora.io import atomic_dir, atomic_write_json
-from bilora.merge import dequantize, merge, relative_logit_drift
+from bilora.merge import agreement_drift, check_agreement, dequantize, merge, reload_max_abs_diff
 from pipeline import layout
 from pipeline.config import flatten, load_params
 from pipeline.console import console, header, info, warn
@@ -19,10 +19,6 @@ from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
-
-
-class MergeCheckError(RuntimeError):
-    pass
 
 
 @cli
@@ -42,7 +38,6 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "run_info.json", tracker.info())
             return
         task = get_task(m.task)
-        generation = task.kind == "generation"  # causal LM: compare LM logits, reload with AutoModelForCausalLM
         adapter_dir = layout.finetune_dir(name) / "adapter"
         base_info = (layout.BASE / "model" / "bilora_base.json")
 
@@ -53,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             base = dequantize(load_for_task(layout.BASE / "model", task.kind, task.num_labels), torch.float32)
         else:
             src = resolve(p.base.source, p.base.revision).path
-            base = (AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32) if generation
-                    else AutoModelForSequenceClassification.from_pretrained(src, num_labels=task.num_labels, dtype=torch.float32))
+            head = {} if task.kind == "generation" else {"num_labels": task.num_labels}
+            base = task_model_class(task.kind).from_pretrained(src, dtype=torch.float32, **head)
         merged = merge(base, adapter_dir).eval()
 
         # Agreement check: merged (fp32 math) vs adapter on the 4-bit base, on held-out test inputs.
@@ -66,23 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         adapted = load_adapted(layout.BASE / "model", task.kind, task.num_labels, adapter_dir)
         kernel = layers.kernel_info(adapted)
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
-        with torch.no_grad(), layers.fp32_kernel(adapted):  # the merged model computes in fp32: compare like with like
-            ref = adapted(**batch).logits
-            got = merged(**batch).logits
-        drift = relative_logit_drift(ref, got)
+        drift = agreement_drift(adapted, merged, batch)
         report = {"kernel": kernel, "mode": m.mode, "run": name, "dtype": str(dtype).replace("torch.", ""), "relative_logit_drift": drift, "tolerance": m.tolerance, "check_examples": int(batch["input_ids"].shape[0])}
         tracker.log_metrics({"relative_logit_drift": drift})
         info(f"relative logit drift merged vs adapter-on-4-bit: {drift:.2e} (tolerance {m.tolerance:g}, enforced for nf4_roundtrip)")
-        if m.mode == "nf4_roundtrip" and drift > m.tolerance:
-            raise MergeCheckError(f"merged model disagrees with the adapter on the 4-bit base: relative logit drift {drift:.3e} > merge.tolerance {m.tolerance:g}")
-        if m.mode == "original" and drift > m.tolerance:
-            warn(f"mode=original: drift {drift:.3e} exceeds {m.tolerance:g}; expected, the adapter was trained on dequant(quant(W)) (use nf4_roundtrip to match training)")
+        if (warning := check_agreement(m.mode, drift, m.tolerance)) is not None:
+            warn(warning)
         merged.to(dtype).save_pretrained(tmp / "model")
         tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
-        # Prove plain transformers loads it.
-        reloaded = (AutoModelForCausalLM if generation else AutoModelForSequenceClassification).from_pretrained(tmp / "model", dtype=dtype).eval()
-        with torch.no_grad():
-            report["reload_max_abs_diff"] = float((reloaded(**batch).logits.float() - merged.to(dtype)(**batch).logits.float()).abs().max())
+        report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(task.kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
         atomic_write_json(tmp / "merge_report.json", report)
         atomic_write_json(tmp / "run_info.json", tracker.info())
         tracker.log_dict(report, "merge_report.json")

@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from bilora import adapters, methods
 from bilora.methods.bilora import aux_norm, project_to_ball
-from bilora.methods.base import StepContext
+from bilora.methods.method import StepContext
 from bilora.train import FineTuner, LoopConfig
 from tests import tiny
 

@@ -45,13 +45,23 @@ def test_collator_for_picks_causal_collator(tok):
 
 
 def test_quality_check_on_tiny_llama(tok):
-    from stages.load_base import quality_check
+    import math
+
+    import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bilora.causal import QUALITY_TEXT, quality_check
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id))
     q = quality_check(model, tok, max_new_tokens=4)
-    assert q["perplexity"] > 1 and isinstance(q["greedy_answer"], str) and q["text_tokens"] > 5
+    ids = tok(QUALITY_TEXT, return_tensors="pt")["input_ids"]  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()  # (1, T, V)
+    nll = F.cross_entropy(logits[0, :-1], ids[0, 1:])  # next-token loss, computed here by hand
+    # float32 model loss vs the float64 cross-entropy of the same float32 logits: ~1e-7 relative, far inside 1e-5
+    assert q["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert q["text_tokens"] == ids.shape[1] and isinstance(q["greedy_answer"], str)
 
 
 def test_evaluate_generation_gsm8k_and_boolq(tok):

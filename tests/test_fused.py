@@ -102,7 +102,7 @@ def test_fused_equals_unfused_float32_within_1e6():
     # Adapter entries ~0.05 (trained-adapter magnitudes). With much larger random adapters (0.3) the
     # fused/unfused gap grows to ~1e-5 on some gradients, but so does PEFT's own float32 error against
     # float64 (see the next test): the gap is float32 rounding, not a difference in the function.
-    # 1e-6 is decisions.md's contract for the fused path in float32, not a rounding estimate. The largest gap
+    # 1e-6 is the fused path's contract in float32 (docs/methods.md, "Bi-LoRA"), not a rounding estimate. The largest gap
     # (5.7e-7, a key projection's gradient, where the softmax Jacobian cancels) is as large as the unfused path's own
     # float32 error against float64 there (6.0e-7): margin 1.7x, the same on AVX512 and AVX2.
     model = _dual_model(torch.float32, scale=0.05)

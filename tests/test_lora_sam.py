@@ -131,7 +131,7 @@ def test_step_equals_manual_sam(n_micro):
 
 
 def test_accumulated_gradient_sets_the_perturbation():
-    """With 2 micro-batches, e comes from the accumulated gradient, not from each micro-batch (decisions.md)."""
+    """With 2 micro-batches, e comes from the accumulated gradient, not from each micro-batch (docs/methods.md, "LoRA-SAM")."""
     model = peft_bert()
     _randomise_b(model)
     twin = copy.deepcopy(model)

@@ -321,7 +321,8 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
     before = state(model)
     rng = torch.get_rng_state()
 
-    first = sharpness.measure(model, objective, SMALL, eval_fn)
+    result = sharpness.measure(model, objective, SMALL, eval_fn)
+    first = result.to_dict()
     assert_same(before, state(model))
     assert torch.equal(torch.get_rng_state(), rng)
 
@@ -332,9 +333,9 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
     assert first["base"]["loss"] != objective.value(model.eval())  # the auxiliary does change the loss
     model.train()
 
-    second = sharpness.measure(model, objective, SMALL, eval_fn)
+    second = sharpness.measure(model, objective, SMALL, eval_fn).to_dict()
     assert without_times(first) == without_times(second)
-    other = sharpness.measure(model, objective, dataclasses.replace(SMALL, seed=1), eval_fn)
+    other = sharpness.measure(model, objective, dataclasses.replace(SMALL, seed=1), eval_fn).to_dict()
     assert other["spaces"]["full"]["random"]["radii"][0]["values"] != first["spaces"]["full"]["random"]["radii"][0]["values"]
     assert other["spaces"]["full"]["attack"] == first["spaces"]["full"]["attack"]  # the attack is not random
 
@@ -350,6 +351,21 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
         assert all(res["cost"][k] >= 0 for k in ("random_s", "attack_s", "curve_s"))
     assert first["spaces"]["full"]["dim"] == sum(l.get_base_layer().weight.numel() for _, l in adapters.lora_layers(model))
     assert first["cost"]["loss_evals"] == 1 + 2 * 9 and first["cost"]["total_s"] > 0
+
+    # the typed result: its JSON form round-trips, and its headline holds the committed metrics/ keys
+    as_json = json.dumps(first)
+    assert json.dumps(sharpness.SharpnessResult.from_dict(json.loads(as_json)).to_dict()) == as_json
+    head = result.headline("accuracy")
+    want = {}
+    for space in ("full", "lora"):
+        for r in first["spaces"][space]["random"]["radii"]:
+            t = {0.02: "0.02", 0.05: "0.05"}[r["radius"]]
+            want[f"{space}.random.r{t}.mean"], want[f"{space}.random.r{t}.std"] = r["mean"], r["std"]
+        for pt, a in zip(first["spaces"][space]["attack"]["points"], ("0", "1")):
+            want[f"{space}.attack.a{a}.accuracy"], want[f"{space}.attack.a{a}.loss"] = pt["metrics"]["accuracy"], pt["loss"]
+    assert head == want
+    assert not any(k.endswith(".mcc") for k in head) and "mcc" in first["base"]["metrics"]  # only the main metric
+    assert result.spaces["full"].random.largest().radius == 0.05 and result.spaces["lora"].attack.largest().alpha == 1.0
 
 
 def nf4_bert(tmp_path):
@@ -412,7 +428,7 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     try:
         for m in q4:
             m.support_avx512bf16_for_cpu = True
-        result = sharpness.measure(model, objective, SMALL, sharpness.task_eval(data, collate, ["accuracy"]))
+        result = sharpness.measure(model, objective, SMALL, sharpness.task_eval(data, collate, ["accuracy"])).to_dict()
         assert all(m.support_avx512bf16_for_cpu for m in q4)
     finally:
         for m, f in zip(q4, flags):
@@ -445,11 +461,11 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
     objective = Objective.from_dataset(data, collate, batch_size=8)
     before = state(model)
     cfg = dataclasses.replace(SMALL, dtype="float64")
-    got = sharpness.measure(model, objective, cfg, None)
+    got = sharpness.measure(model, objective, cfg, None).to_dict()
     assert_same(before, state(model))  # the copy is measured; the 4-bit model is untouched
     ref = _dense_float64_by_hand(model)
     assert not any(base_layers.is_4bit(m) for m in ref.modules())
-    want = sharpness.measure(ref, objective, dataclasses.replace(SMALL, dtype="model"), None)
+    want = sharpness.measure(ref, objective, dataclasses.replace(SMALL, dtype="model"), None).to_dict()
     # the same float64 function evaluated in the same order: equal up to float64 rounding (1e-16 relative)
     assert got["base"]["loss"] == pytest.approx(want["base"]["loss"], rel=1e-12, abs=0)
     for space in ("full", "lora"):
@@ -460,7 +476,7 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
         assert got["spaces"][space]["attack"]["points"][1]["loss"] == pytest.approx(want["spaces"][space]["attack"]["points"][1]["loss"], rel=1e-12)
     # float32 on the 4-bit model computes the same function: the losses agree to float32 rounding
     # (~1e-7 relative of a mean over 8 examples), so 1e-5 bounds it and the float64 figure is a refinement
-    f32 = sharpness.measure(model, objective, SMALL, None)
+    f32 = sharpness.measure(model, objective, SMALL, None).to_dict()
     assert f32["base"]["loss"] != got["base"]["loss"]
     assert f32["base"]["loss"] == pytest.approx(got["base"]["loss"], rel=1e-5)
 

@@ -126,7 +126,7 @@ def test_summary_table_fits_80_columns_uncut():
 
 
 def test_report_stage_table_fits_80_columns_uncut():
-    from stages.report import terminal_table
+    from pipeline.report.tables import terminal_table
 
     rows = [
         {"task": "sst2", "method": "lora", "main": "accuracy", "seeds": 3, "mean": 0.7943, "std": 0.0078, "gap": "+0.0976",
@@ -143,7 +143,7 @@ def test_report_stage_table_fits_80_columns_uncut():
 
 
 def test_non_finite_error_is_a_user_error_once_the_methods_are_imported():
-    from bilora.methods.base import NonFiniteError
+    from bilora.methods.method import NonFiniteError
     from pipeline.errors import user_errors
 
     assert NonFiniteError in user_errors()

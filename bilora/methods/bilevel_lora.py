@@ -25,17 +25,17 @@ Alternation, one loop optimizer step = one level step, by ``t % (T1 + T2) < T1``
 
 * lower (T1 = ``lower_steps``): update P, Q and the task head (the loop's AdamW, its schedule, its
   gradient clipping) on a D1 batch with L(D1) + gamma1·R1, Λ frozen (no gradient computed);
-  R1 = Σ_l ||PᵀP − I||_F² + ||QQᵀ − I||_F² (AdaLoRA form, methods.md §6.2).
+  R1 = Σ_l ||PᵀP − I||_F² + ||QQᵀ − I||_F² (AdaLoRA form, docs/methods.md, "Bi-level BiLoRA").
 * upper (T2 = ``upper_steps``): update Λ only, on a D2 batch, with L(D2) + gamma2·R2, R2 = Σ_l ||Λ_l||²
   (our choice: the paper does not give R2's form). Λ has its own AdamW (lr ``upper_lr``, constant,
   weight decay 0) whose state lives in this method's ``state_dict``. The hypergradient is
   **first-order** (DARTS first-order: ∂L(D2)/∂Λ at the current P, Q), not the one-step unroll of
-  methods.md §8.16; P, Q, the head, their AdamW moments and weight decay are untouched on upper
+  docs/methods.md, "Bi-level BiLoRA"; P, Q, the head, their AdamW moments and weight decay are untouched on upper
   steps. The loop's LR scheduler still advances every step, so the lower lr stays a function of the
   global step.
 
 Every setting is explicit and our choice; the paper publishes no split ratio, T1/T2, gamma or lr,
-so results with this method are an **unverified protocol** (methods.md §8.16).
+so results with this method are an **unverified protocol** (docs/methods.md, "Bi-level BiLoRA").
 
 Export: a plain PEFT LoRA adapter with B = P·diag(Λ), A = Q, written by PEFT's ``save_pretrained``
 and then folded in the written file; the training model is never modified. PEFT's own merge of the
@@ -54,12 +54,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bilora import adapters
-from bilora.methods.base import Method, NonFiniteError, StepContext, _grad_norm, register
+from bilora import layers
+from bilora.methods.method import Method, NonFiniteError, StepContext, register
 
 
 def lambda_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[tuple[str, torch.nn.Module]]:
     """(module name, LoRA layer) for every layer of ``adapter``, in the fixed registration order."""
-    return [(n, m) for n, m in adapters.lora_layers(model) if adapter in m.lora_A]
+    return adapters.adapter_layers(model, adapter)
 
 
 def orthogonality_penalty(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> torch.Tensor:
@@ -245,7 +246,7 @@ class BilevelLoRA(Method):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        norm = _grad_norm(self._lambdas)
+        norm = layers.grad_norm(self._lambdas)
         total = loss + self.gamma2 * r2
         if not (math.isfinite(total) and torch.isfinite(norm)):
             raise NonFiniteError(f"non-finite value at optimizer step {ctx.step + 1} (upper level): loss={total}, grad_norm={norm.item()}")

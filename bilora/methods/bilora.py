@@ -7,11 +7,11 @@ Each adapted layer carries the primary (B1, A1, s1) and an auxiliary (B2, A2, s2
 Both adapters are active in ONE forward and receive gradients from ONE backward. The primary
 descends (AdamW), the auxiliary ascends (AdamW with ``maximize=True``, weight decay 0, same
 schedule). After every optimizer step all auxiliaries are projected together into a global
-Frobenius ball of radius rho on the *effective* perturbation s2·B2A2 (methods.md §8.2):
+Frobenius ball of radius rho on the *effective* perturbation s2·B2A2 (docs/methods.md, "Bi-LoRA"):
 
     c = sqrt(sum_l ||s2 B2_l A2_l||_F^2);  if c > rho: A2_l, B2_l *= sqrt(rho / c)
 
-Decisions (methods.md §8): auxiliary init is standard LoRA init (A2 Kaiming-uniform, B2 = 0),
+Decisions (docs/methods.md, "Bi-LoRA"): auxiliary init is standard LoRA init (A2 Kaiming-uniform, B2 = 0),
 drawn from a private generator so the global RNG stream (dropout, data) is the same as LoRA's;
 gradient-norm clipping (``max_grad_norm``) covers primary parameters only; the clip runs once per
 optimizer step, in fp32; Adam moments are left untouched at the clip; rho is constant.
@@ -35,7 +35,8 @@ from peft import PeftModel
 
 from bilora import adapters
 from bilora.fused import FusedAdapters
-from bilora.methods.base import Method, StepContext, grad_norm_fast, register
+from bilora import layers
+from bilora.methods.method import Method, StepContext, register
 
 
 @dataclass
@@ -136,7 +137,7 @@ class BiLoRA(Method):
                 loss = ctx.forward_backward()  # one forward + one backward, one matmul pair per layer
         else:
             loss = ctx.forward_backward()  # one forward + one backward: grads for A1, B1, A2, B2
-        aux_grad = grad_norm_fast(parts.aux)
+        aux_grad = layers.grad_norm(parts.aux)
         grad_norm = ctx.clip_and_step(parts.primary, loss)
         c, clipped = project_to_ball(parts.aux_factors, self.rho)
         self.last_norm = min(c, self.rho) if clipped else c

@@ -3,7 +3,7 @@
 Not Li et al.'s Flat-LoRA (``flat_lora``). Objective: min_{A,B} max_{||E||_F <= rho} L(W0 + s B A + E),
 with W = W0 + s B A, A: (r, n), B: (m, r), s = alpha / r.
 
-The efficient single-pass variant (methods.md §5.3). Between steps the model sits at the perturbed
+The efficient single-pass variant (docs/methods.md, "EFlat-LoRA"). Between steps the model sits at the perturbed
 point (B + E_ema, A). One optimizer step t = step + 1:
 
 1. one forward/backward over all micro-batches at (B + E_ema, A) -> (gB, gA) (accumulated, 1 pass);
@@ -28,7 +28,7 @@ fp32 (float64 inputs stay float64). Pseudo-inverses use ``torch.linalg.pinv`` (S
 paper's Householder QR: the same matrices, and r is small.
 ``full_grad_estimate`` forms the dense G_hat for tests and diagnostics.
 
-Decisions (methods.md §8.15, all [I]):
+Decisions (docs/methods.md, "EFlat-LoRA"; all ours):
 - The printed rho * sign(g) * g / ||g|| is read as a typo: E_W = rho_t * G_hat / ||G_hat||.
 - beta = 0.9 is a PLACEHOLDER: the paper does not publish beta; 0.9 is the default of the one public
   re-implementation [S].
@@ -52,14 +52,11 @@ import torch
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.methods.base import Method, StepContext, register
+from bilora.layers import work_dtype
+from bilora.methods.method import Method, StepContext, register
 
 ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first term of G_hat is used
 EPS = 1e-12
-
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def full_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, *, second_term: bool = True) -> torch.Tensor:
@@ -67,7 +64,7 @@ def full_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: t
 
     A: (r, n), B: (m, r), gA = dL/dA, gB = dL/dB taken at (B, A). Computed in at least fp32.
     """
-    dt = _work_dtype(A)
+    dt = work_dtype(A.dtype)
     A, B, gA, gB = (t.detach().to(dt) for t in (A, B, gA, gB))
     first = gB @ torch.linalg.pinv(A.T) / s
     if not second_term:
@@ -84,7 +81,7 @@ def factored_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: to
     ill-conditioned B, common right after the first Adam step, is not squared as in a Gram-matrix
     formula). G_hat pinv(A) = c1 gB (Ai^T Ai) + c2 Bi^T (gA Ai).
     """
-    dt = _work_dtype(A)
+    dt = work_dtype(A.dtype)
     A, B, gA, gB = (t.detach().to(dt) for t in (A, B, gA, gB))
     Ai = torch.linalg.pinv(A)  # (n, r)
     c1 = (0.5 if second_term else 1.0) / s
@@ -129,11 +126,8 @@ class EFlatLoRA(Method):
 
     @staticmethod
     def _layers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
-        out = []
-        for name, layer in adapters.lora_layers(model):
-            if adapters.PRIMARY in layer.lora_A:
-                out.append((name, layer.lora_A[adapters.PRIMARY].weight, layer.lora_B[adapters.PRIMARY].weight, float(layer.scaling[adapters.PRIMARY])))
-        return out
+        k = adapters.PRIMARY
+        return [(name, layer.lora_A[k].weight, layer.lora_B[k].weight, float(layer.scaling[k])) for name, layer in adapters.adapter_layers(model, k)]
 
     @torch.no_grad()
     def _restore(self, model: torch.nn.Module) -> None:

@@ -6,12 +6,12 @@ t (0-based) of T, every adapted linear layer l (fixed order of :func:`bilora.ada
 is perturbed with
 
     eps_l[i, j] ~ N(0, std_l[i]^2),   std_l[i] = f_t * sigma / sqrt(n_in) * ||W'_l[i, :]||_2
-    f_t = 0.5 * (1 - cos(pi * t / T))                          (cosine ramp 0 -> 1, methods.md §4.2)
+    f_t = 0.5 * (1 - cos(pi * t / T))                          (cosine ramp 0 -> 1, docs/methods.md)
 
 and the gradient taken at W0 + eps + s·BA updates A and B only. One forward and one backward per
 micro-batch (``passes_per_step = 1``); every micro-batch of a step sees the same eps.
 
-How the noise is applied (decisions.md, "Flat-LoRA noise"; methods.md §8.11-8.13):
+How the noise is applied (docs/methods.md, "Flat-LoRA"):
 
 * the row norms are computed once per step under ``no_grad`` on dequant(W0) + s·BA (m floats per layer);
 * eps is drawn from a private ``torch.Generator`` seeded by a hash of (run seed, step, layer index):
@@ -31,18 +31,16 @@ first step) or sigma = 0 nothing is installed and the step equals a plain LoRA s
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.layers import check_base, compute_dtype, dequantized_weight, layer_noise, merged_row_norms
-from bilora.methods.base import Method, StepContext, register
+from bilora.layers import base_linear, check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
+from bilora.methods.method import Method, StepContext, register
 
 
 def schedule_factor(step: int, max_steps: int) -> float:
@@ -54,8 +52,7 @@ def schedule_factor(step: int, max_steps: int) -> float:
 
 def noise_seed(run_seed: int, step: int, layer: int) -> int:
     """A 63-bit generator seed from (run seed, optimizer step, layer index); a pure function of its inputs."""
-    digest = hashlib.blake2b(f"flat_lora:{run_seed}:{step}:{layer}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return stream_seed("flat_lora", run_seed, step, layer)
 
 
 def effective_weight(base: torch.nn.Module, std_rows: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,12 +74,12 @@ class NoisyLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, std_rows: torch.Tensor, seed: int, base: torch.nn.Module) -> torch.Tensor:
         cd = compute_dtype(base, x.dtype)
         w_eff = effective_weight(base, std_rows, seed, cd)  # (m, n_in), temporary
-        out = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))  # (..., n_in) -> (..., m), one matmul
+        out = base_linear(base, x, w_eff, bias)  # (..., n_in) -> (..., m), one matmul, in x's dtype
         del w_eff
         ctx.save_for_backward(std_rows)
         ctx.seed, ctx.base, ctx.cd, ctx.x_dtype = seed, base, cd, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -108,7 +105,7 @@ def noisy_forward(base: torch.nn.Module, std_rows: torch.Tensor, seed: int):
 
 def noisy_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[torch.nn.Module]:
     """The adapted layers that receive noise, in the fixed order that defines the layer index."""
-    return [layer for _, layer in adapters.lora_layers(model) if adapter in layer.lora_A]
+    return [layer for _, layer in adapters.adapter_layers(model, adapter)]
 
 
 @contextmanager
@@ -131,7 +128,7 @@ def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int,
             seed = noise_seed(run_seed, step, index)
             pairs.append((base, noisy_forward(base, std_rows, seed)))
             info.append((seed, std_rows))
-    with adapters.forwards_replaced(pairs):
+    with forwards_replaced(pairs):
         yield info
 
 

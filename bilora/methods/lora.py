@@ -1,6 +1,6 @@
 """LoRA (Hu et al., 2021): the reference baseline. One forward+backward per micro-batch, AdamW descent."""
 
-from bilora.methods.base import Method, register
+from bilora.methods.method import Method, register
 
 
 @register

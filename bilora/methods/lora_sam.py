@@ -1,9 +1,9 @@
-"""LoRA-SAM: SAM (Foret et al.) applied to the LoRA factors only (methods.md §2.2).
+"""LoRA-SAM: SAM (Foret et al.) applied to the LoRA factors only (docs/methods.md, "LoRA-SAM").
 
 Objective: min_{B,A} max_{||(e_B, e_A)|| <= rho} L(W0 + s (B + e_B)(A + e_A)).
 
 One optimizer step, with gradient accumulation over the micro-batches of the step
-(decisions.md, "LoRA-SAM", which wins over methods.md §8.14's per-micro-batch m-SAM):
+(docs/methods.md, "LoRA-SAM": our choice over a per-micro-batch m-SAM):
 
 1. Pass 1: forward/backward over ALL micro-batches at the current point; the gradients
    accumulate (each micro-batch loss is divided by the number of micro-batches), giving the
@@ -15,14 +15,14 @@ One optimizer step, with gradient accumulation over the micro-batches of the ste
    perturbed point.
 4. Restore the LoRA tensors by copying the saved originals back (bit-for-bit, not "-= e",
    which would round), then ``clip_and_step`` on the primary parameters with the pass-2
-   (adversarial) gradient. The clip covers primary parameters only (decisions.md).
+   (adversarial) gradient. The clip covers primary parameters only (docs/methods.md).
 
 So the perturbation is computed once per optimizer step from the accumulated gradient, not once
 per micro-batch. Without DDP the accumulated gradient is this process's gradient; under torchrun
 (``train.distributed``) it is the all-reduced one (``StepContext.forward_backward`` averages it over
 the ranks before the perturbation, see :mod:`bilora.distributed`).
 
-A trainable task head (e.g. ``classifier`` in ``modules_to_save``) is NOT perturbed (decisions.md);
+A trainable task head (e.g. ``classifier`` in ``modules_to_save``) is NOT perturbed (docs/methods.md);
 it is updated like everything else with the pass-2 gradient. The base weights are never touched,
 so this works unchanged on 4-bit (bitsandbytes nf4) bases, whose PEFT A/B are plain fp32 tensors.
 
@@ -30,7 +30,7 @@ Cost: two forward+backward passes per micro-batch (``passes_per_step = 2``) plus
 A/B tensors. Logged: ``loss`` (unperturbed, pass 1), ``perturbed_loss`` (pass 2),
 ``sam_grad_norm`` (||g||, pass 1), ``perturbation_norm`` (||e||) and ``grad_norm`` (pass 2,
 before clipping). The deliverable is the plain primary adapter (the base class's export).
-Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, methods.md §2.2 and §8.14).
+Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, docs/methods.md).
 """
 
 from __future__ import annotations
@@ -40,18 +40,10 @@ from typing import Any
 import torch
 
 from bilora import adapters
-from bilora.methods.base import Method, StepContext, register
+from bilora.layers import grad_norm_sumsq
+from bilora.methods.method import Method, StepContext, register
 
 EPS = 1e-12
-
-
-def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """sqrt(sum_p ||grad_p||_F^2) in fp32 over the parameters that have a gradient."""
-    total = torch.zeros((), dtype=torch.float32)
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum()
-    return total.sqrt()
 
 
 @register
@@ -76,7 +68,7 @@ class LoRASAM(Method):
         lora = self.perturbed_parameters(ctx.model)
         # Pass 1: accumulated gradient over every micro-batch of this optimizer step.
         loss = ctx.forward_backward()
-        g_norm = global_grad_norm(lora)
+        g_norm = grad_norm_sumsq(lora)
         scale = self.rho / (g_norm + EPS)
         saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         e_sq = torch.zeros((), dtype=torch.float32)

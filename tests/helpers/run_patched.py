@@ -25,7 +25,7 @@ def main() -> None:
     fault, stage, *rest = sys.argv[1:]
     if fault.startswith("nan:"):
         k = int(fault.split(":")[1])
-        from bilora.methods.base import StepContext
+        from bilora.methods.method import StepContext
 
         orig = StepContext.loss
 

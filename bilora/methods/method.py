@@ -20,6 +20,7 @@ import torch
 from peft import PeftModel
 
 from bilora import adapters, distributed
+from bilora.layers import grad_norm
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -92,7 +93,7 @@ class StepContext:
         is what ``clip_grad_norm_`` does internally, without a second pass over the gradients.
         """
         grads = [p.grad for p in clip_params if p.grad is not None]
-        norm = grad_norm_fast(clip_params)
+        norm = grad_norm(clip_params)
         if not (math.isfinite(loss) and bool(torch.isfinite(norm))):
             raise NonFiniteError(f"non-finite value at optimizer step {self.step + 1}: loss={loss}, grad_norm={norm.item()}")
         if self.max_grad_norm and grads:
@@ -101,20 +102,6 @@ class StepContext:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
-
-
-def grad_norm_fast(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients of ``params`` in float32 (same value as :func:`_grad_norm`),
-    computed by torch's fused per-tensor norms instead of a Python loop."""
-    grads = [p.grad.detach() if p.grad.dtype == torch.float32 else p.grad.detach().float() for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.nn.utils.get_total_norm(grads, 2.0)
 
 
 class Method:

@@ -1,0 +1,125 @@
+"""What :func:`bilora.sharpness.measure` returns: typed results that know their own headline.
+
+The JSON form (:meth:`SharpnessResult.to_dict`, written to ``sharpness.json``) is the nested dict
+documented on :func:`~bilora.sharpness.measure`; :meth:`SharpnessResult.from_dict` reads it back.
+:meth:`SharpnessResult.headline` gives the flat DVC metrics (``metrics/*.json`` ``sharpness``
+section). Their key names (``full.random.r0.01.mean``, ``lora.attack.a2.5.accuracy``, ...) are
+fixed: users' ``dvc metrics`` history depends on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RadiusStats:
+    """loss(W + t·d_k) − loss(W) over the K random directions at one radius t."""
+
+    radius: float
+    mean: float
+    std: float  # sample std (ddof=1); 0 for K = 1
+    min: float
+    max: float
+    values: list[float]  # K values, direction order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"radius": self.radius, "mean": self.mean, "std": self.std, "min": self.min, "max": self.max, "values": list(self.values)}
+
+
+@dataclass(frozen=True)
+class RandomResult:
+    base_loss: float
+    radii: list[RadiusStats]  # in the order of the configured radii
+
+    def largest(self) -> RadiusStats | None:
+        """The statistics at the largest radius (the last such entry if a radius repeats); None if none."""
+        return max(reversed(self.radii), key=lambda r: r.radius) if self.radii else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_loss": self.base_loss, "radii": [r.to_dict() for r in self.radii]}
+
+
+@dataclass(frozen=True)
+class AttackPoint:
+    alpha: float
+    loss: float
+    metrics: dict[str, float]  # {} when no task metric was evaluated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "loss": self.loss, "metrics": dict(self.metrics)}
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    grad_norm: float
+    base_loss: float
+    points: list[AttackPoint]  # in the order of the configured alphas
+
+    def largest(self) -> AttackPoint | None:
+        """The point at the largest alpha (the last such point if an alpha repeats); None if none."""
+        return max(reversed(self.points), key=lambda p: p.alpha) if self.points else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grad_norm": self.grad_norm, "base_loss": self.base_loss, "points": [p.to_dict() for p in self.points]}
+
+
+@dataclass(frozen=True)
+class SpaceResult:
+    """All measurements in one weight space ("full" or "lora")."""
+
+    dim: int
+    random: RandomResult
+    attack: AttackResult | None  # None when no alphas were configured
+    curve: list[list[float]]  # [[t, loss(W + t·d_0)], ...]
+    cost: dict[str, float]  # random_s, attack_s, curve_s, loss_evals, grad_passes, metric_evals
+
+    def headline(self, space: str, main_metric: str) -> dict[str, float]:
+        """Mean and std of random sharpness per radius; attack loss (and main metric, if measured) per alpha."""
+        out: dict[str, float] = {}
+        for r in self.random.radii:
+            out[f"{space}.random.r{r.radius:g}.mean"] = r.mean
+            out[f"{space}.random.r{r.radius:g}.std"] = r.std
+        for pt in self.attack.points if self.attack else []:
+            if main_metric in pt.metrics:
+                out[f"{space}.attack.a{pt.alpha:g}.{main_metric}"] = pt.metrics[main_metric]
+            out[f"{space}.attack.a{pt.alpha:g}.loss"] = pt.loss
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dim": self.dim, "random": self.random.to_dict(), "attack": self.attack.to_dict() if self.attack else None, "curve": [list(c) for c in self.curve], "cost": dict(self.cost)}
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    config: dict[str, Any]  # the SharpnessConfig as a dict
+    spaces: dict[str, SpaceResult]
+    base: dict[str, Any]  # {"loss": L(θ), "metrics": {...}}
+    cost: dict[str, float] = field(default_factory=dict)  # total_s, loss_evals, grad_passes, metric_evals
+
+    @property
+    def base_loss(self) -> float:
+        return float(self.base["loss"])
+
+    def headline(self, main_metric: str) -> dict[str, float]:
+        """The flat DVC metrics: ``<space>.random.r<t>.mean|std`` per radius and
+        ``<space>.attack.a<α>.<main_metric>|loss`` per alpha. Timings stay out (they are in ``cost``)."""
+        out: dict[str, float] = {}
+        for space, res in self.spaces.items():
+            out |= res.headline(space, main_metric)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (keys in the order ``sharpness.json`` has always had)."""
+        return {"config": dict(self.config), "spaces": {s: r.to_dict() for s, r in self.spaces.items()}, "base": dict(self.base), "cost": dict(self.cost)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SharpnessResult":
+        spaces = {}
+        for name, s in d["spaces"].items():
+            rnd = RandomResult(s["random"]["base_loss"], [RadiusStats(**r) for r in s["random"]["radii"]])
+            att = s.get("attack")
+            attack = AttackResult(att["grad_norm"], att["base_loss"], [AttackPoint(**p) for p in att["points"]]) if att else None
+            spaces[name] = SpaceResult(s["dim"], rnd, attack, [list(c) for c in s["curve"]], dict(s.get("cost", {})))
+        return cls(dict(d.get("config", {})), spaces, dict(d["base"]), dict(d.get("cost", {})))
