@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         task = get_task(args.task)
     except KeyError as e:
         raise UserError(f"--task: {e.args[0]}; use a task listed in data.tasks of params.yaml") from None
-    if args.method not in methods.available():
-        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} (and list it in train.methods of params.yaml)")
+    if args.method not in methods.available() and args.method not in p.train.variants:
+        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} or a name of train.variants (and list it in train.methods of params.yaml)")
+    method_key, method_cfg = p.train.resolve(args.method)  # a variant is its method with overrides
     name = layout.run_name(args.task, args.method, args.seed)
     header("finetune", name)
 
@@ -85,12 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     generation = task.kind == "generation"  # causal LM: LM loss on the target tokens, no task head to save
     spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=() if generation else ("classifier",))
     model = adapters.attach_lora(model, spec, "CAUSAL_LM" if generation else "SEQ_CLS")
-    method = methods.build(args.method, p.train.method_config(args.method), seed=args.seed)
+    method = methods.build(method_key, method_cfg, seed=args.seed)
 
     tokenizer = tokenizer_for(base_dir)
     train_ds = load_split(layout.DATA, args.task, "train")
     loop = LoopConfig(**p.train.loop.model_dump())
-    tags = {"task": args.task, "method": args.method, "seed": args.seed}
+    tags = {"task": args.task, "method": args.method, "seed": args.seed} | ({"method_key": method_key} if method_key != args.method else {})
     tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}", system_metrics=True)
     kernel = layers.kernel_info(model)
     with tracker:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         out = layout.finetune_dir(name)
         with atomic_dir(out) as tmp:
             method.export(model, tmp / "adapter")
-            atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
+            atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, **({"method_key": method_key} if method_key != args.method else {}), "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
             atomic_write_json(tmp / "summary.json", summary)
             atomic_write_json(tmp / "history.json", ft.history)
             atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
