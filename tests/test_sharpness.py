@@ -466,7 +466,7 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
 
 
 def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="unknown space"):
+    with pytest.raises(ValueError, match=r"spaces\.0: must be one of \['full', 'lora'\]"):
         SharpnessConfig(spaces=("weights",))
     with pytest.raises(ValueError):
         SharpnessConfig(curve_radius=0.0)
