@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -116,10 +117,57 @@ def test_variant_mistakes_reported_together_by_dotted_path():
     assert set(locs) >= {"train.variants.bilora", "train.variants.x1.method", "train.variants.x2.rhoo", "train.variants.x3.rho", "train.methods.1", "train.loop.lr"}, locs
 
 
-def test_finetune_stage_params_cover_every_method_section():
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["finetune"]
-    with_section = {f"train.{k}" for k, c in methods.registry().items() if dataclasses.fields(c.config_class)}
-    assert set(stage["params"]) == with_section | {"train.loop", "train.lora", "train.plugins", "train.variants", "train.distributed"}
+def test_finetune_depends_on_its_run_file_and_configure_on_the_train_section():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "params" not in stages["finetune"]  # no train.* section: a method edit re-runs only its runs
+    assert "artifacts/runs/${item.task}-${item.method}-${item.seed}.json" in stages["finetune"]["deps"]
+    assert set(stages["configure"]["params"]) == {"train", "data.tasks"} and stages["configure"]["outs"] == ["artifacts/runs"]
+
+
+def test_run_files_change_only_for_the_runs_a_setting_determines(tmp_path):
+    from pipeline import runs
+
+    raw = raw_params()
+    raw["train"]["methods"] = ["lora", "bilora", "flat_lora", "bilora_rho0.2"]
+    raw["train"]["variants"] = {"bilora_rho0.2": {"method": "bilora", "rho": 0.2}}
+    raw["train"]["seeds"] = [0, 1]
+    names = runs.write_all(validate_dict(raw), tmp_path / "a")
+    assert sorted(names) == sorted(f"sst2-{m}-{s}" for m in raw["train"]["methods"] for s in (0, 1))
+    variant = json.loads((tmp_path / "a" / "sst2-bilora_rho0.2-1.json").read_text())
+    assert variant["method"] == "bilora_rho0.2" and variant["method_key"] == "bilora" and variant["seed"] == 1
+    assert variant["method_config"] == {**dataclasses.asdict(methods.config_class("bilora")(fused=True)), "rho": 0.2}
+    assert variant["loop"]["lr"] == 1e-3 and variant["lora"]["r"] == 8 and variant["distributed"]["nproc_per_node"] == 1
+
+    def changed(edit) -> set[str]:
+        r = yaml.safe_load(yaml.safe_dump(raw))
+        edit(r)
+        out = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        runs.write_all(validate_dict(r), out)
+        return {f.stem for f in out.iterdir() if f.read_bytes() != (tmp_path / "a" / f.name).read_bytes()}
+
+    assert changed(lambda r: r["train"]["flat_lora"].update(sigma=0.1)) == {"sst2-flat_lora-0", "sst2-flat_lora-1"}
+    assert changed(lambda r: r["train"]["bilora"].update(aux_rank=4)) == {f"sst2-{m}-{s}" for m in ("bilora", "bilora_rho0.2") for s in (0, 1)}
+    assert changed(lambda r: r["train"]["bilora"].update(rho=0.1)) == {"sst2-bilora-0", "sst2-bilora-1"}  # the variant sets its own rho
+    assert changed(lambda r: r["train"]["variants"]["bilora_rho0.2"].update(rho=0.3)) == {"sst2-bilora_rho0.2-0", "sst2-bilora_rho0.2-1"}
+    assert changed(lambda r: r["train"]["lora_sam"].update(rho=0.5)) == set()  # not in the matrix
+    assert len(changed(lambda r: r["train"]["loop"].update(lr=2e-3))) == 8
+    assert changed(lambda r: r["eval"].update(batch_size=8)) == set()
+
+
+def test_finetune_refuses_a_stale_or_missing_run_file(tmp_path, monkeypatch):
+    from pipeline import layout, runs
+    from pipeline.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    p = validate_dict(raw_params())
+    with pytest.raises(UserError, match="configure"):
+        runs.load(p, "sst2", "lora", 0)
+    runs.write_all(p, layout.RUNS)
+    assert runs.load(p, "sst2", "bilora", 0)["method_config"]["rho"] == 0.05
+    raw = raw_params()
+    raw["train"]["bilora"]["rho"] = 0.1
+    with pytest.raises(UserError, match=r"does not match params.yaml \(differs in \['method_config'\]\)"):
+        runs.load(validate_dict(raw), "sst2", "bilora", 0)
 
 
 TOY = '''
