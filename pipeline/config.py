@@ -368,6 +368,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_params(path: str | Path = "params.yaml") -> Any:
     """Read and validate ``params.yaml``."""
+    return validate_dict(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a params (or preset) file; a missing file, bad YAML or a duplicate key is a ConfigError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -386,7 +391,7 @@ def load_params(path: str | Path = "params.yaml") -> Any:
         loader.dispose()
     if loader.duplicates:  # before any other check: the values of a duplicated key are ambiguous
         raise ConfigError(str(path), [(loc, msg) for _, loc, msg in sorted(loader.duplicates)])
-    return validate_dict(raw, str(path))
+    return raw
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
