@@ -57,7 +57,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence, Union
 
 import torch
 
@@ -66,6 +66,7 @@ from bilora.evaluate import predict
 from bilora import layers as base_layers
 from bilora.metrics import compute
 from bilora.sharpness_result import SharpnessResult
+from bilora.settings import Settings, setting
 
 SPACES = ("full", "lora")
 DTYPES = ("float64", "model")
@@ -76,31 +77,27 @@ EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
 # -- configuration ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SharpnessConfig:
-    """What :func:`measure` computes. An empty tuple (or ``n_directions=0``) skips that part."""
+class SharpnessConfig(Settings):
+    """What :func:`measure` computes (``eval.sharpness`` in params.yaml; the single source of these
+    defaults, which are the light settings of the default run). An empty tuple, ``n_directions=0``
+    or ``curve_points=0`` skips that part."""
 
-    radii: tuple[float, ...] = (0.01, 0.02, 0.05)  # t for random sharpness (fraction of each row's norm)
-    n_directions: int = 4  # K random directions per space
-    attack_alphas: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0)  # α of the gradient attack (docs/methods.md, "Sharpness")
-    curve_points: tuple[float, ...] = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # × curve_radius
-    curve_radius: float = 0.05
-    seed: int = 0
-    spaces: tuple[str, ...] = SPACES
-    dtype: str = "float64"  # float64: measure on layers.dense_copy(model, float64); model: on the model as it is
+    section: ClassVar[str] = "eval.sharpness"
 
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.spaces if s not in SPACES]
-        if unknown:
-            raise ValueError(f"sharpness: unknown space(s) {unknown}; known: {SPACES}")
-        if self.n_directions < 0:
-            raise ValueError(f"sharpness: n_directions must be >= 0, got {self.n_directions}")
-        for name in ("radii", "attack_alphas", "curve_points"):
-            if not all(math.isfinite(v) for v in getattr(self, name)):
-                raise ValueError(f"sharpness: {name} must be finite, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"sharpness: dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not math.isfinite(self.curve_radius) or self.curve_radius <= 0:
-            raise ValueError(f"sharpness: curve_radius must be > 0, got {self.curve_radius}")
+    spaces: tuple[Literal["full", "lora"], ...] = setting(SPACES, "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1)
+    radii: tuple[float, ...] = setting((0.01, 0.05), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0})
+    n_directions: int = setting(2, "Random directions per radius and space (0: skip random sharpness).", ge=0)
+    attack_alphas: tuple[float, ...] = setting((0.0, 1.0, 2.5), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0})
+    curve_points: int = setting(7, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
+    curve_radius: float = setting(0.1, "Half-width of the 1-D loss curve along a random filter-normalised direction.", gt=0)
+    seed: int = setting(0, "Seed of the random directions (same seed => same numbers).")
+    dtype: Literal["float64", "model"] = setting("float64", "float64: measure on a float64 dense copy of the adapted model (exact dequantized base; figures independent of the CPU class; ~2x the time of float32, 8 bytes per parameter). model: measure the model as it is (float32 fp32-path kernels on CPU): cheaper, but small-radius figures carry float32 summation noise of a few percent.")
+
+    @property
+    def curve_grid(self) -> tuple[float, ...]:
+        """The 1-D curve's t values as multiples of ``curve_radius``: ``curve_points`` evenly spaced on [-1, 1]."""
+        n = self.curve_points
+        return tuple(-1.0 + 2.0 * i / (n - 1) for i in range(n)) if n > 1 else ((0.0,) if n == 1 else ())
 
 
 # -- the loss on a fixed batch set --------------------------------------------------------------
@@ -485,7 +482,7 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
         return eval_fn(m)  # type: ignore[misc]
 
     ev = counted_eval if eval_fn is not None else None
-    out: dict[str, Any] = {"config": asdict(cfg), "spaces": {}}
+    out: dict[str, Any] = {"config": asdict(cfg) | {"curve_points": cfg.curve_grid}, "spaces": {}}  # the grid, as before curve_points was a count
     if cfg.dtype == "float64":
         model = base_layers.dense_copy(model, torch.float64)
     with _measuring(model):
@@ -502,7 +499,7 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
             res["attack"] = attack_curve(model, counted, space, cfg.attack_alphas, ev) if cfg.attack_alphas else None  # type: ignore[arg-type]
             cost["attack_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            curve = loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_points], cfg.seed) if cfg.curve_points else []  # type: ignore[arg-type]
+            curve = loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_grid], cfg.seed) if cfg.curve_points else []  # type: ignore[arg-type]
             res["curve"] = [[p, v] for p, v in curve]
             cost["curve_s"] = time.perf_counter() - t
             cost["loss_evals"] = counted.values - before[0]

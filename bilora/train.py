@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from peft import PeftModel
@@ -22,22 +22,28 @@ from transformers import get_cosine_schedule_with_warmup
 
 from bilora import checkpoint, distributed
 from bilora.methods.method import Method, StepContext
+from bilora.settings import Settings, setting
 
 
 @dataclass(frozen=True)
-class LoopConfig:
-    """Optimisation settings shared by every method."""
+class LoopConfig(Settings):
+    """Optimisation settings shared by every method (``train.loop`` in params.yaml).
 
-    epochs: float = 1.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float | None = 1.0
-    max_steps: int | None = None  # overrides epochs when set
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0 = no periodic checkpoints
+    The single source of these defaults: the pipeline's schema is derived from these fields.
+    """
+
+    section: ClassVar[str] = "train.loop"
+
+    epochs: float = setting(2.0, "Passes over the training subset.", gt=0)
+    batch_size: int = setting(16, "Micro-batch size (examples).", ge=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", ge=1)
+    lr: float = setting(5e-4, "Peak learning rate of the primary adapter (AdamW).", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay of the primary adapter.", ge=0)
+    warmup_ratio: float = setting(0.03, "Linear warm-up as a fraction of all steps, then cosine decay to 0.", ge=0, lt=1)
+    max_grad_norm: float | None = setting(1.0, "Gradient-norm clip over primary parameters only (null: off).", gt=0)
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
+    log_every: int = setting(5, "Log step metrics to MLflow every N optimizer steps.", ge=1)
+    checkpoint_every: int = setting(50, "Write a resumable checkpoint every N optimizer steps (0: never).", ge=0)
 
     def steps_per_epoch(self, n_examples: int) -> int:
         micro = math.ceil(n_examples / self.batch_size)
@@ -92,9 +98,7 @@ class FineTuner:
         self.on_step = on_step or (lambda s, t: None)
         self.method.split_train(len(dataset))
         self._check_world()
-        bind_data = getattr(self.method, "bind_data", None)
-        if bind_data is not None:  # optional hook: methods that draw batches of their own (bi-level: split D2)
-            bind_data(lambda indices: collate([dataset[i] for i in indices]), loop)
+        self.method.bind_data(lambda indices: collate([dataset[i] for i in indices]), loop)
         self.method.prepare(model)
         self.optimizer = torch.optim.AdamW(method.param_groups(model, loop.lr, loop.weight_decay), lr=loop.lr)
         self.max_steps = loop.total_steps(self.n_train)
@@ -106,7 +110,7 @@ class FineTuner:
 
     @property
     def n_train(self) -> int:
-        return len(getattr(self.method, "train_indices", None) or range(len(self.dataset)))
+        return len(self._indices())
 
     def _check_world(self) -> None:
         """Under torch.distributed every rank needs an equal, non-empty slice of every micro-batch."""
@@ -123,7 +127,7 @@ class FineTuner:
 
     # -- data ---------------------------------------------------------------------------
     def _indices(self) -> list[int]:
-        idx = getattr(self.method, "train_indices", None)
+        idx = self.method.train_indices()
         return list(idx) if idx is not None else list(range(len(self.dataset)))
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:

@@ -9,13 +9,17 @@ does not split over the processes). ``load_params`` validates the whole file at 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
-MethodName = Literal["lora", "bilora", "lora_sam", "flat_lora", "eflat_lora", "bilevel_lora"]
+from pipeline.sections import SectionProblems, section_model
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -30,12 +34,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(lines))
 
 
-class _Problems(ValueError):
-    """Raised by a model validator: (path relative to that model, message) pairs, reported one by one."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in problems))
-        self.problems = problems
+_Problems = SectionProblems  # raised by a model validator: (path relative to that model, message) pairs
 
 
 class _Section(BaseModel):
@@ -87,74 +86,60 @@ class BaseModelConfig(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit quantization of the base.")
 
 
-class LoopConfig(_Section):
-    epochs: float = Field(2.0, gt=0, description="Passes over the training subset.")
-    batch_size: int = Field(16, ge=1, description="Micro-batch size (examples).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate of the primary adapter (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the primary adapter.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warm-up as a fraction of all steps, then cosine decay to 0.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip over primary parameters only (null: off).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    log_every: int = Field(5, ge=1, description="Log step metrics to MLflow every N optimizer steps.")
-    checkpoint_every: int = Field(50, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
-
-
-class LoraConfig(_Section):
-    r: int = Field(8, ge=1, description="Rank of the primary adapter (every method).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling s = alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(["query", "key", "value", "dense"], min_length=1, description="Module name suffixes that get adapters (MiniLM: query, key, value, dense).")
-
-
-class BiLoraConfig(_Section):
-    rho: float = Field(0.05, ge=0, description="Radius of the global Frobenius ball of the auxiliary perturbation s2*B2*A2 (paper: 0.05 GLUE).")
-    aux_rank: int = Field(8, ge=1, description="Rank r2 of the auxiliary adapter.")
-    aux_alpha: float = Field(16.0, gt=0, description="Alpha of the auxiliary adapter (s2 = aux_alpha / aux_rank).")
-    aux_lr: float | None = Field(None, gt=0, description="Learning rate of the auxiliary ascent (null: same as train.loop.lr).")
-    fused: bool = Field(False, description="Compute primary and auxiliary in one matmul pair per layer (A=[A1;A2], B=[s1*B1, s2*B2]); same result up to float32 rounding (<=1e-6 relative), each part keeps its own optimizer direction, the auxiliary is still dropped at export.")
-
-
-class LoraSamConfig(_Section):
-    rho: float = Field(0.01, ge=0, description="SAM radius on the LoRA A/B tensors (Bi-LoRA paper: 0.01 GLUE).")
-
-
-class FlatLoraConfig(_Section):
-    sigma: float = Field(0.05, ge=0, description="Relative std of the merged-weight noise (Flat-LoRA paper: 0.05); ramps up with a cosine schedule.")
-
-
-class EFlatLoraConfig(_Section):
-    rho: float = Field(0.05, ge=0, description="Full-weight SAM radius, transferred onto B.")
-    beta: float = Field(0.9, gt=0, le=1, description="EMA factor of the B perturbation (placeholder: unpublished).")
-    normalize: Literal["global", "per_layer"] = Field("global", description="Normalise the estimated full gradient globally or per layer.")
-    rho_schedule: Literal["inv_sqrt", "constant"] = Field("inv_sqrt", description="rho_t = rho/sqrt(t) (paper Theorem 2) or constant.")
-
-
-class BilevelLoraConfig(_Section):
-    split_ratio: float = Field(0.8, gt=0, lt=1, description="Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.")
-    lower_steps: int = Field(4, ge=1, description="Lower-level (P, Q) steps per cycle. Our choice.")
-    upper_steps: int = Field(1, ge=1, description="Upper-level (Lambda) steps per cycle. Our choice.")
-    gamma1: float = Field(0.1, ge=0, description="Weight of the orthogonality regulariser on P, Q. Our choice.")
-    gamma2: float = Field(0.0, ge=0, description="Weight of the L2 regulariser on Lambda. Our choice.")
-    upper_lr: float = Field(1e-3, gt=0, description="Learning rate of Lambda. Our choice.")
-
-
 class DistributedConfig(_Section):
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per machine for finetune: > 1 launches it under torchrun (data parallel, explicit gradient all-reduce; batch_size is the global micro-batch and must be divisible by it). Only rank 0 writes outputs, checkpoints and MLflow.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU.")
 
 
-class TrainConfig(_Section):
-    methods: list[MethodName] = Field(["lora", "bilora"], min_length=1, description="Methods to train (the matrix).")
+# -- sections derived from the library --------------------------------------------------------
+# The library's settings dataclasses are the single source of these sections' defaults, bounds and
+# help text. They are imported by name: validating params.yaml is every stage's first step, but only
+# the stages whose outputs depend on that code (finetune: methods and loop; evaluate: sharpness)
+# import it themselves and list it as a DVC dep, so editing a method does not re-run prepare.
+def _library(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+LoopConfig = section_model(_library("bilora.train", "LoopConfig"), "LoopConfig", _Section)
+LoraConfig = section_model(_library("bilora.methods.lora", "LoraConfig"), "LoraConfig", _Section)
+SharpnessParams = section_model(
+    _library("bilora.sharpness", "SharpnessConfig"), "SharpnessParams", _Section,
+    extra={
+        "enabled": (bool, Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")),
+        "examples": (int, Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")),
+        "metric_examples": (int, Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
+    },
+    doc="Flatness measurements in evaluate: bilora.sharpness.SharpnessConfig plus which examples to measure on.",
+)
+FIXED_TRAIN_KEYS = ("methods", "seeds", "plugins", "variants", "loop", "lora", "distributed")
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
+
+
+def _methods() -> Any:
+    return importlib.import_module("bilora.methods")
+
+
+def method_sections() -> dict[str, type[BaseModel]]:
+    """``train.<key>`` section model of every registered method that has settings of its own."""
+    out = {}
+    for key, cls in _methods().registry().items():
+        if dataclasses.fields(cls.config_class):
+            if key in FIXED_TRAIN_KEYS:
+                raise ValueError(f"method {key!r}: its settings section would clash with train.{key}")
+            out[key] = _section_cache.setdefault(cls.config_class, section_model(cls.config_class, cls.config_class.__name__, _Section))
+    return out
+
+
+_section_cache: dict[type, type[BaseModel]] = {}
+
+
+class _TrainBase(_Section):
+    plugins: list[str] = Field([], description="Python modules to import before validation, each registering methods of its own (README 'Adding a method'); e.g. my_project.my_method.")
+    variants: dict[str, dict[str, Any]] = Field({}, description="Named run variants, usable in train.methods and merge.method: {name: {method: <key>, <setting>: <value>, ...}}, the method's train.<key> settings with these overrides.")
+    methods: list[str] = Field(["lora", "bilora"], min_length=1, description="Runs to train (the matrix): method keys or names of train.variants.")
     seeds: list[int] = Field([0], min_length=1, description="Seeds to train (the matrix).")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="Optimisation settings shared by every method.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Primary adapter, used by every method.")
-    bilora: BiLoraConfig = Field(default_factory=BiLoraConfig, description="Bi-LoRA settings.")
-    lora_sam: LoraSamConfig = Field(default_factory=LoraSamConfig, description="LoRA-SAM settings.")
-    flat_lora: FlatLoraConfig = Field(default_factory=FlatLoraConfig, description="Flat-LoRA (Li et al.) settings.")
-    eflat_lora: EFlatLoraConfig = Field(default_factory=EFlatLoraConfig, description="EFlat-LoRA (Deng et al.) settings.")
-    bilevel_lora: BilevelLoraConfig = Field(default_factory=BilevelLoraConfig, description="Bi-level BiLoRA (Qiang et al.) settings.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Data-parallel finetune (torchrun); see README 'Scaling out'.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Primary adapter, used by every method; also all the lora method's settings (it adds none).")
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -163,31 +148,78 @@ class TrainConfig(_Section):
             raise ValueError("entries must be unique")
         return v
 
+    @field_validator("methods")
+    @classmethod
+    def _known_runs(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        registry, variants = _methods().registry(), info.data.get("variants", {})
+        problems = [(str(i), f"unknown method or variant {name!r}; methods: {list(registry)}, variants: {list(variants)}") for i, name in enumerate(v) if name not in registry and name not in variants]
+        if problems:
+            raise _Problems(problems)
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        registry, sections = _methods().registry(), method_sections()
+        problems: list[tuple[str, str]] = []
+        for name, spec in v.items():
+            if name in registry:
+                problems.append((name, f"variant name clashes with the method {name!r}; pick another name"))
+                continue
+            if not VARIANT_NAME.match(name):
+                problems.append((name, "a variant name starts with a letter and holds only letters, digits, '_' and '.' (it is part of stage names task-<name>-seed)"))
+                continue
+            key = spec.get("method")
+            if key not in registry:
+                problems.append((f"{name}.method", f"unknown method {key!r}; one of {list(registry)}" if key is not None else f"missing: the method this variant overrides, one of {list(registry)}"))
+                continue
+            fields = [f.name for f in dataclasses.fields(registry[key].config_class)]
+            overrides = {k: val for k, val in spec.items() if k != "method"}
+            unknown = [k for k in overrides if k not in fields]
+            problems += [(f"{name}.{k}", f"unknown key (typo?); {key}'s settings: {fields}") for k in unknown]
+            if unknown or not overrides:
+                continue
+            try:  # the overrides over the method's defaults (the base section is checked at its own path)
+                sections[key].model_validate(overrides)
+            except ValidationError as e:
+                problems += [(f"{name}.{loc}", msg) for err in e.errors() for loc, msg in _problems(err)]
+        if problems:
+            raise _Problems(problems)
+        return v
+
     @model_validator(mode="after")
-    def _batch_splits_over_processes(self) -> "TrainConfig":
-        n, bs = self.distributed.nproc_per_node, self.loop.batch_size
+    def _batch_splits_over_processes(self) -> "_TrainBase":
+        n, bs = self.distributed.nproc_per_node, self.loop.batch_size  # type: ignore[attr-defined]
         if bs % n:  # bilora.train.FineTuner checks the same at run time (world size)
             raise _Problems([("distributed.nproc_per_node", f"train.loop.batch_size ({bs}) is the global micro-batch and must be divisible by nproc_per_node ({n}): set nproc_per_node to a divisor of {bs}, or batch_size to a multiple of {n}")])
         return self
 
-    def method_config(self, method: str) -> dict[str, Any]:
-        """Constructor kwargs of ``method`` (its ``train.<method>`` section; LoRA has none)."""
-        return {} if method == "lora" else getattr(self, method).model_dump()
+    def resolve(self, run: str) -> tuple[str, dict[str, Any]]:
+        """(method key, method settings) of a run name: a method key or a variant name."""
+        spec = self.variants.get(run)
+        key = spec["method"] if spec is not None else run
+        cls = _methods().config_class(key)
+        section = getattr(self, key, None)
+        cfg = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+        return key, cfg | {k: v for k, v in (spec or {}).items() if k != "method"}
+
+    def method_config(self, run: str) -> dict[str, Any]:
+        """Settings of ``run`` (a method key or variant name): the fields of its method's config class."""
+        return self.resolve(run)[1]
 
 
-class SharpnessParams(_Section):
-    enabled: bool = Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")
-    examples: int = Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")
-    metric_examples: int = Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")
-    spaces: list[Literal["full", "lora"]] = Field(["full", "lora"], min_length=1, description="full: merged W0 + s*BA of adapted layers; lora: A, B only.")
-    radii: list[NonNegFloat] = Field([0.01, 0.05], description="Radii of random filter-normalised perturbations (fraction of each row norm).")
-    n_directions: int = Field(2, ge=0, description="Random directions per radius and space (0: skip random sharpness).")
-    attack_alphas: list[NonNegFloat] = Field([0.0, 1.0, 2.5], description="Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).")
-    curve_points: int = Field(7, ge=0, description="Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).")
-    curve_radius: float = Field(0.1, gt=0, description="Half-width of the 1-D loss curve along a random filter-normalised direction.")
-    seed: int = Field(0, description="Seed of the random directions (same seed => same numbers).")
-    dtype: Literal["float64", "model"] = Field("float64", description="float64: measure on a float64 dense copy of the adapted model (exact dequantized base; figures independent of the CPU class; ~2x the time of float32, 8 bytes per parameter). model: measure the model as it is (float32 fp32-path kernels on CPU): cheaper, but small-radius figures carry float32 summation noise of a few percent.")
+def train_model() -> type[_TrainBase]:
+    """The ``train`` section for the methods registered now (built-in ones and train.plugins)."""
+    sections = method_sections()
+    key = tuple(sorted((k, id(m)) for k, m in sections.items()))
+    if key not in _train_cache:
+        fields: dict[str, Any] = {k: (m, Field(default_factory=m, description=(m.__doc__ or k).strip().splitlines()[0])) for k, m in sections.items()}
+        fields["distributed"] = (DistributedConfig, Field(default_factory=DistributedConfig, description="Data-parallel finetune (torchrun); see README 'Scaling out'."))
+        _train_cache[key] = create_model("TrainConfig", __base__=_TrainBase, **fields)
+    return _train_cache[key]
 
+
+_train_cache: dict[tuple, type[_TrainBase]] = {}
 
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
@@ -198,7 +230,7 @@ class EvalConfig(_Section):
 
 class MergeConfig(_Section):
     task: str = Field("mrpc", description="Task of the run whose adapter is merged.")
-    method: MethodName = Field("bilora", description="Method of the run whose adapter is merged.")
+    method: str = Field("bilora", min_length=1, description="Method (or run variant, train.variants) of the run whose adapter is merged.")
     seed: int = Field(0, description="Seed of the run whose adapter is merged.")
     mode: Literal["nf4_roundtrip", "original", "none"] = Field("nf4_roundtrip", description="nf4_roundtrip: add the delta to dequant(quant(W)) (matches training); original: onto the weights as stored; none: skip.")
     dtype: DType = Field("auto", description="Dtype of the merged model (auto: the base's stored dtype).")
@@ -210,16 +242,15 @@ class TrackingConfig(_Section):
     experiment: str = Field("bilora", min_length=1, description="MLflow experiment name (tracking URI: $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repo root).")
 
 
-class Params(_Section):
+class _ParamsBase(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _merge_target_in_matrix(self) -> "Params":
+    def _merge_target_in_matrix(self) -> "_ParamsBase":
         problems = []
         if self.merge.mode != "none":
             if self.merge.task not in self.data.tasks:
@@ -231,6 +262,36 @@ class Params(_Section):
         if problems:
             raise _Problems(problems)
         return self
+
+
+def params_model() -> type[_ParamsBase]:
+    """The whole ``params.yaml`` schema for the methods registered now (sections in file order)."""
+    train = train_model()
+    if train not in _params_cache:
+        fields = {n: (f.annotation, f) for n, f in _ParamsBase.model_fields.items()}
+        order = ["data", "base", "train", "eval", "merge", "tracking"]
+        fields["train"] = (train, Field(default_factory=train))
+        _params_cache[train] = create_model("Params", __base__=_ParamsBase, **{n: fields[n] for n in order})
+    return _params_cache[train]
+
+
+_params_cache: dict[type, type[_ParamsBase]] = {}
+Params = params_model()  # the schema with the built-in methods (train.plugins may add sections)
+TrainConfig = train_model()
+
+
+def import_plugins(raw: Any) -> list[tuple[str, str]]:
+    """Import the modules named in ``train.plugins`` (they register methods); problems by dotted path."""
+    plugins = raw.get("train", {}).get("plugins", []) if isinstance(raw.get("train"), dict) else []
+    if not isinstance(plugins, list):
+        return []  # the schema reports the type
+    problems = []
+    for i, mod in enumerate(plugins):
+        try:
+            importlib.import_module(str(mod))
+        except Exception as e:  # noqa: BLE001  (any failure of a user module is a params problem)
+            problems.append((f"train.plugins.{i}", f"cannot import {mod!r}: {type(e).__name__}: {e}"))
+    return problems
 
 
 def _loc(loc: tuple) -> str:
@@ -251,14 +312,18 @@ def _problems(err: dict) -> list[tuple[str, str]]:
     return [(loc, msg)]
 
 
-def validate_dict(raw: Any, path: str = "params.yaml") -> Params:
+def validate_dict(raw: Any, path: str = "params.yaml") -> Any:
     """Validate a parsed params mapping; raise ConfigError with every problem at once."""
     if not isinstance(raw, dict):
         raise ConfigError(path, [("<root>", "expected a mapping of sections (data, base, train, eval, merge, tracking)")])
+    plugin_problems = import_plugins(raw)
     try:
-        return Params.model_validate(raw)
+        params = params_model().model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(path, [p for err in e.errors() for p in _problems(err)]) from None
+        raise ConfigError(path, plugin_problems + [p for err in e.errors() for p in _problems(err)]) from None
+    if plugin_problems:
+        raise ConfigError(path, plugin_problems)
+    return params
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -301,8 +366,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_sequence(node, deep)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml") -> Any:
     """Read and validate ``params.yaml``."""
+    return validate_dict(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a params (or preset) file; a missing file, bad YAML or a duplicate key is a ConfigError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -321,7 +391,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         loader.dispose()
     if loader.duplicates:  # before any other check: the values of a duplicated key are ambiguous
         raise ConfigError(str(path), [(loc, msg) for _, loc, msg in sorted(loader.duplicates)])
-    return validate_dict(raw, str(path))
+    return raw
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,3 +31,11 @@ def eval_dir(name: str) -> Path:
 def metrics_path(name: str) -> Path:
     """Git-tracked DVC metrics file of one evaluate run (``dvc metrics diff`` / ``dvc exp show``)."""
     return Path("metrics") / f"{name}.json"
+
+
+RUNS = ARTIFACTS / "runs"
+
+
+def run_settings_path(name: str) -> Path:
+    """Resolved settings of one finetune run, written by the ``configure`` stage (pipeline/runs.py)."""
+    return RUNS / f"{name}.json"

@@ -8,20 +8,23 @@
 
 Extra arguments go to ``dvc repro`` (e.g. ``python -m pipeline.run -- --force``).
 
-``--preset NAME`` validates ``pipeline/presets/NAME.yaml`` (a complete params file) and then
-**copies it over params.yaml** (the previous params.yaml is overwritten; it is tracked by git)
-before running, e.g. ``python -m pipeline.run --preset smollm2_gsm8k_cpu``.
+``--preset NAME`` merges ``pipeline/presets/NAME.yaml`` (a delta: only the keys it changes, as
+nanoGPT's ``config/finetune_*.py``) over params.yaml, validates the result (every problem at once,
+by dotted path, naming the preset file) and only then writes the changed keys into params.yaml
+(its comments and the other keys stay), e.g. ``python -m pipeline.run --preset smollm2_gsm8k_cpu``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -43,17 +46,82 @@ def pipeline_env() -> dict[str, str]:
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
-def apply_preset(name: str, params_path: str) -> None:
-    """Validate ``pipeline/presets/<name>.yaml`` and copy it over ``params_path`` (nothing is written if invalid)."""
+def merge(base: Any, delta: Any) -> Any:
+    """``delta`` deep-merged over ``base``: mappings merge key by key; anything else (a list, a
+    scalar, an empty mapping) replaces the value. Neither argument is modified."""
+    if not isinstance(delta, dict) or not isinstance(base, dict) or not delta:
+        return copy.deepcopy(delta)
+    out = copy.deepcopy(base)
+    for k, v in delta.items():
+        out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
+    return out
+
+
+def preset_path(name: str) -> Path:
     from pipeline.errors import UserError
 
     src = PRESETS / f"{name}.yaml"
     if not src.is_file():
         known = sorted(f.stem for f in PRESETS.glob("*.yaml"))
         raise UserError(f"--preset {name!r}: no {src}; available presets: {known}")
-    load_params(src)
-    shutil.copyfile(src, params_path)
-    console.print(f"[yellow]preset {name}[/]: copied {src.relative_to(PRESETS.parent.parent)} over {params_path}")
+    return src
+
+
+def load_preset(name: str, params_path: str = "params.yaml") -> tuple[dict, dict, Any]:
+    """(delta, merged params mapping, validated params) of ``pipeline/presets/<name>.yaml`` over
+    ``params_path``. Problems of the merged result raise one ConfigError naming the preset file."""
+    from pipeline.config import ConfigError, read_yaml, validate_dict
+
+    src = preset_path(name)
+    delta = read_yaml(src) or {}
+    if not isinstance(delta, dict):
+        raise ConfigError(str(src), [("<root>", "a preset is a mapping of the params.yaml keys it changes")])
+    merged = merge(read_yaml(params_path), delta)
+    return delta, merged, validate_dict(merged, f"{src} (merged over {params_path})")
+
+
+def apply_preset(name: str, params_path: str) -> None:
+    """Merge ``pipeline/presets/<name>.yaml`` over ``params_path`` and write it back (nothing is
+    written if the result is invalid). Only the preset's keys change; comments elsewhere stay."""
+    from ruamel.yaml import YAML
+
+    from bilora.io import atomic_write_text
+
+    load_preset(name, params_path)  # validate the merged result first
+    rt = YAML()  # round-trip: keeps params.yaml's comments and key order, and the preset's own style
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(Path(params_path).read_text(encoding="utf-8"))
+    delta = rt.load(preset_path(name).read_text(encoding="utf-8"))
+
+    def put(node: Any, d: Any) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and v and isinstance(node.get(k), dict):
+                put(node[k], v)
+                continue
+            node[k] = v  # the preset's value, with the preset's end-of-line comment (or none)
+            node.ca.items.pop(k, None)
+            if k in d.ca.items:
+                node.ca.items[k] = d.ca.items[k]
+                for tok in node.ca.items[k]:  # drop the blank lines that ended the preset's section
+                    if getattr(tok, "value", None):
+                        tok.value = tok.value.rstrip("\n") + "\n"
+
+    put(doc, delta)
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(params_path, buf.getvalue())
+    keys = sorted(flatten_keys(delta))
+    console.print(f"[yellow]preset {name}[/]: merged {len(keys)} key(s) of {preset_path(name).relative_to(PRESETS.parent.parent)} over {params_path}: {', '.join(keys)}")
+
+
+def flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves of a preset (a list or empty mapping is one leaf)."""
+    out = []
+    for k, v in d.items():
+        out += flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
 
 
 def summary_table(summary: dict[str, dict]) -> Table:
@@ -78,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
-    ap.add_argument("--preset", default=None, help="validate pipeline/presets/PRESET.yaml and COPY IT OVER params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
+    ap.add_argument("--preset", default=None, help="merge pipeline/presets/PRESET.yaml (the keys it changes) over params.yaml, validate, write params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
     ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro")
     args = ap.parse_args(argv)
     if args.preset:

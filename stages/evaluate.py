@@ -13,7 +13,8 @@ from bilora.io import atomic_dir, atomic_write_json
 from bilora.metrics import compute
 from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
 from pipeline import layout
-from pipeline.config import SharpnessParams, flatten, load_params
+from pipeline.config import flatten, load_params
+from pipeline.sections import to_settings
 from pipeline.console import console, header, info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
@@ -22,10 +23,9 @@ from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
 
 
-def sharpness_config(p: SharpnessParams) -> SharpnessConfig:
-    n = p.curve_points
-    points = tuple(-1.0 + 2.0 * i / (n - 1) for i in range(n)) if n > 1 else ((0.0,) if n == 1 else ())
-    return SharpnessConfig(radii=tuple(p.radii), n_directions=p.n_directions, attack_alphas=tuple(p.attack_alphas), curve_points=points, curve_radius=p.curve_radius, seed=p.seed, spaces=tuple(p.spaces), dtype=p.dtype)
+def sharpness_config(p) -> SharpnessConfig:
+    """The library settings of ``eval.sharpness`` (its enabled/examples fields are this stage's)."""
+    return to_settings(p)
 
 
 def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_size: int, max_new_tokens: int) -> tuple[dict, list]:

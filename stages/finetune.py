@@ -21,23 +21,18 @@ from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.methods.method import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
-from pipeline import layout
-from pipeline.config import Params, flatten, load_params
+from pipeline import layout, runs
+from pipeline.config import flatten, load_params
 from pipeline.console import header, info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import UserError, cli
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker
 
-def fingerprint(p: Params, task: str, method: str, seed: int) -> str:
-    """Identity of a run: the params it reads plus hashes of its inputs (data stats, base info)."""
+def fingerprint(settings: dict) -> str:
+    """Identity of a run: its resolved settings (artifacts/runs/) plus its inputs (data stats, base info)."""
     parts = {
-        "task": task,
-        "method": method,
-        "seed": seed,
-        "loop": p.train.loop.model_dump(),
-        "lora": p.train.lora.model_dump(),
-        "method_cfg": p.train.method_config(method),
+        "settings": settings,
         "data": (layout.DATA / "stats.json").read_text() if (layout.DATA / "stats.json").exists() else "",
         "base": (layout.BASE / "model" / "bilora_base.json").read_text() if (layout.BASE / "model" / "bilora_base.json").exists() else "",
     }
@@ -68,8 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         task = get_task(args.task)
     except KeyError as e:
         raise UserError(f"--task: {e.args[0]}; use a task listed in data.tasks of params.yaml") from None
-    if args.method not in methods.available():
-        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} (and list it in train.methods of params.yaml)")
+    if args.method not in methods.available() and args.method not in p.train.variants:
+        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} or a name of train.variants (and list it in train.methods of params.yaml)")
+    # This run's settings, as the configure stage resolved them (a variant is its method with
+    # overrides); its DVC dep is that file, not the train sections (checked against params.yaml).
+    run = runs.load(p, args.task, args.method, args.seed)
+    method_key, method_cfg, lora = run["method_key"], run["method_config"], run["lora"]
     name = layout.run_name(args.task, args.method, args.seed)
     header("finetune", name)
 
@@ -81,16 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     model = load_for_task(base_dir, task.kind, task.num_labels)
     if task.kind != "generation":  # replaces transformers' LOAD REPORT table (pipeline/quiet.py)
         info(f"{task.kind} head freshly initialised ({task.num_labels} {'output' if task.num_labels == 1 else 'labels'}, seed {args.seed})")
-    check_targets(model, p.train.lora.target_modules)
+    check_targets(model, lora["target_modules"])
     generation = task.kind == "generation"  # causal LM: LM loss on the target tokens, no task head to save
-    spec = adapters.LoraSpec(r=p.train.lora.r, alpha=p.train.lora.alpha, dropout=p.train.lora.dropout, target_modules=tuple(p.train.lora.target_modules), modules_to_save=() if generation else ("classifier",))
+    spec = adapters.LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules=tuple(lora["target_modules"]), modules_to_save=() if generation else ("classifier",))
     model = adapters.attach_lora(model, spec, "CAUSAL_LM" if generation else "SEQ_CLS")
-    method = methods.build(args.method, p.train.method_config(args.method), seed=args.seed)
+    method = methods.build(method_key, method_cfg, seed=args.seed)
 
     tokenizer = tokenizer_for(base_dir)
     train_ds = load_split(layout.DATA, args.task, "train")
-    loop = LoopConfig(**p.train.loop.model_dump())
-    tags = {"task": args.task, "method": args.method, "seed": args.seed}
+    loop = LoopConfig(**run["loop"])
+    tags = {"task": args.task, "method": args.method, "seed": args.seed} | ({"method_key": method_key} if method_key != args.method else {})
     tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}", system_metrics=True)
     kernel = layers.kernel_info(model)
     with tracker:
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 model, method, train_ds, collator_for(task, tokenizer), loop,
                 seed=args.seed,
                 checkpoint_dir=layout.checkpoint_dir(name),
-                fingerprint=fingerprint(p, args.task, args.method, args.seed),
+                fingerprint=fingerprint(run),
                 on_log=tracker.log_metrics,
                 on_step=lambda s, t: advance(s, t, extra=f"loss {ft.history[-1]['loss']:.4f}"),
             )
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         out = layout.finetune_dir(name)
         with atomic_dir(out) as tmp:
             method.export(model, tmp / "adapter")
-            atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
+            atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, **({"method_key": method_key} if method_key != args.method else {}), "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
             atomic_write_json(tmp / "summary.json", summary)
             atomic_write_json(tmp / "history.json", ft.history)
             atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})

@@ -66,7 +66,7 @@ def test_lower_steps_read_d1_and_upper_steps_read_d2():
     rec = Recorder()
     tuner = make_tuner(peft_bert(), CFG, steps=9, recorder=rec, on_step=rec.next_step)
     method = tuner.method
-    d1, d2 = set(method.train_indices), set(method.upper_indices)
+    d1, d2 = set(method.train_indices()), set(method.upper_indices)
     assert tuner.n_train == len(d1) == 32
     tuner.train()
     upper_ids = []

@@ -49,7 +49,9 @@ def tiny_llama_folder(out: Path) -> Path:
 
 
 def causal_params(base: Path) -> dict:
-    raw = yaml.safe_load((ROOT / "pipeline" / "presets" / "smollm2_gsm8k_cpu.yaml").read_text())
+    from pipeline.run import load_preset
+
+    raw = load_preset("smollm2_gsm8k_cpu", str(ROOT / "params.yaml"))[1]
     raw["data"].update(tasks=["gsm8k"], train_subset=24, val_fraction=0.0, max_length=96, test_subset=4)
     raw["base"]["source"] = str(base)
     raw["train"].update(methods=["lora", "bilora"], seeds=[0])
@@ -81,7 +83,7 @@ def test_dvc_repro_causal_lm_gsm8k(tmp_path):
     repo = make_causal_repo(tmp_path, causal_params(base))
     ran = repro(repo)
     runs = ("gsm8k-lora-0", "gsm8k-bilora-0")
-    expected = {"prepare", "load_base", *(f"{s}@{r}" for s in ("finetune", "evaluate") for r in runs), "merge", "report"}
+    expected = {"prepare", "load_base", "configure", *(f"{s}@{r}" for s in ("finetune", "evaluate") for r in runs), "merge", "report"}
     assert set(ran) == expected
 
     # prepare: SFT rows with the prompt masked, raw question + gold answer kept; test_subset applied.

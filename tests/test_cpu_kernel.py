@@ -153,7 +153,7 @@ def test_sharpness_on_packed_model_leaves_it_bit_identical(tmp_path):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([e["label"] for e in ex])}
 
     objective = sharpness.Objective.from_dataset(examples, collate, batch_size=4)
-    cfg = sharpness.SharpnessConfig(radii=(0.01,), n_directions=1, attack_alphas=(0.0, 1.0), curve_points=(), spaces=("full", "lora"))
+    cfg = sharpness.SharpnessConfig(radii=(0.01,), n_directions=1, attack_alphas=(0.0, 1.0), curve_points=0, spaces=("full", "lora"))
     result = sharpness.measure(model, objective, cfg, None).to_dict()
     assert result["spaces"]["full"]["attack"]["points"][1]["loss"] > result["base"]["loss"]
     assert all(torch.equal(m.weight.data, d) for m, d in zip(q4, datas))

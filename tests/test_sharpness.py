@@ -297,7 +297,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 # dtype="model": measured on the model itself, so its losses are exactly objective.value(model)
-SMALL = SharpnessConfig(radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=(-1.0, 0.0, 1.0), curve_radius=0.05, dtype="model")
+SMALL = SharpnessConfig(radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=3, curve_radius=0.05, dtype="model")
 
 
 def without_times(result: dict) -> dict:
@@ -482,7 +482,7 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
 
 
 def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="unknown space"):
+    with pytest.raises(ValueError, match=r"spaces\.0: must be one of \['full', 'lora'\]"):
         SharpnessConfig(spaces=("weights",))
     with pytest.raises(ValueError):
         SharpnessConfig(curve_radius=0.0)

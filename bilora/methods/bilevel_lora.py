@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from peft import PeftModel
@@ -56,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from bilora import adapters
 from bilora import layers
 from bilora.methods.method import Method, NonFiniteError, StepContext, register
+from bilora.settings import Settings, setting
 
 
 def lambda_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[tuple[str, torch.nn.Module]]:
@@ -87,38 +89,39 @@ def split_indices(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[:n1]), sorted(perm[n1:])
 
 
-@register
+@dataclass(frozen=True)
+class BilevelLoraConfig(Settings):
+    """Bi-level BiLoRA (Qiang et al.) settings. Every value is our choice: the paper publishes none.
+
+    ``upper_steps`` >= 1: the method alternates T1 lower and T2 upper iterations (methods.md §6.2);
+    with T2 = 0 Λ would never train and the method would be LoRA on D1 only.
+    """
+
+    section: ClassVar[str] = "train.bilevel_lora"
+    split_ratio: float = setting(0.8, "Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.", gt=0, lt=1)
+    lower_steps: int = setting(4, "Lower-level (P, Q) steps per cycle. Our choice.", ge=1)
+    upper_steps: int = setting(1, "Upper-level (Lambda) steps per cycle. Our choice.", ge=1)
+    gamma1: float = setting(0.1, "Weight of the orthogonality regulariser on P, Q. Our choice.", ge=0)
+    gamma2: float = setting(0.0, "Weight of the L2 regulariser on Lambda. Our choice.", ge=0)
+    upper_lr: float = setting(1e-3, "Learning rate of Lambda. Our choice.", gt=0)
+
+
+@register("bilevel_lora", config=BilevelLoraConfig)
 class BilevelLoRA(Method):
     """Bi-level BiLoRA: P, Q (and head) on D1 at the lower level, Λ on D2 at the upper level (first-order)."""
 
-    name = "bilevel_lora"
     passes_per_step = 1
+    cfg: BilevelLoraConfig
+    split_ratio: float
+    lower_steps: int
+    upper_steps: int
+    gamma1: float
+    gamma2: float
+    upper_lr: float
 
-    def __init__(
-        self,
-        *,
-        split_ratio: float = 0.8,
-        lower_steps: int = 4,
-        upper_steps: int = 1,
-        gamma1: float = 0.1,
-        gamma2: float = 0.0,
-        upper_lr: float = 1e-3,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(seed=seed)
-        if not 0.0 < split_ratio < 1.0:
-            raise ValueError(f"bilevel_lora: split_ratio must be in (0, 1), got {split_ratio}")
-        if lower_steps < 1 or upper_steps < 0:
-            raise ValueError(f"bilevel_lora: need lower_steps >= 1 and upper_steps >= 0, got {lower_steps}, {upper_steps}")
-        if gamma1 < 0 or gamma2 < 0 or upper_lr < 0:
-            raise ValueError("bilevel_lora: gamma1, gamma2 and upper_lr must be >= 0")
-        self.split_ratio = float(split_ratio)
-        self.lower_steps = int(lower_steps)
-        self.upper_steps = int(upper_steps)
-        self.gamma1 = float(gamma1)
-        self.gamma2 = float(gamma2)
-        self.upper_lr = float(upper_lr)
-        self.train_indices: list[int] | None = None  # D1: read by the loop
+    def __init__(self, cfg: BilevelLoraConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
+        super().__init__(cfg, seed=seed, **overrides)
+        self.d1: list[int] | None = None  # D1: the loop's pool (train_indices)
         self.upper_indices: list[int] = []  # D2
         self.lower_done = 0
         self.upper_done = 0
@@ -133,7 +136,10 @@ class BilevelLoRA(Method):
 
     # -- data -------------------------------------------------------------------------------
     def split_train(self, n: int) -> None:
-        self.train_indices, self.upper_indices = split_indices(n, self.split_ratio, self.seed)
+        self.d1, self.upper_indices = split_indices(n, self.split_ratio, self.seed)
+
+    def train_indices(self) -> Sequence[int] | None:
+        return self.d1
 
     def bind_data(self, fetch: Callable[[list[int]], dict[str, torch.Tensor]], loop: Any) -> None:
         """Called by the loop: ``fetch(dataset_indices)`` returns a collated batch; ``loop`` gives sizes."""
@@ -266,14 +272,14 @@ class BilevelLoRA(Method):
             "upper_optimizer": self.upper_optimizer.state_dict() if self.upper_optimizer is not None else {},
             "lower_done": self.lower_done,
             "upper_done": self.upper_done,
-            "n_d1": len(self.train_indices or []),
+            "n_d1": len(self.d1 or []),
             "n_d2": len(self.upper_indices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if (int(state["n_d1"]), int(state["n_d2"])) != (len(self.train_indices or []), len(self.upper_indices)):
+        if (int(state["n_d1"]), int(state["n_d2"])) != (len(self.d1 or []), len(self.upper_indices)):
             raise ValueError("bilevel_lora: checkpoint was made with a different D1/D2 split")
         saved = state["lambdas"]
         if [tuple(t.shape) for t in saved] != [tuple(lam.shape) for lam in self._lambdas]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel
@@ -37,6 +37,7 @@ from bilora import adapters
 from bilora.fused import FusedAdapters
 from bilora import layers
 from bilora.methods.method import Method, StepContext, register
+from bilora.settings import Settings, setting
 
 
 @dataclass
@@ -75,28 +76,31 @@ def project_to_ball(factors: list[tuple[torch.Tensor, torch.Tensor, float]], rho
     return c, True
 
 
-@register
+@dataclass(frozen=True)
+class BiLoRAConfig(Settings):
+    """Bi-LoRA settings."""
+
+    section: ClassVar[str] = "train.bilora"
+    rho: float = setting(0.05, "Radius of the global Frobenius ball of the auxiliary perturbation s2*B2*A2 (paper: 0.05 GLUE).", ge=0)
+    aux_rank: int = setting(8, "Rank r2 of the auxiliary adapter.", ge=1)
+    aux_alpha: float = setting(16.0, "Alpha of the auxiliary adapter (s2 = aux_alpha / aux_rank).", gt=0)
+    aux_lr: float | None = setting(None, "Learning rate of the auxiliary ascent (null: same as train.loop.lr).", gt=0)
+    fused: bool = setting(False, "Compute primary and auxiliary in one matmul pair per layer (A=[A1;A2], B=[s1*B1, s2*B2]); same result up to float32 rounding (<=1e-6 relative), each part keeps its own optimizer direction, the auxiliary is still dropped at export.")
+
+
+@register("bilora", config=BiLoRAConfig)
 class BiLoRA(Method):
     """Bi-LoRA: primary LoRA by descent, auxiliary LoRA by ascent in the same pass, global rho-ball."""
 
-    name = "bilora"
+    cfg: BiLoRAConfig
+    rho: float
+    aux_rank: int
+    aux_alpha: float
+    aux_lr: float | None
+    fused: bool
 
-    def __init__(
-        self,
-        *,
-        rho: float = 0.05,
-        aux_rank: int = 8,
-        aux_alpha: float = 16.0,
-        aux_lr: float | None = None,
-        fused: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(seed=seed)
-        self.rho = rho
-        self.aux_rank = aux_rank
-        self.aux_alpha = aux_alpha
-        self.aux_lr = aux_lr
-        self.fused = bool(fused)
+    def __init__(self, cfg: BiLoRAConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
+        super().__init__(cfg, seed=seed, **overrides)
         self.last_norm = 0.0
         self._cache: _StepCache | None = None
 

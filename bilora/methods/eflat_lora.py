@@ -46,7 +46,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from peft import PeftModel
@@ -54,6 +55,7 @@ from peft import PeftModel
 from bilora import adapters
 from bilora.layers import work_dtype
 from bilora.methods.method import Method, StepContext, register
+from bilora.settings import Settings, setting
 
 ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first term of G_hat is used
 EPS = 1e-12
@@ -98,23 +100,34 @@ def factored_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: to
     return (r_u @ r_v.T).pow(2).sum(), g_pinv_a
 
 
-@register
+@dataclass(frozen=True)
+class EFlatLoraConfig(Settings):
+    """EFlat-LoRA (Deng et al.) settings.
+
+    ``beta`` is in (0, 1]: with beta = 0 the EMA would keep the first step's perturbation forever
+    (methods.md: E_ema <- (1 - beta) E_ema + beta E_B is an EMA of the per-step perturbation).
+    """
+
+    section: ClassVar[str] = "train.eflat_lora"
+    rho: float = setting(0.05, "Full-weight SAM radius, transferred onto B.", ge=0)
+    beta: float = setting(0.9, "EMA factor of the B perturbation (placeholder: unpublished).", gt=0, le=1)
+    normalize: Literal["global", "per_layer"] = setting("global", "Normalise the estimated full gradient globally or per layer.")
+    rho_schedule: Literal["inv_sqrt", "constant"] = setting("inv_sqrt", "rho_t = rho/sqrt(t) (paper Theorem 2) or constant.")
+
+
+@register("eflat_lora", config=EFlatLoraConfig)
 class EFlatLoRA(Method):
     """EFMLoRA: one gradient per step at (B + E_ema, A); E_ema tracks the full-space SAM perturbation moved onto B."""
 
-    name = "eflat_lora"
 
-    def __init__(self, *, rho: float = 0.05, beta: float = 0.9, normalize: str = "global", rho_schedule: str = "inv_sqrt", seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        if rho < 0:
-            raise ValueError(f"eflat_lora.rho must be >= 0, got {rho}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"eflat_lora.beta must be in [0, 1], got {beta}")
-        if normalize not in ("global", "per_layer"):
-            raise ValueError(f"eflat_lora.normalize must be 'global' or 'per_layer', got {normalize!r}")
-        if rho_schedule not in ("inv_sqrt", "constant"):
-            raise ValueError(f"eflat_lora.rho_schedule must be 'inv_sqrt' or 'constant', got {rho_schedule!r}")
-        self.rho, self.beta, self.normalize, self.rho_schedule = float(rho), float(beta), normalize, rho_schedule
+    cfg: EFlatLoraConfig
+    rho: float
+    beta: float
+    normalize: str
+    rho_schedule: str
+
+    def __init__(self, cfg: EFlatLoraConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
+        super().__init__(cfg, seed=seed, **overrides)
         self.e_ema: dict[str, torch.Tensor] = {}  # layer name -> (m, r) fp32
         self.b_clean: dict[str, torch.Tensor] = {}  # layer name -> exact unperturbed B while applied
         self.applied = False  # is the model's B currently B + E_ema?

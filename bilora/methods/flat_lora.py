@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 import torch
 from peft import PeftModel
@@ -41,6 +42,7 @@ from peft import PeftModel
 from bilora import adapters
 from bilora.layers import base_linear, check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
 from bilora.methods.method import Method, StepContext, register
+from bilora.settings import Settings, setting
 
 
 def schedule_factor(step: int, max_steps: int) -> float:
@@ -132,18 +134,21 @@ def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int,
         yield info
 
 
-@register
+@dataclass(frozen=True)
+class FlatLoraConfig(Settings):
+    """Flat-LoRA (Li et al.) settings."""
+
+    section: ClassVar[str] = "train.flat_lora"
+    sigma: float = setting(0.05, "Relative std of the merged-weight noise (Flat-LoRA paper: 0.05); ramps up with a cosine schedule.", ge=0)
+
+
+@register("flat_lora", config=FlatLoraConfig)
 class FlatLoRA(Method):
     """Flat-LoRA: train A, B at W0 + eps + s·BA with per-row Gaussian eps ramped by a cosine schedule."""
 
-    name = "flat_lora"
     passes_per_step = 1
-
-    def __init__(self, *, sigma: float = 0.05, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        if sigma < 0:
-            raise ValueError(f"flat_lora: sigma must be >= 0, got {sigma}")
-        self.sigma = float(sigma)
+    cfg: FlatLoraConfig
+    sigma: float
 
     def prepare(self, model: PeftModel) -> None:
         layers = noisy_layers(model)

@@ -35,29 +35,35 @@ Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, docs/methods.md).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from bilora import adapters
 from bilora.layers import grad_norm_sumsq
 from bilora.methods.method import Method, StepContext, register
+from bilora.settings import Settings, setting
 
 EPS = 1e-12
 
 
-@register
+@dataclass(frozen=True)
+class LoraSamConfig(Settings):
+    """LoRA-SAM settings."""
+
+    section: ClassVar[str] = "train.lora_sam"
+    rho: float = setting(0.01, "SAM radius on the LoRA A/B tensors (Bi-LoRA paper: 0.01 GLUE).", ge=0)
+
+
+@register("lora_sam", config=LoraSamConfig)
 class LoRASAM(Method):
     """SAM on the LoRA A/B tensors: ascend by rho along the accumulated gradient, descend from there."""
 
-    name = "lora_sam"
     passes_per_step = 2
 
-    def __init__(self, *, rho: float = 0.01, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        if rho < 0:
-            raise ValueError(f"lora_sam.rho must be >= 0, got {rho}")
-        self.rho = float(rho)
+    cfg: LoraSamConfig
+    rho: float
 
     @staticmethod
     def perturbed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

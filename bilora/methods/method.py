@@ -7,44 +7,90 @@ A method plugs into :class:`bilora.train.FineTuner` at the optimizer-step bounda
 * ``step(ctx)``: one optimizer step on ``ctx.micro_batches`` (forward/backward passes, update).
 * ``state_dict()`` / ``load_state_dict()``: method state a checkpoint must hold (EMA, phase, ...).
 * ``export(model, out_dir)``: write the deliverable, a plain PEFT LoRA adapter.
+* ``split_train(n)`` / ``train_indices()``: which of the n training examples the loop draws from
+  (default: all); ``bind_data(fetch, loop)``: a way to collate batches of the method's own choosing
+  (bi-level: its D2 split). Both default to no-ops.
+
+Each method registers under its key together with its settings class, a frozen
+:class:`bilora.settings.Settings` dataclass in the method's own file::
+
+    @dataclass(frozen=True)
+    class ToyConfig(Settings):
+        section: ClassVar[str] = "train.toy"
+        scale: float = setting(1.0, "What it scales.", ge=0)
+
+    @register("toy", config=ToyConfig)
+    class Toy(Method): ...
+
+The method reads its settings as ``self.cfg`` (and, for brevity, as attributes: ``self.scale``).
+``pipeline/config.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from peft import PeftModel
 
 from bilora import adapters, distributed
 from bilora.layers import grad_norm
+from bilora.settings import Settings
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
 
-def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make a method selectable by its ``name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+@dataclass(frozen=True)
+class NoSettings(Settings):
+    """A method without settings of its own (it has no ``train.<key>`` section)."""
+
+
+def register(name: str, *, config: type[Settings] = NoSettings) -> Callable[[type["Method"]], type["Method"]]:
+    """Class decorator: make a method selectable as ``name``, with its settings class ``config``."""
+    if not (dataclasses.is_dataclass(config) and issubclass(config, Settings)):
+        raise TypeError(f"method {name!r}: config must be a Settings dataclass, got {config!r}")
+
+    def deco(cls: type["Method"]) -> type["Method"]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
+        cls.name, cls.config_class = name, config
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registry() -> dict[str, type["Method"]]:
+    """Every registered method by key (importing :mod:`bilora.methods` registers the built-in ones)."""
+    from bilora import methods as _  # noqa: F401
+
+    return dict(sorted(_REGISTRY.items()))
 
 
 def available() -> list[str]:
-    from bilora import methods as _  # noqa: F401  (importing the package registers every method)
+    return list(registry())
 
-    return sorted(_REGISTRY)
+
+def config_class(name: str) -> type[Settings]:
+    """The settings class of the method registered as ``name``."""
+    return _get(name).config_class
+
+
+def _get(name: str) -> type["Method"]:
+    reg = registry()
+    if name not in reg:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(reg)}")
+    return reg[name]
 
 
 def build(name: str, cfg: dict[str, Any] | None = None, *, seed: int = 0) -> "Method":
-    """Instantiate the method registered as ``name`` with its settings ``cfg``."""
-    names = available()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(names)}")
-    return _REGISTRY[name](**(cfg or {}), seed=seed)
+    """Instantiate the method registered as ``name`` with its settings ``cfg`` (a dict of overrides)."""
+    cls = _get(name)
+    return cls(cls.config_class(**(cfg or {})), seed=seed)
 
 
 class NonFiniteError(RuntimeError):
@@ -108,10 +154,18 @@ class Method:
     """Base class; plain LoRA behaviour. Subclasses override what they change."""
 
     name: ClassVar[str]
+    config_class: ClassVar[type[Settings]] = NoSettings
     #: Forward+backward passes per micro-batch (documentation and tests).
     passes_per_step: ClassVar[int] = 1
 
-    def __init__(self, *, seed: int = 0) -> None:
+    def __init__(self, cfg: Settings | None = None, *, seed: int = 0, **overrides: Any) -> None:
+        """``cfg``: the method's settings (default: its config class's defaults); ``overrides``: field values."""
+        cfg = self.config_class() if cfg is None else cfg
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{self.name}: expected {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+        for f in dataclasses.fields(self.cfg):
+            setattr(self, f.name, getattr(self.cfg, f.name))
         self.seed = seed
 
     def prepare(self, model: PeftModel) -> None:
@@ -139,7 +193,16 @@ class Method:
         adapters.save_primary(model, out_dir)
 
     def split_train(self, n: int) -> None:
-        """Hook for methods that partition the training set (bi-level); default: use all."""
+        """Called once with the training set size before anything else (bi-level splits it); default: nothing."""
+
+    def train_indices(self) -> Sequence[int] | None:
+        """Dataset indices the loop draws its batches from (None: all of them)."""
+        return None
+
+    def bind_data(self, fetch: Callable[[list[int]], dict[str, torch.Tensor]], loop: Any) -> None:
+        """Called by the loop before ``prepare``: ``fetch(dataset_indices)`` returns a collated batch and
+        ``loop`` (:class:`bilora.train.LoopConfig`) gives the batch sizes; default: unused."""
+        del fetch, loop
 
 
 Hook = Callable[..., Any]

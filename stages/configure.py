@@ -1,0 +1,36 @@
+"""DVC stage ``configure``: one resolved settings file per fine-tuning run (``artifacts/runs/``).
+
+Cheap (no model, no data): it validates params.yaml and writes ``<task>-<method>-<seed>.json``
+for each run of the matrix (pipeline/runs.py). ``finetune@<run>`` depends on its own file, not on
+the ``train`` sections, so a change to one method's settings re-trains only that method's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# The settings' defaults and checks live in the library (pipeline/config.py imports these by name):
+# import them here so they are this stage's code deps (tests/test_dvc_deps.py).
+import bilora.methods  # noqa: F401
+import bilora.train  # noqa: F401
+from bilora.io import atomic_dir
+from pipeline import layout, runs
+from pipeline.config import load_params
+from pipeline.console import header, info
+from pipeline.errors import cli
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    header("configure", f"{len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s)")
+    with atomic_dir(layout.RUNS) as tmp:
+        names = runs.write_all(p, tmp)
+    info(f"{len(names)} run settings file(s) in {layout.RUNS}")
+
+
+if __name__ == "__main__":
+    main()
