@@ -183,5 +183,12 @@ def test_committed_figures_are_rounded_to_significant_digits():
     assert rounded(1234567.0) == 1235000.0
     assert rounded({"a": [0.33359843, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}) == {"a": [0.3336, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}
     assert math.isnan(rounded(float("nan"))) and rounded(float("inf")) == float("inf")
+    # a spread is written to its mean's decimal place: mean 1.701e-3 -> 1e-6 resolution -> std 7e-6
+    flat = {"r0.01.mean": 0.0017014294862747192, "r0.01.std": 7.156e-06, "n": 2}
+    assert rounded(flat) == {"r0.01.mean": 0.001701, "r0.01.std": 7e-06, "n": 2}
+    assert rounded({"mean": 2.5, "std": 0.01234}) == {"mean": 2.5, "std": 0.012}
+    assert rounded({"mean": 0.0, "std": 0.01234}) == {"mean": 0.0, "std": 0.01234}  # no mean scale: significant digits
+    # the emulated-AVX2 and AVX-512 runs of the default pipeline gave std 7.153e-6 and 7.156e-6 (same mean)
+    assert rounded({"x.mean": 0.001701, "x.std": 7.153e-06}) == rounded({"x.mean": 0.001701, "x.std": 7.156e-06})
     # two float32 runs that differ in the last bits (cross-CPU summation order) record the same figure
     assert rounded(0.6977776885032654) == rounded(0.6977777481079102) == 0.6978
