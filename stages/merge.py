@@ -17,7 +17,8 @@ from pipeline.config import flatten, load_params
 from pipeline.console import console, header, info, warn
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
-from pipeline.tasks import get_task
+from pipeline import formats
+from pipeline.catalog import get_task, num_labels
 from pipeline.tracking import Tracker
 
 
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "merge_report.json", {"mode": "none", "run": name})
             atomic_write_json(tmp / "run_info.json", tracker.info())
             return
-        task = get_task(m.task)
-        generation = task.kind == "generation"  # causal LM: compare LM logits, reload with AutoModelForCausalLM
+        task = get_task(m.task, p.data)
+        kind, n_labels = formats.get(task.format).kind, num_labels(task, layout.DATA)
+        generation = kind == "generation"  # causal LM: compare LM logits, reload with AutoModelForCausalLM
         adapter_dir = layout.finetune_dir(name) / "adapter"
         base_info = (layout.BASE / "model" / "bilora_base.json")
 
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, stored if m.dtype == "auto" else m.dtype)
         torch.manual_seed(0)
         if m.mode == "nf4_roundtrip":
-            base = dequantize(load_for_task(layout.BASE / "model", task.kind, task.num_labels), torch.float32)
+            base = dequantize(load_for_task(layout.BASE / "model", kind, n_labels), torch.float32)
         else:
             src = resolve(p.base.source, p.base.revision).path
             base = (AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32) if generation
-                    else AutoModelForSequenceClassification.from_pretrained(src, num_labels=task.num_labels, dtype=torch.float32))
+                    else AutoModelForSequenceClassification.from_pretrained(src, num_labels=n_labels, dtype=torch.float32))
         merged = merge(base, adapter_dir).eval()
 
         # Agreement check: merged (fp32 math) vs adapter on the 4-bit base, on held-out test inputs.
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
         batch = collate([{k: v for k, v in ds[i].items() if k in keep} for i in range(min(len(ds), m.check_examples))])
         batch.pop("labels")
-        adapted = load_adapted(layout.BASE / "model", task.kind, task.num_labels, adapter_dir)
+        adapted = load_adapted(layout.BASE / "model", kind, n_labels, adapter_dir)
         kernel = layers.kernel_info(adapted)
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         with torch.no_grad(), layers.fp32_kernel(adapted):  # the merged model computes in fp32: compare like with like

@@ -20,7 +20,7 @@ from pipeline.config import Params, flatten, load_params  # noqa: E402
 from pipeline.console import console, header  # noqa: E402
 from pipeline.errors import cli  # noqa: E402
 from pipeline.figures import rounded  # noqa: E402
-from pipeline.tasks import get_task  # noqa: E402
+from pipeline.catalog import get_task as _get_task  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
 # Paper anchors for context only (GLUE dev, %; MRPC and SST-2 accuracy, CoLA MCC). LoRA, LoRA-SAM and
@@ -31,6 +31,13 @@ PAPER_T5 = {
     "cola": {"lora": 59.41, "lora_sam": 59.80, "bilora": 60.77},
     "sst2": {"lora": 94.23, "lora_sam": 94.46, "bilora": 94.34, "flat_lora": 94.75},
 }
+
+
+_DATA = None  # params.data, set by main(): declared datasets are looked up there
+
+
+def get_task(name: str):
+    return _get_task(name, _DATA)
 
 
 def _split_note(tasks: list[str], test_subset: int | None) -> str:
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
+    global _DATA
+    _DATA = p.data
     header("report")
     data = collect(p)
     layout.REPORTS.mkdir(exist_ok=True)
