@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline import formats
 from pipeline.config import DataConfig, DatasetConfig
 from pipeline.formats.classification import raw_label
@@ -86,6 +84,8 @@ def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict
     if d.test is not None:
         test = _records(d.test, opts, "test")
     else:
+        import torch
+
         n = len(train)
         g = torch.Generator().manual_seed(data.split_seed)
         perm = torch.randperm(n, generator=g).tolist()

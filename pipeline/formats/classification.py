@@ -52,8 +52,11 @@ class Classification(Format):
     def render(self, rows, tokenizer, opts, max_length):
         a = [e["text_a"] for e in rows]
         b = [e["text_b"] for e in rows] if rows and rows[0].get("text_b") is not None else None
-        enc = tokenizer(a, b, truncation=True, max_length=max_length)
-        cols = {k: enc[k] for k in enc.keys()} if rows else {"input_ids": [], "attention_mask": []}
+        if rows:
+            enc = tokenizer(a, b, truncation=True, max_length=max_length)
+            cols = {k: enc[k] for k in enc.keys()}
+        else:  # an empty split (val_fraction 0): the same columns, no rows
+            cols = {k: [] for k in tokenizer("x", "x" if opts.get("columns", {}).get("text_pair") else None).keys()}
         cols["labels"] = [self.cast(e["label"]) for e in rows]
         return cols, {"truncated": sum(len(x) >= max_length for x in cols["input_ids"])}
 
