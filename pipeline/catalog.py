@@ -121,8 +121,16 @@ def num_labels(task: TaskSpec, data_dir: str | Path) -> int:
         raise DataError(f"{stats}: no label set recorded for {task.name!r}; run `dvc repro prepare` first") from None
 
 
-def check(data: DataConfig) -> None:
-    """Pre-DVC check of every task in ``data.tasks``: files exist, parse, columns and labels valid."""
+def check(data: DataConfig, tracked: str | Path | None = None) -> None:
+    """Pre-DVC check of every task in ``data.tasks``: files exist, parse, columns and labels valid.
+
+    ``tracked``: the folder that is prepare's DVC dep (``data``); a local source outside it is refused,
+    since DVC would not notice when it changes."""
     for name in data.tasks:
         task = get_task(name, data)
+        if tracked is not None and task.declared:
+            root = Path(tracked).resolve()
+            for f in source_files(task, data):
+                if not f.resolve().is_relative_to(root):
+                    raise DataError(f"{f}: data.datasets.{name} reads a file outside {tracked}/, which prepare's DVC deps do not cover (DVC would not re-run on edits); copy it under {tracked}/ and point the path there")
         read_splits(task, data)  # the chat template is checked by prepare (it needs the tokenizer)

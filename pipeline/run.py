@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset:
         apply_preset(args.preset, args.params)
     params = load_params(args.params)
-    check_data(params.data)  # before dvc: files exist, parse, columns and labels valid (DataError -> exit 2)
+    check_data(params.data, tracked="data")  # before dvc: files exist, parse, columns and labels valid (DataError -> exit 2)
     console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s) x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
     env = pipeline_env()
     if not Path(".dvc").is_dir():
