@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             tracker.log_split(layout.DATA, args.task, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
             metrics[split], predictions[split] = fmt.score(model, tokenizer, ds, opts, task.metrics, p.eval.batch_size, p.eval.max_new_tokens)
-            if fmt.kind == "generation":
-                info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
+            info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
             tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
         main_metric = task.main_metric
         if "train" in metrics:

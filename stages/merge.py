@@ -6,7 +6,7 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+import transformers
 
 from bilora import layers
 from bilora.base import load_adapted, load_for_task, resolve
@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "run_info.json", tracker.info())
             return
         task = get_task(m.task, p.data)
-        kind, n_labels = formats.get(task.format).kind, num_labels(task, layout.DATA)
-        generation = kind == "generation"  # causal LM: compare LM logits, reload with AutoModelForCausalLM
+        fmt = formats.get(task.format)  # the format names the head kind and the transformers class to reload with
+        kind, n_labels = fmt.kind, num_labels(task, layout.DATA)
+        auto = getattr(transformers, fmt.auto_class)
+        extra = {"num_labels": n_labels} if fmt.modules_to_save else {}
         adapter_dir = layout.finetune_dir(name) / "adapter"
         base_info = (layout.BASE / "model" / "bilora_base.json")
 
@@ -55,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             base = dequantize(load_for_task(layout.BASE / "model", kind, n_labels), torch.float32)
         else:
             src = resolve(p.base.source, p.base.revision).path
-            base = (AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32) if generation
-                    else AutoModelForSequenceClassification.from_pretrained(src, num_labels=n_labels, dtype=torch.float32))
+            base = auto.from_pretrained(src, dtype=torch.float32, **extra)
         merged = merge(base, adapter_dir).eval()
 
         # Agreement check: merged (fp32 math) vs adapter on the 4-bit base, on held-out test inputs.
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         merged.to(dtype).save_pretrained(tmp / "model")
         tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
         # Prove plain transformers loads it.
-        reloaded = (AutoModelForCausalLM if generation else AutoModelForSequenceClassification).from_pretrained(tmp / "model", dtype=dtype).eval()
+        reloaded = auto.from_pretrained(tmp / "model", dtype=dtype).eval()
         with torch.no_grad():
             report["reload_max_abs_diff"] = float((reloaded(**batch).logits.float() - merged.to(dtype)(**batch).logits.float()).abs().max())
         atomic_write_json(tmp / "merge_report.json", report)

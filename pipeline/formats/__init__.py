@@ -27,6 +27,7 @@ class Format:
     peft_task_type: str = "CAUSAL_LM"  # PEFT task type of the adapter
     modules_to_save: tuple[str, ...] = ()  # trained in full next to the adapter (a fresh task head)
     eval_splits: tuple[str, ...] = ("test", "train")  # generation is costly: validation is not scored
+    auto_class: str = "AutoModelForCausalLM"  # transformers class that loads a merged model
     attack_metric: bool = False  # sharpness attack also scored by the task metric (else by the loss alone)
 
     def default_metrics(self, opts: dict[str, Any]) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ class Classification(Format):
     modules_to_save = ("classifier",)
     eval_splits = ("test", "validation", "train")
     attack_metric = True
+    auto_class = "AutoModelForSequenceClassification"
 
     def default_metrics(self, opts):
         return ("accuracy", "f1") if len(label_index(opts["labels"])) == 2 else ("accuracy", "mcc")
