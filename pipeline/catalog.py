@@ -57,9 +57,20 @@ def _infer_labels(records: list[tuple[str, dict]], opts: dict) -> list[str]:
         return sorted(values)
 
 
-def _normalise(task: TaskSpec, records: list[tuple[str, dict]], opts: dict) -> list[dict]:
+def _normalise(task: TaskSpec, records: list[tuple[str, dict]], opts: dict, skipped: list[str] | None = None) -> list[dict]:
+    """Canonical records; with ``skip_invalid`` the bad ones are left out and their reasons appended to ``skipped``."""
     fmt = formats.get(task.format)
-    return [fmt.normalise(r, opts, w) for w, r in records]
+    if not opts.get("skip_invalid"):
+        return [fmt.normalise(r, opts, w) for w, r in records]
+    out = []
+    for w, r in records:
+        try:
+            out.append(fmt.normalise(r, opts, w))
+        except DataError as e:
+            skipped.append(str(e))  # type: ignore[union-attr]
+    if records and not out:
+        raise DataError(f"data.datasets.{task.name}: no records left after skip_invalid dropped all {len(records)}; first reason: {skipped[0]}")  # type: ignore[index]
+    return out
 
 
 def _records(src, opts: dict, what: str) -> list[tuple[str, dict]]:
@@ -100,7 +111,11 @@ def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict
             opts["labels"] = _infer_labels(train, opts)
         meta["labels"] = list(opts["labels"]) if not isinstance(opts["labels"], dict) else dict(opts["labels"])
         meta["num_labels"] = len(set(opts["labels"].values())) if isinstance(opts["labels"], dict) else len(opts["labels"])
-    return _normalise(task, train, opts), _normalise(task, test, opts), meta
+    skipped: list[str] = []
+    rows = _normalise(task, train, opts, skipped), _normalise(task, test, opts, skipped)
+    if skipped:
+        meta["skipped"] = {"count": len(skipped), "first": skipped[:5]}
+    return rows[0], rows[1], meta
 
 
 def source_files(task: TaskSpec, data: DataConfig) -> list[Path]:

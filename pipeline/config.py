@@ -91,8 +91,9 @@ class DatasetConfig(_Section):
     regex: str | None = Field(None, description="extraction: regex pattern; its first group (or the whole match) is the answer.")
     stop: list[str] = Field(default_factory=list, description="Generation evaluation: cut generations at the first of these strings.")
     max_new_tokens: int | None = Field(None, ge=1, description="Generation evaluation budget per example (null: eval.max_new_tokens).")
-    metrics: list[Literal["accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "loss", "perplexity"]] | None = Field(None, description="Metrics to report (null: the format's default: classification accuracy+f1 (binary) or accuracy+mcc; regression pearson+spearman; generation exact_match+loss+perplexity; multiple_choice accuracy).")
+    metrics: list[Literal["accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "loss", "perplexity", "base_loss"]] | None = Field(None, description="Metrics to report (null: the format's default: classification accuracy+f1 (binary) or accuracy+mcc; regression pearson+spearman; generation exact_match+loss+perplexity; multiple_choice accuracy). Generation formats: loss/perplexity = held-out per-token loss of the reference completions; base_loss = the same for the untuned base (adapters off).")
     main_metric: str | None = Field(None, description="Headline metric of the report (null: the first of metrics).")
+    skip_invalid: bool = Field(False, description="Drop records that fail the format's checks (empty text, label outside the set, bad chat ...) instead of stopping; the count and the first reasons are recorded in stats.json. A source left with no records is still an error. Files that do not parse always stop.")
     licence: str | None = Field(None, description="Licence note or the path of a README with it (shown in the report).")
 
     @field_validator("train", "test", mode="before")

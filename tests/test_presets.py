@@ -30,6 +30,16 @@ def test_preset_is_valid_and_complete(path: Path):
         assert p.data.tasks == ["gsm8k"]
 
 
+@pytest.mark.parametrize("name", ["smollm2_code_alpaca_cpu", "smollm2_code_alpaca_chat_cpu", "minilm_reviews_csv"])
+def test_worked_example_presets_pass_the_data_check(name):
+    """The worked examples' declared datasets read cleanly (what pipeline.run checks before dvc repro)."""
+    from pipeline.catalog import check, get_task
+
+    p = load_params(run.PRESETS / f"{name}.yaml")
+    check(p.data, tracked="data")
+    assert all(get_task(t, p.data).declared for t in p.data.tasks)
+
+
 def test_comparison_preset_covers_the_method_matrix():
     from bilora import methods
 

@@ -99,6 +99,9 @@ class Generation(Format):
                 loss = heldout_loss(model, ds, self.collator(tokenizer), batch_size)
                 out["loss"] = loss
                 out["perplexity"] = math.exp(min(loss, 50.0))
+            if "base_loss" in metrics:  # the untuned base on the same references (adapters off)
+                with model.disable_adapter():
+                    out["base_loss"] = heldout_loss(model, ds, self.collator(tokenizer), batch_size)
         return out | {"n": len(ds)}, preds
 
 
