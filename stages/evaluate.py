@@ -49,6 +49,16 @@ def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_s
     return formats.get(task.format).score(model, tokenizer, ds, options(task), task.metrics, batch_size, max_new_tokens)
 
 
+PREDICTION_SAMPLE = 20  # predictions per split logged to MLflow as a table (all of them are in artifacts/eval)
+
+
+def prediction_table(rows: list) -> dict[str, list]:
+    """Rows of predictions (dicts for generation formats, plain values otherwise) -> table columns."""
+    if rows and isinstance(rows[0], dict):
+        return {k: [str(r.get(k)) for r in rows] for k in rows[0]}
+    return {"index": list(range(len(rows))), "prediction": [str(r) for r in rows]}
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -114,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         atomic_write_json(layout.metrics_path(name), rounded(metrics))  # committed: pipeline/figures.py precision
         tracker.log_artifact(layout.metrics_path(name))
+        for split, rows in predictions.items():  # a sample of the predictions as an MLflow table
+            tracker.log_table(prediction_table(rows[:PREDICTION_SAMPLE]), f"predictions_{split}_sample.json")
         tracker.log_artifact(summary)
         if sharp is not None:
             tracker.log_artifact(layout.eval_dir(name) / "sharpness.json")
