@@ -16,7 +16,14 @@ from pipeline.tasks import DataError
 
 
 def label_index(labels: list[str] | dict[str, int]) -> dict[str, int]:
-    return {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {str(v): i for i, v in enumerate(labels)}
+    key = tuple(labels.items()) if isinstance(labels, dict) else tuple(labels)
+    found = _INDEX.get(key)
+    if found is None:  # built once per label set, not once per record
+        found = _INDEX[key] = {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {str(v): i for i, v in enumerate(labels)}
+    return found
+
+
+_INDEX: dict[tuple, dict[str, int]] = {}
 
 
 def raw_label(value: Any) -> str:
