@@ -10,12 +10,9 @@ Formats
   ``####`` line after ``Answer:``; :func:`extract_answer` reads the number back. This differs from
   the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (docs/methods.md, "Evaluation") on purpose: the space
   belongs to the target, so BPE tokenisers see ``" Janet"`` as in running text.
-* **BoolQ** (closed book): prompt = the LLM-Adapters instruction
-  ``BOOLQ_PREFIX + question + BOOLQ_SUFFIX`` followed by ``"\\nAnswer:"`` (:data:`BOOLQ_TEMPLATE`,
-  the two constants re-declared here, identical to ``pipeline.tasks``); target ``" true"`` or
-  ``" false"``. Scored by **log-likelihood**: the prediction is the choice among
-  :data:`BOOLQ_CHOICES` whose tokens have the higher summed log-probability after the prompt
-  (:func:`loglik_choice`). Generation is not used for BoolQ: scoring never produces an
+* **Multiple choice** (BoolQ and other fixed-answer tasks, defined as data in ``pipeline.tasks``):
+  scored by **log-likelihood** with :func:`loglik_choice`: the prediction is the choice whose
+  tokens have the highest summed log-probability after the prompt. It never produces an
   unparseable answer and costs one forward pass per (prompt, choice).
 
 Templates hold the literal placeholder ``{question}`` and are filled with ``str.replace`` (not
@@ -52,12 +49,6 @@ GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
 #: Generation stops (and the text is cut) where the model starts a new question.
 GSM8K_STOP = ("\nQuestion:",)
 
-BOOLQ_PREFIX = "Please answer the following question with true or false, question: "
-BOOLQ_SUFFIX = "\n\nAnswer format: true/false"
-BOOLQ_TEMPLATE = BOOLQ_PREFIX + "{question}" + BOOLQ_SUFFIX + "\nAnswer:"
-BOOLQ_CHOICES = (" true", " false")
-BOOLQ_LABELS = ("true", "false")  # BOOLQ_LABELS[i] is the answer of BOOLQ_CHOICES[i]
-
 #: LoRA target modules for Llama-family causal LMs (all linear layers of attention and MLP).
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,17 +72,6 @@ def gsm8k_prompt(question: str, template: str = GSM8K_TEMPLATE) -> str:
 def gsm8k_target(solution: str) -> str:
     """`" " + solution`: the worked solution, calculator annotations and final ``#### N`` line included."""
     return " " + solution.strip()
-
-
-def boolq_prompt(question: str, template: str = BOOLQ_TEMPLATE) -> str:
-    return fill(template, question)
-
-
-def boolq_target(answer: str) -> str:
-    a = answer.strip().lower()
-    if a not in BOOLQ_LABELS:
-        raise ValueError(f"BoolQ answer {answer!r} is not 'true' or 'false'")
-    return " " + a
 
 
 # --------------------------------------------------------------------------------------
@@ -235,10 +215,6 @@ def sft_dataset(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, **
 
 def gsm8k_pairs(examples: Sequence[dict], template: str = GSM8K_TEMPLATE) -> list[tuple[str, str]]:
     return [(gsm8k_prompt(e["question"], template), gsm8k_target(e["answer"])) for e in examples]
-
-
-def boolq_pairs(examples: Sequence[dict], template: str = BOOLQ_TEMPLATE) -> list[tuple[str, str]]:
-    return [(boolq_prompt(e["question"], template), boolq_target(e["answer"])) for e in examples]
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int, side: str) -> torch.Tensor:
@@ -448,29 +424,6 @@ def evaluate_gsm8k(
     if return_predictions:
         result["predictions"] = [{"generation": g, "prediction": p, "gold": y} for g, p, y in zip(gens, preds, golds)]
     return result
-
-
-def evaluate_boolq(
-    model: torch.nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    *,
-    batch_size: int = 16,
-    template: str = BOOLQ_TEMPLATE,
-    return_predictions: bool = False,
-) -> dict[str, Any]:
-    """BoolQ accuracy by log-likelihood of :data:`BOOLQ_CHOICES`: ``{"accuracy", "n"}`` (+ ``"predictions"``)."""
-    if not examples:
-        raise ValueError("no BoolQ examples to evaluate")
-    idx = loglik_choice(model, tokenizer, [boolq_prompt(e["question"], template) for e in examples], BOOLQ_CHOICES, batch_size)
-    preds = [BOOLQ_LABELS[i] for i in idx]
-    golds = [e["answer"].strip().lower() for e in examples]
-    result: dict[str, Any] = {"accuracy": metrics.accuracy(preds, golds), "n": len(examples)}
-    if return_predictions:
-        result["predictions"] = preds
-    return result
-
-
 # -- quality check of a quantized base (stage load_base) -----------------------------------------
 #: Fixed text and question of the causal-LM quality check (perplexity, one greedy answer).
 QUALITY_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "

@@ -42,8 +42,95 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+FORMATS = ("classification", "regression", "alpaca", "prompt_completion", "chat", "multiple_choice")
+FileType = Literal["jsonl", "json", "csv", "tsv", "parquet"]
+
+
+class SourceConfig(_Section):
+    """Where one split's records come from: a local file or folder, or a Hugging Face dataset."""
+
+    path: str | None = Field(None, description="Local file (JSONL, JSON list of records, CSV, TSV, Parquet) or a folder of such files, relative to the repository root. Keep user data under data/ (prepare's DVC dep).")
+    hf: str | None = Field(None, description="Hugging Face dataset id (needs network access: HF_HUB_OFFLINE unset). Exclusive with path.")
+    config: str | None = Field(None, description="Hugging Face dataset config (subset) name.")
+    split: str = Field("train", description="Hugging Face split to read.")
+    revision: str | None = Field(None, description="Hugging Face dataset revision (commit, tag or branch).")
+    type: FileType | None = Field(None, description="File type; null: taken from the extension (.jsonl, .json, .csv, .tsv, .parquet).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SourceConfig":
+        if (self.path is None) == (self.hf is None):
+            raise _Problems([("path", "give exactly one of path (a local file or folder) or hf (a Hugging Face dataset id)")])
+        return self
+
+
+def _as_source(v: Any) -> Any:
+    """A plain string is shorthand: 'hf:<id>' for a Hub dataset, anything else a local path."""
+    if isinstance(v, str):
+        return {"hf": v[3:]} if v.startswith("hf:") else {"path": v}
+    return v
+
+
+class DatasetConfig(_Section):
+    """A user-declared dataset (``data.datasets.<name>``); its name is usable in ``data.tasks``."""
+
+    format: Literal["classification", "regression", "alpaca", "prompt_completion", "chat", "multiple_choice"] = Field(description="Record format (one module per format in pipeline/formats/): classification (text [+ text pair] + label), regression (text [+ pair] + numeric score), alpaca (instruction, optional input, output), prompt_completion, chat (messages with role/content), multiple_choice (prompt + fixed answer strings, scored by log-likelihood).")
+    train: SourceConfig | None = Field(None, description="Training split source (a path string, 'hf:<id>', or a mapping). Validation is held out of it by data.val_fraction.")
+    test: SourceConfig | None = Field(None, description="Test split source. Null: held out of train by test_fraction.")
+    test_fraction: float | None = Field(None, gt=0, lt=1, description="When test is null: this seeded fraction (data.split_seed) of train's rows is the test split.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Format role -> column name or dotted path into nested records (e.g. {text: review, label: stars}; {output: instances.output}). Roles: classification/regression text, text_pair, label; alpaca instruction, input, output; prompt_completion prompt, completion; chat messages, role, content; multiple_choice prompt, answer. Unnamed roles use the role name as column.")
+    explode: str | None = Field(None, description="Column path of a list of sub-records: each element becomes one example, reachable as '<explode>.<field>' (e.g. Self-Instruct 'instances').")
+    labels: list[str] | dict[str, int] | None = Field(None, description="classification: the label values in class-index order (a list), or value -> class index (a mapping). Null: the sorted distinct values of train, recorded in the prepared data's meta.json. A test label outside the set is an error.")
+    choices: list[str] | None = Field(None, description="multiple_choice: the fixed answer strings; the answer column holds one of them (or its 0-based index). Each is scored as ' <choice>' after the prompt.")
+    prompt_template: str | None = Field(None, description="Generation formats: prompt text with {field} placeholders of the normalised record (prompt_completion/multiple_choice: {prompt}; alpaca: {instruction}, {input}). Null: the format's default (alpaca: the Stanford Alpaca prompt; others: '{prompt}').")
+    completion_template: str = Field("{completion}", description="prompt_completion/alpaca: target text around the completion ({completion}); e.g. ' {completion}' for a space after the prompt.")
+    chat_template: str | None = Field(None, description="chat: null = the base tokenizer's own chat template; 'chatml' = the built-in ChatML template; or an explicit Jinja template string. An error is raised when the tokenizer has none and none is given.")
+    role_map: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant"}, description="chat: role renames (ShareGPT 'human'/'gpt' -> user/assistant by default); after renaming roles must be system, user or assistant.")
+    train_on_prompt: bool = Field(False, description="Generation formats: also put the loss on prompt (and non-assistant) tokens. Default: loss on the completion / assistant turns only.")
+    extraction: Literal["whole", "final_number", "regex"] = Field("whole", description="Generation evaluation: how the answer is taken from the generation and the reference before exact match: whole (the string stripped), final_number (the last number, or the one after '####'), regex (first group of `regex`).")
+    regex: str | None = Field(None, description="extraction: regex pattern; its first group (or the whole match) is the answer.")
+    stop: list[str] = Field(default_factory=list, description="Generation evaluation: cut generations at the first of these strings.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Generation evaluation budget per example (null: eval.max_new_tokens).")
+    metrics: list[Literal["accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "loss", "perplexity", "base_loss"]] | None = Field(None, description="Metrics to report (null: the format's default: classification accuracy+f1 (binary) or accuracy+mcc; regression pearson+spearman; generation exact_match+loss+perplexity; multiple_choice accuracy). Generation formats: loss/perplexity = held-out per-token loss of the reference completions; base_loss = the same for the untuned base (adapters off).")
+    main_metric: str | None = Field(None, description="Headline metric of the report (null: the first of metrics).")
+    skip_invalid: bool = Field(False, description="Drop records that fail the format's checks (empty text, label outside the set, bad chat ...) instead of stopping; the count and the first reasons are recorded in stats.json. A source left with no records is still an error. Files that do not parse always stop.")
+    licence: str | None = Field(None, description="Licence note or the path of a README with it (shown in the report).")
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _source_shorthand(cls, v: Any) -> Any:
+        return _as_source(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetConfig":
+        problems = []
+        if self.train is None:
+            problems.append(("train", "a train source is required (eval-only datasets are not supported yet)"))
+        if self.test is None and self.test_fraction is None:
+            problems.append(("test", "give a test source or test_fraction (held out of train)"))
+        if self.test is not None and self.test_fraction is not None:
+            problems.append(("test_fraction", "give either a test source or test_fraction, not both"))
+        if self.format == "multiple_choice" and not self.choices:
+            problems.append(("choices", "multiple_choice needs the list of answer strings"))
+        if self.extraction == "regex":
+            import re as _re
+
+            if not self.regex:
+                problems.append(("regex", "extraction: regex needs a regex pattern"))
+            else:
+                try:
+                    _re.compile(self.regex)
+                except _re.error as e:
+                    problems.append(("regex", f"not a valid regular expression: {e}"))
+        if self.main_metric is not None and self.metrics is not None and self.main_metric not in self.metrics:
+            problems.append(("main_metric", f"{self.main_metric!r} is not in metrics {self.metrics}"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
 class DataConfig(_Section):
-    tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on (mrpc, rte, cola, sst2, stsb with an encoder base; gsm8k, boolq with a causal-LM base). The matrix runs every task x method x seed.")
+    tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on: built-in entries (mrpc, rte, cola, sst2, stsb with an encoder base; gsm8k, boolq with a causal-LM base) or names declared in data.datasets. The matrix runs every task x method x seed.")
+    datasets: dict[str, DatasetConfig] = Field(default_factory=dict, description="Your own datasets, by name (see README 'Fine-tune on your own data'). A name may not shadow a built-in task.")
     raw_dir: str = Field("data/raw", description="Folder with the raw benchmark files (copied into the repo with their licence notes).")
     max_length: int = Field(128, ge=8, le=4096, description="Tokenizer truncation length (tokens).")
     train_subset: int | None = Field(1000, ge=1, description="Use this many training examples after the seeded shuffle (null: all).")
@@ -53,15 +140,23 @@ class DataConfig(_Section):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
-        from pipeline.tasks import TASKS
-
-        bad = [t for t in v if t not in TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {sorted(TASKS)}")
+    def _unique_tasks(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("tasks must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> "DataConfig":
+        from pipeline.tasks import TASKS
+
+        problems = [(f"datasets.{n}", f"{n!r} is a built-in task; pick another name") for n in self.datasets if n in TASKS]
+        problems += [(f"datasets.{n}", "names are used in stage and folder names: letters, digits, '_' only") for n in self.datasets if not n.replace("_", "").isalnum()]
+        bad = [t for t in self.tasks if t not in TASKS and t not in self.datasets]
+        if bad:
+            problems.append(("tasks", f"unknown task(s) {bad}; known: built-in {sorted(TASKS)}, declared in data.datasets {sorted(self.datasets)}"))
+        if problems:
+            raise _Problems(problems)
+        return self
 
     @model_validator(mode="after")
     def _train_rows_left(self) -> "DataConfig":

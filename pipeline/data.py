@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from pipeline import formats
 from pipeline.config import DataConfig
 from pipeline.tasks import DataError, TaskSpec
 
@@ -27,58 +28,47 @@ def split_indices(n: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
 
 
 def tokenize(examples: list[dict[str, Any]], tokenizer, max_length: int, regression: bool) -> Dataset:
-    a = [e["text_a"] for e in examples]
-    b = [e["text_b"] for e in examples] if examples and examples[0].get("text_b") is not None else None
-    enc = tokenizer(a, b, truncation=True, max_length=max_length)
-    cols = {k: enc[k] for k in enc.keys()}
-    cols["labels"] = [float(e["label"]) if regression else int(e["label"]) for e in examples]
-    return Dataset.from_dict(cols)
-
-
-def tokenize_generation(task: TaskSpec, examples: list[dict[str, Any]], tokenizer, max_length: int) -> Dataset:
-    """Causal-LM SFT rows (``bilora.causal``): ``input_ids``/``attention_mask``/``labels`` (prompt masked
-    with -100) plus the raw ``question`` and gold ``answer`` kept for generation/log-likelihood evaluation."""
-    from bilora import causal
-
-    pairs = causal.gsm8k_pairs(examples) if task.name == "gsm8k" else causal.boolq_pairs(examples)
-    rows = causal.sft_dataset(tokenizer, pairs, max_length)
-    cols: dict[str, list] = {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")}
-    cols["question"] = [e["question"] for e in examples]
-    cols["answer"] = [e["answer"] for e in examples]
-    if not rows:
-        return Dataset.from_dict({k: [] for k in cols})
-    return Dataset.from_dict(cols)
+    """Classification/regression rows as the formats render them (kept for callers of the old API)."""
+    fmt = formats.get("regression" if regression else "classification")
+    return Dataset.from_dict(fmt.render(examples, tokenizer, {}, max_length)[0])
 
 
 def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDict, dict[str, Any]]:
-    raw = Path(cfg.raw_dir)
-    train_rows = task.read(raw, "train")
-    test_rows = task.read(raw, "test")
+    """Read ``task``'s sources (pipeline.catalog), split, and render each split with its format."""
+    from pipeline import catalog
+
+    fmt = formats.get(task.format)
+    opts = catalog.options(task)
+    train_rows, test_rows, meta = catalog.read_splits(task, cfg)
+    if "labels" in meta:
+        opts["labels"] = meta["labels"]
     if cfg.test_subset:
         test_rows = test_rows[: cfg.test_subset]
     tr, va = split_indices(len(train_rows), cfg)
     if not tr:
-        raise DataError(f"{raw / task.train_file}: no training rows left after the validation split; lower data.val_fraction or raise data.train_subset")
-    regression = task.kind == "regression"
-    if task.kind == "generation":
-        dd = DatasetDict(
-            train=tokenize_generation(task, [train_rows[i] for i in tr], tokenizer, cfg.max_length),
-            validation=tokenize_generation(task, [train_rows[i] for i in va], tokenizer, cfg.max_length),
-            test=tokenize_generation(task, test_rows, tokenizer, cfg.max_length),
-        )
-    else:
-        dd = DatasetDict(
-            train=tokenize([train_rows[i] for i in tr], tokenizer, cfg.max_length, regression),
-            validation=tokenize([train_rows[i] for i in va], tokenizer, cfg.max_length, regression) if va else tokenize([], tokenizer, cfg.max_length, regression),
-            test=tokenize(test_rows, tokenizer, cfg.max_length, regression),
-        )
+        raise DataError(f"{task.train_file}: no training rows left after the validation split; lower data.val_fraction or raise data.train_subset")
+    parts: dict[str, Dataset] = {}
+    split_stats: dict[str, dict] = {}
+    for split, rows in (("train", [train_rows[i] for i in tr]), ("validation", [train_rows[i] for i in va]), ("test", test_rows)):
+        cols, st = fmt.render(rows, tokenizer, opts, cfg.max_length)
+        parts[split], split_stats[split] = Dataset.from_dict(cols), st
+    if fmt.kind == "generation":
+        if len(parts["train"]) == 0:  # every example lost all its target tokens to truncation
+            raise DataError(f"{task.train_file}: data.max_length={cfg.max_length} cuts away the whole target of all {len(tr)} training examples, none is left to train on; raise data.max_length or shorten the prompts")
+    dd = DatasetDict(parts)
     stats = {
         "task": task.name,
+        "format": task.format,
         "rows": {k: len(v) for k, v in dd.items()},
         "train_file_rows": len(train_rows),
         "mean_tokens": {k: (sum(len(x) for x in v["input_ids"]) / max(1, len(v))) for k, v in dd.items()},
-        "truncated": {k: sum(len(x) >= cfg.max_length for x in v["input_ids"]) for k, v in dd.items()},
+        "truncated": {k: st["truncated"] for k, st in split_stats.items()},
     }
+    if fmt.kind == "generation":
+        stats["target_truncated"] = {k: st.get("target_truncated", 0) for k, st in split_stats.items()}
+        stats["dropped"] = {k: st.get("dropped", 0) for k, st in split_stats.items()}
+    if meta:
+        stats["meta"] = meta
     return dd, stats
 
 
@@ -87,13 +77,9 @@ def load_split(data_dir: str | Path, task: str, split: str) -> Dataset:
 
 
 def collator_for(task: TaskSpec, tokenizer):
-    """Training/loss batches for ``task``: :class:`bilora.causal.CausalCollator` (right padding) for
-    generation tasks, :class:`Collator` otherwise."""
-    if task.kind == "generation":
-        from bilora.causal import CausalCollator, pad_id
-
-        return CausalCollator(pad_id(tokenizer))
-    return Collator(tokenizer)
+    """Training/loss batches for ``task``, from its format: :class:`bilora.causal.CausalCollator`
+    (right padding) for the generation formats, :class:`Collator` for classification/regression."""
+    return formats.get(task.format).collator(tokenizer)
 
 
 class Collator:

@@ -1,6 +1,7 @@
 """``python -m pipeline.run``: validate params.yaml, then ``dvc repro`` offline, then print the summary.
 
-* Validation happens first (every problem at once, exit 2, no traceback), so a bad file touches no output.
+* Validation happens first (every problem at once, exit 2, no traceback), so a bad file touches no output;
+  then every task's data sources are read and checked (files, parsing, columns, labels: one message, exit 2).
 * ``HF_HUB_OFFLINE=1`` is set in the environment of the whole pipeline unless the caller set it
   (``HF_HUB_OFFLINE=0 python -m pipeline.run`` lets a user with a hub resolve Hub ids).
 * The interpreter's own ``bin/`` goes first on PATH so DVC's ``python -m stages.*`` commands
@@ -28,10 +29,14 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline.quiet import quiet
+
+quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
+
+from pipeline.catalog import check as check_data  # noqa: E402
 from pipeline.config import load_params
 from pipeline.console import console, error, header
 from pipeline.errors import cli
-from pipeline.quiet import quiet
 
 
 def pipeline_env() -> dict[str, str]:
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset:
         apply_preset(args.preset, args.params)
     params = load_params(args.params)
+    check_data(params.data, tracked="data")  # before dvc: files exist, parse, columns and labels valid (DataError -> exit 2)
     console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s) x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
     env = pipeline_env()
     if not Path(".dvc").is_dir():

@@ -269,6 +269,9 @@ class TaskSpec:
     test_file: str  # GLUE: dev.tsv (test labels are not public)
     licence_file: str  # README holding the licence note
     _reader: Callable[[Path], list[dict]] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    format: str = "classification"  # pipeline/formats/<format>.py renders and scores the records
+    options: dict = field(default_factory=dict, compare=False)  # the format's options (DatasetConfig fields)
+    declared: bool = False  # a data.datasets entry (read by pipeline.catalog), not a shipped reader
 
     def path(self, raw_dir: str | Path, split: str) -> Path:
         if split not in SPLITS:
@@ -283,7 +286,10 @@ class TaskSpec:
 
 
 def _glue(name, kind, num_labels, metrics, main_metric, folder, fmt) -> TaskSpec:
+    columns = {"text": "text_a", "label": "label"} | ({"text_pair": "text_b"} if len(fmt.text_cols) == 2 else {})
     return TaskSpec(
+        format=kind,
+        options={"columns": columns, "labels": ["0", "1"]} if kind == "classification" else {"columns": columns},
         name=name,
         kind=kind,
         num_labels=num_labels,
@@ -326,11 +332,26 @@ TASKS: dict[str, TaskSpec] = {
             name="gsm8k", kind="generation", num_labels=0, metrics=("exact_match",), main_metric="exact_match",
             train_file="gsm8k/train.jsonl", test_file="gsm8k/test.jsonl", licence_file="gsm8k/README.md",
             _reader=_read_gsm8k,
+            format="prompt_completion",
+            options={
+                "columns": {"prompt": "question", "completion": "answer"},
+                "prompt_template": "Question: {prompt}\nAnswer:",
+                "completion_template": " {completion}",
+                "strip_completion": True,
+                "extraction": "final_number",
+                "stop": ["\nQuestion:"],
+            },
         ),
         TaskSpec(
             name="boolq", kind="generation", num_labels=0, metrics=("accuracy",), main_metric="accuracy",
             train_file="boolq/train.json", test_file="boolq/test.json", licence_file="boolq/README.md",
             _reader=_read_boolq,
+            format="multiple_choice",
+            options={
+                "columns": {"prompt": "question", "answer": "answer"},
+                "prompt_template": BOOLQ_PREFIX + "{prompt}" + BOOLQ_SUFFIX + "\nAnswer:",
+                "choices": ["true", "false"],
+            },
         ),
     ]
 }

@@ -136,6 +136,10 @@ class Tracker:
     def log_dict(self, obj: dict, name: str) -> None:
         self._guard(lambda: self._mlflow.log_dict(obj, name))
 
+    def log_table(self, columns: dict[str, list], name: str) -> None:
+        """An MLflow table artifact (shown in the UI's artifact view / evaluation tab): column -> values."""
+        self._guard(lambda: self._mlflow.log_table(data=columns, artifact_file=name))
+
     def log_dataset(self, name: str, digest: str, source: str | Path, rows: int, context: str) -> None:
         """Record a dataset the run read as an MLflow run input (metadata only, the data is not copied).
         ``context``: ``training``, ``validation``, ``evaluation``, ``test``."""

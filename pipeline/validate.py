@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.quiet import quiet
+
+quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
+
+from pipeline.catalog import check as check_data  # noqa: E402
 from pipeline.config import load_params
 from pipeline.console import console
 from pipeline.errors import cli
-from pipeline.quiet import quiet
 
 
 @cli
@@ -17,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("params", nargs="?", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
+    check_data(p.data)  # the data sources of every task in data.tasks (DataError -> exit 2)
     n = len(p.data.tasks) * len(p.train.methods) * len(p.train.seeds)
     console.print(f"[green]ok[/] {args.params}: {len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s) = {n} fine-tune run(s)")
 

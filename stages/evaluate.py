@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from peft import PeftModel
 
-from bilora import adapters, causal, layers
+from bilora import layers
 from bilora.base import load_adapted
-from bilora.evaluate import predict
 from bilora.io import atomic_dir, atomic_write_json
-from bilora.metrics import compute
 from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
 from pipeline import layout
 from pipeline.config import flatten, load_params
 from pipeline.sections import to_settings
-from pipeline.console import console, header, info, progress
+from pipeline.console import console, header, info
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.figures import rounded
-from pipeline.tasks import get_task
+from pipeline import formats
+from pipeline.catalog import get_task, num_labels, options
 from pipeline.tracking import Tracker
 
 
@@ -29,16 +29,19 @@ def sharpness_config(p) -> SharpnessConfig:
 
 
 def evaluate_generation(model: PeftModel, tokenizer, task_name: str, ds, batch_size: int, max_new_tokens: int) -> tuple[dict, list]:
-    """GSM8K: greedy generation + exact match of the final number; BoolQ: log-likelihood of true/false.
-    Run with the auxiliary adapter (if any) disabled. Returns (metrics, per-example predictions)."""
-    examples = [{"question": q, "answer": a} for q, a in zip(ds["question"], ds["answer"])]
-    with adapters.primary_only(model):
-        if task_name == "gsm8k":
-            res = causal.evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, return_predictions=True)
-        else:
-            res = causal.evaluate_boolq(model, tokenizer, examples, batch_size=batch_size, return_predictions=True)
-    preds = res.pop("predictions")
-    return res, preds
+    """Score a built-in generation task on a prepared split through its format (auxiliary adapter disabled)."""
+    task = get_task(task_name)
+    return formats.get(task.format).score(model, tokenizer, ds, options(task), task.metrics, batch_size, max_new_tokens)
+
+
+PREDICTION_SAMPLE = 20  # predictions per split logged to MLflow as a table (all of them are in artifacts/eval)
+
+
+def prediction_table(rows: list) -> dict[str, list]:
+    """Rows of predictions (dicts for generation formats, plain values otherwise) -> table columns."""
+    if rows and isinstance(rows[0], dict):
+        return {k: [str(r.get(k)) for r in rows] for k in rows[0]}
+    return {"index": list(range(len(rows))), "prediction": [str(r) for r in rows]}
 
 
 @cli
@@ -50,13 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    task = get_task(args.task)
+    task = get_task(args.task, p.data)
+    fmt = formats.get(task.format)  # the format scores the model; nothing here depends on the task's name
     name = layout.run_name(args.task, args.method, args.seed)
     header("evaluate", name)
-    model = load_adapted(layout.BASE / "model", task.kind, task.num_labels, layout.finetune_dir(name) / "adapter")
+    model = load_adapted(layout.BASE / "model", fmt.kind, num_labels(task, layout.DATA), layout.finetune_dir(name) / "adapter")
     tokenizer = tokenizer_for(layout.BASE / "model")
     collate = collator_for(task, tokenizer)
-    generation = task.kind == "generation"
+    opts = options(task)
+    if "labels" in task.options or task.format == "classification":
+        opts["labels"] = json.loads((layout.DATA / "stats.json").read_text()).get(args.task, {}).get("meta", {}).get("labels", opts.get("labels"))
     tags = {"task": args.task, "method": args.method, "seed": args.seed}
     tracker = Tracker("evaluate", p.tracking.experiment, flatten({"eval": p.eval.model_dump(), "task": args.task, "method": args.method, "seed": args.seed}), tags=tags, run_name=f"evaluate@{name}")
     metrics: dict[str, dict[str, float]] = {}
@@ -64,9 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
-        # Generation tasks: test and the train subset only (generation is the expensive part; the
-        # validation split is not scored).
-        for split in ("test", "train") if generation else ("test", "validation", "train"):
+        for split in fmt.eval_splits:  # generation formats: test and the train subset (generation is costly)
             ds = load_split(layout.DATA, args.task, split)
             if split == "train":
                 if not p.eval.train_subset:
@@ -75,14 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             if len(ds) == 0:
                 continue
             tracker.log_split(layout.DATA, args.task, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
-            if generation:
-                metrics[split], predictions[split] = evaluate_generation(model, tokenizer, task.name, ds, p.eval.batch_size, p.eval.max_new_tokens)
-                info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
-                tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
-                continue
-            with progress(f"eval {split}", len(ds)) as advance:
-                preds, labels, _ = predict(model, ds, collate, p.eval.batch_size, on_batch=lambda d, t: advance(d, t))
-            metrics[split] = compute(task.metrics, preds, labels) | {"n": len(ds)}
+            metrics[split], predictions[split] = fmt.score(model, tokenizer, ds, opts, task.metrics, p.eval.batch_size, p.eval.max_new_tokens)
+            info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
             tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
         main_metric = task.main_metric
         if "train" in metrics:
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             objective = Objective.from_dataset(test.select(range(min(len(test), sp.examples))), collate, p.eval.batch_size)
             # Generation tasks: the loss is the LM loss on the SFT test examples (target tokens only);
             # the attack is scored by that loss alone (eval_fn=None), regenerating answers per alpha being too costly.
-            eval_fn = None if generation else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
+            eval_fn = None if not fmt.attack_metric else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
             info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
             sharp = measure(model, objective, sharpness_config(sp), eval_fn)
             metrics["sharpness"] = sharp.headline(task.main_metric)  # timings stay in sharpness.json, out of DVC metrics
@@ -111,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         atomic_write_json(layout.metrics_path(name), rounded(metrics))  # committed: pipeline/figures.py precision
         tracker.log_artifact(layout.metrics_path(name))
+        for split, rows in predictions.items():  # a sample of the predictions as an MLflow table
+            tracker.log_table(prediction_table(rows[:PREDICTION_SAMPLE]), f"predictions_{split}_sample.json")
         tracker.log_artifact(summary)
         if sharp is not None:
             tracker.log_artifact(layout.eval_dir(name) / "sharpness.json")

@@ -26,7 +26,8 @@ from pipeline.config import flatten, load_params
 from pipeline.console import header, info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import UserError, cli
-from pipeline.tasks import get_task
+from pipeline import formats
+from pipeline.catalog import get_task, num_labels
 from pipeline.tracking import Tracker
 
 def fingerprint(settings: dict) -> str:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"train.distributed: {e}") from None
     main_rank = distributed.is_main()  # only rank 0 writes outputs, checkpoints and MLflow
     try:
-        task = get_task(args.task)
+        task = get_task(args.task, p.data)
     except KeyError as e:
         raise UserError(f"--task: {e.args[0]}; use a task listed in data.tasks of params.yaml") from None
     if args.method not in methods.available() and args.method not in p.train.variants:
@@ -77,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     for need, stage in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
         if not need.is_file():
             raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
-    model = load_for_task(base_dir, task.kind, task.num_labels)
-    if task.kind != "generation":  # replaces transformers' LOAD REPORT table (pipeline/quiet.py)
-        info(f"{task.kind} head freshly initialised ({task.num_labels} {'output' if task.num_labels == 1 else 'labels'}, seed {args.seed})")
+    fmt = formats.get(task.format)  # the format decides the head, the adapter type and what is saved
+    n_labels = num_labels(task, layout.DATA)
+    model = load_for_task(base_dir, fmt.kind, n_labels)
+    if fmt.modules_to_save:  # replaces transformers' LOAD REPORT table (pipeline/quiet.py)
+        info(f"{fmt.kind} head freshly initialised ({n_labels} {'output' if n_labels == 1 else 'labels'}, seed {args.seed})")
     check_targets(model, lora["target_modules"])
-    generation = task.kind == "generation"  # causal LM: LM loss on the target tokens, no task head to save
-    spec = adapters.LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules=tuple(lora["target_modules"]), modules_to_save=() if generation else ("classifier",))
-    model = adapters.attach_lora(model, spec, "CAUSAL_LM" if generation else "SEQ_CLS")
+    spec = adapters.LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules=tuple(lora["target_modules"]), modules_to_save=fmt.modules_to_save)
+    model = adapters.attach_lora(model, spec, fmt.peft_task_type)
     method = methods.build(method_key, method_cfg, seed=args.seed)
 
     tokenizer = tokenizer_for(base_dir)

@@ -17,7 +17,8 @@ from pipeline.config import flatten, load_params
 from pipeline.console import console, header, info, warn
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
-from pipeline.tasks import get_task
+from pipeline import formats
+from pipeline.catalog import get_task, num_labels
 from pipeline.tracking import Tracker
 
 
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "merge_report.json", {"mode": "none", "run": name})
             atomic_write_json(tmp / "run_info.json", tracker.info())
             return
-        task = get_task(m.task)
+        task = get_task(m.task, p.data)
+        fmt = formats.get(task.format)  # the format names the head kind (bilora.base.task_model_class maps it to a transformers class)
+        kind, n_labels = fmt.kind, num_labels(task, layout.DATA)
+        extra = {"num_labels": n_labels} if fmt.modules_to_save else {}
         adapter_dir = layout.finetune_dir(name) / "adapter"
         base_info = (layout.BASE / "model" / "bilora_base.json")
 
@@ -45,11 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, stored if m.dtype == "auto" else m.dtype)
         torch.manual_seed(0)
         if m.mode == "nf4_roundtrip":
-            base = dequantize(load_for_task(layout.BASE / "model", task.kind, task.num_labels), torch.float32)
+            base = dequantize(load_for_task(layout.BASE / "model", kind, n_labels), torch.float32)
         else:
             src = resolve(p.base.source, p.base.revision).path
-            head = {} if task.kind == "generation" else {"num_labels": task.num_labels}
-            base = task_model_class(task.kind).from_pretrained(src, dtype=torch.float32, **head)
+            base = task_model_class(kind).from_pretrained(src, dtype=torch.float32, **extra)
         merged = merge(base, adapter_dir).eval()
 
         # Agreement check: merged (fp32 math) vs adapter on the 4-bit base, on held-out test inputs.
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
         batch = collate([{k: v for k, v in ds[i].items() if k in keep} for i in range(min(len(ds), m.check_examples))])
         batch.pop("labels")
-        adapted = load_adapted(layout.BASE / "model", task.kind, task.num_labels, adapter_dir)
+        adapted = load_adapted(layout.BASE / "model", kind, n_labels, adapter_dir)
         kernel = layers.kernel_info(adapted)
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         drift = agreement_drift(adapted, merged, batch)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             warn(warning)
         merged.to(dtype).save_pretrained(tmp / "model")
         tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
-        report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(task.kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
+        report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
         atomic_write_json(tmp / "merge_report.json", report)
         atomic_write_json(tmp / "run_info.json", tracker.info())
         tracker.log_dict(report, "merge_report.json")

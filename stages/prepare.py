@@ -11,7 +11,7 @@ from pipeline.config import flatten, load_params
 from pipeline.console import header, info
 from pipeline.data import prepare_task, tokenizer_for
 from pipeline.errors import UserError, cli
-from pipeline.tasks import get_task
+from pipeline.catalog import get_task
 from pipeline.tracking import Tracker
 
 
@@ -30,11 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     all_stats = {}
     with tracker, atomic_dir(layout.DATA) as tmp:
         for name in p.data.tasks:
-            dd, stats = prepare_task(get_task(name), p.data, tokenizer)
+            dd, stats = prepare_task(get_task(name, p.data), p.data, tokenizer)
             # An empty split (val_fraction 0) needs an explicit shard, or load_from_disk cannot read it back.
             dd.save_to_disk(str(tmp / name), num_shards={k: 1 for k, v in dd.items() if len(v) == 0})
             all_stats[name] = stats
             info(f"{name}: " + ", ".join(f"{k}={v}" for k, v in stats["rows"].items()))
+            if any(stats.get("target_truncated", {}).values()) or any(stats.get("dropped", {}).values()):
+                info(f"{name}: targets cut by data.max_length={p.data.max_length}: {stats['target_truncated']}; examples dropped (no target token left): {stats['dropped']}")
             tracker.log_metrics({f"{name}.{k}_rows": v for k, v in stats["rows"].items()})
         atomic_write_json(tmp / "stats.json", all_stats)
         atomic_write_json(tmp / "run_info.json", tracker.info())

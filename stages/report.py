@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
+    global _DATA
+    _DATA = p.data
     header("report")
     tracker = Tracker("report", p.tracking.experiment, flatten({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds}))
     with tracker:

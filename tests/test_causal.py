@@ -98,19 +98,16 @@ def test_gold_answer():
 def test_prompts_and_targets():
     assert causal.gsm8k_prompt("How many {x}?") == "Question: How many {x}?\nAnswer:"  # braces are safe
     assert causal.gsm8k_target("Steps\n#### 4\n") == " Steps\n#### 4"
-    p = causal.boolq_prompt("is it raining")
-    assert p.startswith(causal.BOOLQ_PREFIX + "is it raining" + causal.BOOLQ_SUFFIX) and p.endswith("\nAnswer:")
-    assert causal.boolq_target("True") == " true" and causal.boolq_target("false") == " false"
-    with pytest.raises(ValueError):
-        causal.boolq_target("maybe")
     with pytest.raises(ValueError, match="placeholder"):
         causal.fill("no placeholder", "q")
 
 
-def test_boolq_constants_match_the_task_reader():
-    from pipeline import tasks  # tests may import pipeline; the library re-declares the constants
+def test_boolq_prompt_is_defined_once():
+    """BoolQ is data (pipeline/tasks.py, a multiple_choice entry); the library holds no copy of its prompt."""
+    from pipeline import tasks
 
-    assert causal.BOOLQ_PREFIX == tasks.BOOLQ_PREFIX and causal.BOOLQ_SUFFIX == tasks.BOOLQ_SUFFIX
+    assert not any(n.startswith("BOOLQ") or n.startswith("boolq") for n in dir(causal))
+    assert tasks.TASKS["boolq"].options["prompt_template"] == tasks.BOOLQ_PREFIX + "{prompt}" + tasks.BOOLQ_SUFFIX + "\nAnswer:"
 
 
 # --------------------------------------------------------------------------------------
@@ -301,8 +298,6 @@ def test_evaluate_gsm8k_and_boolq_shapes(tok, monkeypatch):
     monkeypatch.setattr(causal, "generate_answers", lambda *a, **k: ["so #### 2", "it is 5"])
     res = causal.evaluate_gsm8k(model, tok, ex)
     assert res == {"exact_match": 0.5, "n": 2, "no_answer": 0}
-    bq = causal.evaluate_boolq(model, tok, [{"question": "is it", "answer": "true"}, {"question": "is not", "answer": "false"}])
-    assert bq["n"] == 2 and bq["accuracy"] in (0.0, 0.5, 1.0)
 
 
 # --------------------------------------------------------------------------------------

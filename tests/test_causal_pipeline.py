@@ -90,7 +90,7 @@ def test_dvc_repro_causal_lm_gsm8k(tmp_path):
     from datasets import load_from_disk
 
     dd = load_from_disk(str(repo / "artifacts" / "data" / "gsm8k"))
-    assert {"input_ids", "attention_mask", "labels", "question", "answer"} <= set(dd["test"].column_names)
+    assert {"input_ids", "attention_mask", "labels", "prompt", "reference"} <= set(dd["test"].column_names)
     assert len(dd["test"]) == 4 and len(dd["train"]) == 24 and len(dd["validation"]) == 0
     row = dd["train"][0]
     assert row["labels"][0] == -100 and row["labels"][-1] != -100 and len(row["input_ids"]) <= 96

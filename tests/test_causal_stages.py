@@ -25,7 +25,7 @@ def test_prepare_gsm8k_keeps_raw_test_and_masks_prompt(tok):
     dd, stats = prepare_task(get_task("gsm8k"), cfg, tok)
     assert stats["rows"] == {"train": 8, "validation": 2, "test": 3}
     row = dd["test"][0]
-    assert row["question"] and "####" in row["answer"]
+    assert row["prompt"].startswith("Question: ") and row["prompt"].endswith("\nAnswer:") and "####" in row["reference"]
     assert len(row["input_ids"]) == len(row["labels"]) <= 64
     assert row["labels"][0] == IGNORE_INDEX and any(t != IGNORE_INDEX for t in row["labels"])
     json.dumps(stats)  # stats.json stays serialisable
@@ -35,7 +35,8 @@ def test_prepare_boolq_and_empty_validation(tok):
     cfg = DataConfig(tasks=["boolq"], max_length=96, train_subset=6, val_fraction=0.0, test_subset=2)
     dd, stats = prepare_task(get_task("boolq"), cfg, tok)
     assert stats["rows"] == {"train": 6, "validation": 0, "test": 2}
-    assert dd["test"][0]["answer"] in ("true", "false")
+    assert dd["test"][0]["answer"] in (0, 1)  # index into the choices ["true", "false"]
+    assert dd["test"][0]["prompt"].endswith("\n\nAnswer format: true/false\nAnswer:")
 
 
 def test_collator_for_picks_causal_collator(tok):
@@ -75,10 +76,10 @@ def test_evaluate_generation_gsm8k_and_boolq(tok):
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id))
     model = adapters.attach_lora(model, adapters.LoraSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj")), "CAUSAL_LM")
-    ds = Dataset.from_dict({"question": ["What is 1+1?", "What is 2+2?"], "answer": ["1+1=2\n#### 2", "2+2=4\n#### 4"]})
+    ds = Dataset.from_dict({"prompt": ["Question: What is 1+1?\nAnswer:", "Question: What is 2+2?\nAnswer:"], "reference": [" 1+1=2\n#### 2", " 2+2=4\n#### 4"]})
     m, preds = evaluate_generation(model, tok, "gsm8k", ds, batch_size=2, max_new_tokens=3)
     assert set(m) == {"exact_match", "n", "no_answer"} and m["n"] == 2 and len(preds) == 2
-    ds = Dataset.from_dict({"question": ["is the sky blue", "is fire cold"], "answer": ["true", "false"]})
+    ds = Dataset.from_dict({"prompt": ["is the sky blue\nAnswer:", "is fire cold\nAnswer:"], "answer": [0, 1]})
     m, preds = evaluate_generation(model, tok, "boolq", ds, batch_size=4, max_new_tokens=3)
     assert set(m) == {"accuracy", "n"} and set(preds) <= {"true", "false"}
     assert EvalConfig().max_new_tokens == 256

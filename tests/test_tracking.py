@@ -154,3 +154,16 @@ def test_log_split_names_digests_and_sources_a_prepared_split(store, tmp_path):
     assert full.digest == split_digest(data / "sst2" / "train") and sub.digest != full.digest
     assert json.loads(full.source) == json.loads(sub.source) == {"uri": "artifacts/data/sst2/train"}
     assert json.loads(full.profile) == {"num_rows": 7} and json.loads(sub.profile) == {"num_rows": 3}
+
+
+def test_prediction_sample_is_logged_as_a_table(store):
+    from stages.evaluate import prediction_table
+
+    rows = [{"generation": "so 4", "prediction": "4", "gold": "4"}, {"generation": "x", "prediction": None, "gold": "2"}]
+    with Tracker("probe", "tables", {"a": 1}) as t:
+        t.log_table(prediction_table(rows), "predictions_test_sample.json")
+    path = client(store).download_artifacts(t.run_id, "predictions_test_sample.json", str(store.split("///")[1].rsplit("/", 1)[0]))
+    table = json.loads(open(path).read())
+    assert table["columns"] == ["generation", "prediction", "gold"]
+    assert table["data"] == [["so 4", "4", "4"], ["x", "None", "2"]]
+    assert prediction_table([1, 0]) == {"index": [0, 1], "prediction": ["1", "0"]}

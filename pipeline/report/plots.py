@@ -15,7 +15,7 @@ from bilora.sharpness_result import SharpnessResult  # noqa: E402
 from pipeline import layout  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.report.collect import Collected  # noqa: E402
-from pipeline.tasks import get_task  # noqa: E402
+from pipeline.catalog import get_task  # noqa: E402
 
 SHARPNESS_FILES = ("attack_curves.png", "landscape_1d.png", "metric_vs_sharpness.png")
 
@@ -72,7 +72,7 @@ def _attack_curves(p: Params, sharpness: dict[str, SharpnessResult], spaces: lis
     """Task metric vs alpha, mean over seeds."""
     fig, axes = _grid(p, spaces)
     for i, task in enumerate(p.data.tasks):
-        main = get_task(task).main_metric
+        main = get_task(task, p.data).main_metric
         for j, space in enumerate(spaces):
             ax = axes[i][j]
             for method in p.train.methods:
@@ -113,7 +113,7 @@ def _metric_vs_sharpness(p: Params, data: Collected, space: str, path: Path) -> 
     """Test metric vs random sharpness at the largest radius, one point per run."""
     fig, axes = plt.subplots(1, len(p.data.tasks), figsize=(6 * len(p.data.tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], p.data.tasks):
-        main = get_task(task).main_metric
+        main = get_task(task, p.data).main_metric
         for method in p.train.methods:
             xs, ys = [], []
             test = data.groups[(task, method)].test[main]  # seed order

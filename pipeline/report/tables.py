@@ -8,7 +8,7 @@ from rich.table import Table
 
 from pipeline.config import Params
 from pipeline.report.collect import SPACES, Collected, Group, mean_std
-from pipeline.tasks import get_task
+from pipeline.catalog import get_task
 
 # Paper anchors for context only (GLUE dev, %; MRPC and SST-2 accuracy, CoLA MCC). LoRA, LoRA-SAM and
 # Bi-LoRA: Bi-LoRA paper Table A2 (T5-base). Flat-LoRA: Flat-LoRA paper Table 1 (T5-base, r 8; its
@@ -20,11 +20,11 @@ PAPER_T5 = {
 }
 
 
-def split_note(tasks: list[str], test_subset: int | None) -> str:
+def split_note(tasks: list[str], test_subset: int | None, data=None) -> str:
     """What "test" means for these tasks, and what the paper column is (GLUE tasks only)."""
-    files = ", ".join(f"{t}: `{get_task(t).test_file}`" for t in tasks)
+    files = ", ".join(f"{t}: `{get_task(t, data).test_file}`" for t in tasks)
     subset = f" (first {test_subset} rows)" if test_subset else ""
-    glue = any(get_task(t).test_file.startswith("glue/") for t in tasks)
+    glue = any(get_task(t, data).test_file.startswith("glue/") for t in tasks)
     note = f"Test split{subset}: {files}" + (" (GLUE test labels are private, so GLUE tasks use dev)" if glue else "") + ". Metrics are fractions."
     if any(t in PAPER_T5 for t in tasks):
         note += " Paper anchors are **from the papers (T5-base, %; Bi-LoRA Table A2, Flat-LoRA Table 1)**, for context only: another model, full data and many more steps, not comparable in absolute terms."
@@ -71,7 +71,7 @@ def _paired(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
           f"With {len(p.train.seeds)} seed(s), a mean difference smaller than its std is not evidence either way.", "",
           "| task | method | Δ main metric | seeds better | Δ sharpness full | Δ sharpness lora |", "|---|---|---|---|---|---|"]
     for task in p.data.tasks:
-        main = get_task(task).main_metric
+        main = get_task(task, p.data).main_metric
         base = groups.get((task, "lora"))
         for method in p.train.methods:
             g = groups.get((task, method))
@@ -98,7 +98,7 @@ def detail_tables(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
     for kind, title in (("attack", "Worst-case attack: main test metric at each alpha (mean ± std over seeds)"), ("random", "Random filter-normalised sharpness: mean loss increase at each radius (mean ± std over seeds)")):
         for space in SPACES:
             for task in p.data.tasks:
-                main = get_task(task).main_metric
+                main = get_task(task, p.data).main_metric
 
                 def by_x(g: Group | None) -> dict[float, list[float]]:
                     if g is None:
@@ -124,7 +124,7 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
         "",
         f"Tasks {p.data.tasks}, methods {p.train.methods}, seeds {p.train.seeds}. Base `{p.base.source}` (4-bit {p.base.quant.quant_type if p.base.quant.enabled else 'off'}).",
         f"Train subset {p.data.train_subset}, max length {p.data.max_length}, epochs {p.train.loop.epochs}, batch {p.train.loop.batch_size}x{p.train.loop.grad_accum}, lr {p.train.loop.lr}.",
-        split_note(p.data.tasks, p.data.test_subset),
+        split_note(p.data.tasks, p.data.test_subset, p.data),
         "",
         "Sharpness: mean loss increase under random filter-normalised perturbations at the largest radius (full weight space | LoRA space).",
         "Attack: the main test metric after the largest worst-case step alpha (full | LoRA space). Both: mean over seeds.",
@@ -134,7 +134,7 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
     ]
     rows, summary = [], {}
     for (task, method), g in data.groups.items():
-        main = get_task(task).main_metric
+        main = get_task(task, p.data).main_metric
         mm, ms = mean_std(g.test[main])
         others = ", ".join(f"{k} {mean_std(v)[0]:.4f}" for k, v in g.test.items())
         gap = g.gap.get(main)

@@ -1,0 +1,151 @@
+"""Every task by name: the shipped entries of :data:`pipeline.tasks.TASKS` and the user's
+``data.datasets``, read and validated into the canonical records of their format.
+
+Stages look tasks up here (``get_task(name, params.data)``); nothing outside pipeline/formats
+branches on a task's name or format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import formats
+from pipeline.config import DataConfig, DatasetConfig
+from pipeline.formats.classification import raw_label
+from pipeline.sources import column, describe, explode, files_of, read_source
+from pipeline.tasks import TASKS, DataError, TaskSpec
+
+
+def _num_labels(d: DatasetConfig) -> int | None:
+    if d.format == "classification":
+        return len(d.labels) if d.labels is not None else None  # None: inferred by prepare (stats.json)
+    return 1 if d.format == "regression" else 0
+
+
+def declared_task(name: str, d: DatasetConfig) -> TaskSpec:
+    fmt = formats.get(d.format)
+    opts = d.model_dump() | {"name": name}
+    metrics = tuple(d.metrics) if d.metrics else (fmt.default_metrics(opts) if d.format != "classification" or d.labels is not None else ("accuracy", "f1"))
+    return TaskSpec(
+        name=name, kind=fmt.kind, num_labels=_num_labels(d), metrics=metrics, main_metric=d.main_metric or metrics[0],  # type: ignore[arg-type]
+        train_file=describe(d.train), test_file=describe(d.test) if d.test else f"{describe(d.train)} (test_fraction {d.test_fraction})",
+        licence_file=d.licence or "", format=d.format, options=opts, declared=True,
+    )
+
+
+def get_task(name: str, data: DataConfig | None = None) -> TaskSpec:
+    if name in TASKS:
+        return TASKS[name]
+    if data is not None and name in data.datasets:
+        return declared_task(name, data.datasets[name])
+    known = sorted(TASKS) + sorted(data.datasets if data else [])
+    raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+
+
+def options(task: TaskSpec) -> dict[str, Any]:
+    return {"name": task.name} | dict(task.options)
+
+
+def _infer_labels(records: list[tuple[str, dict]], opts: dict) -> list[str]:
+    col = (opts.get("columns") or {}).get("label", "label")
+    values = {raw_label(column(r, col, w, "label", opts["name"])) for w, r in records}
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def _normalise(task: TaskSpec, records: list[tuple[str, dict]], opts: dict, skipped: list[str] | None = None) -> list[dict]:
+    """Canonical records; with ``skip_invalid`` the bad ones are left out and their reasons appended to ``skipped``."""
+    fmt = formats.get(task.format)
+    if not opts.get("skip_invalid"):
+        return [fmt.normalise(r, opts, w) for w, r in records]
+    out = []
+    for w, r in records:
+        try:
+            out.append(fmt.normalise(r, opts, w))
+        except DataError as e:
+            skipped.append(str(e))  # type: ignore[union-attr]
+    if records and not out:
+        raise DataError(f"data.datasets.{task.name}: no records left after skip_invalid dropped all {len(records)}; first reason: {skipped[0]}")  # type: ignore[index]
+    return out
+
+
+def _records(src, opts: dict, what: str) -> list[tuple[str, dict]]:
+    recs = list(explode(read_source(src), opts.get("explode"), opts["name"]))
+    if not recs:
+        raise DataError(f"{describe(src)}: no records (the {what} source of data.datasets.{opts['name']} is empty)")
+    return recs
+
+
+def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(train records, test records, meta) in the format's canonical form; DataError on bad data."""
+    opts = options(task)
+    if not task.declared:
+        raw = Path(data.raw_dir)
+        rows = []
+        for split in ("train", "test"):
+            path = task.path(raw, split)
+            rows.append(_normalise(task, [(f"{path} record {i + 1}", r) for i, r in enumerate(task.read(raw, split))], opts))
+        return rows[0], rows[1], {}
+    d = data.datasets[task.name]
+    train = _records(d.train, opts, "train")
+    if d.test is not None:
+        test = _records(d.test, opts, "test")
+    else:
+        import torch
+
+        n = len(train)
+        g = torch.Generator().manual_seed(data.split_seed)
+        perm = torch.randperm(n, generator=g).tolist()
+        n_test = round(d.test_fraction * n)
+        if n_test == 0 or n_test == n:
+            empty = "test" if n_test == 0 else "train"
+            raise DataError(f"data.datasets.{task.name}.test_fraction: {d.test_fraction} of {n} records leaves the {empty} split empty; change test_fraction or give a test source")
+        test, train = [train[i] for i in sorted(perm[:n_test])], [train[i] for i in sorted(perm[n_test:])]
+    meta: dict[str, Any] = {}
+    if task.format == "classification":
+        if opts.get("labels") is None:
+            opts["labels"] = _infer_labels(train, opts)
+        meta["labels"] = list(opts["labels"]) if not isinstance(opts["labels"], dict) else dict(opts["labels"])
+        meta["num_labels"] = len(set(opts["labels"].values())) if isinstance(opts["labels"], dict) else len(opts["labels"])
+    skipped: list[str] = []
+    rows = _normalise(task, train, opts, skipped), _normalise(task, test, opts, skipped)
+    if skipped:
+        meta["skipped"] = {"count": len(skipped), "first": skipped[:5]}
+    return rows[0], rows[1], meta
+
+
+def source_files(task: TaskSpec, data: DataConfig) -> list[Path]:
+    if not task.declared:
+        return [task.path(data.raw_dir, s) for s in ("train", "test")]
+    d = data.datasets[task.name]
+    return [f for s in (d.train, d.test) if s is not None for f in files_of(s)]
+
+
+def num_labels(task: TaskSpec, data_dir: str | Path) -> int:
+    """The head size: declared, or recorded by prepare when inferred from train (stats.json)."""
+    if task.num_labels is not None:
+        return task.num_labels
+    stats = Path(data_dir) / "stats.json"
+    try:
+        return int(json.loads(stats.read_text())[task.name]["meta"]["num_labels"])
+    except (OSError, KeyError, ValueError):
+        raise DataError(f"{stats}: no label set recorded for {task.name!r}; run `dvc repro prepare` first") from None
+
+
+def check(data: DataConfig, tracked: str | Path | None = None) -> None:
+    """Pre-DVC check of every task in ``data.tasks``: files exist, parse, columns and labels valid.
+
+    ``tracked``: the folder that is prepare's DVC dep (``data``); a local source outside it is refused,
+    since DVC would not notice when it changes."""
+    for name in data.tasks:
+        task = get_task(name, data)
+        if tracked is not None and task.declared:
+            root = Path(tracked).resolve()
+            for f in source_files(task, data):
+                if not f.resolve().is_relative_to(root):
+                    raise DataError(f"{f}: data.datasets.{name} reads a file outside {tracked}/, which prepare's DVC deps do not cover (DVC would not re-run on edits); copy it under {tracked}/ and point the path there")
+        read_splits(task, data)  # the chat template is checked by prepare (it needs the tokenizer)
