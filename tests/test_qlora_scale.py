@@ -146,3 +146,195 @@ def test_checkpointing_on_nf4_base_fp32(tmp_path, method, cfg):
     for n, p in after.items():
         assert p.grad is None and not p.requires_grad
         assert torch.equal(p, before[n]), n
+
+
+# -- k-bit preparation -------------------------------------------------------------------------
+def test_prepare_kbit_dtypes(tmp_path):
+    """bf16-stored nf4 Llama: norms become fp32, embeddings and lm_head stay bf16 (unlike
+    peft.prepare_model_for_kbit_training, which upcasts them: the reference we deviate from),
+    4-bit weights stay uint8, and reentrant checkpointing makes the embedding output require grad."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+    load = lambda: LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu", dtype=torch.bfloat16)  # noqa: E731
+    model = load()
+    assert model.model.norm.weight.dtype == torch.bfloat16  # as loaded
+    done = scale.prepare_kbit(model, gradient_checkpointing=True, use_reentrant=True)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    assert done["norms_cast_fp32"] == len(norms)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+    assert model.is_gradient_checkpointing and done["input_require_grads"]
+    seen = {}
+    model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.update(rg=o.requires_grad))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 norms feed a bf16 lm_head: bilora autocasts wherever compute is bf16
+        model.train()(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen["rg"] is True
+    # PEFT's version upcasts every non-quantized parameter, embeddings and lm_head included
+    ref = prepare_model_for_kbit_training(load(), use_gradient_checkpointing=False)
+    assert ref.model.embed_tokens.weight.dtype == torch.float32 and ref.model.norm.weight.dtype == torch.float32
+    # non-reentrant needs no input grads
+    assert scale.prepare_kbit(load(), gradient_checkpointing=True, use_reentrant=False)["input_require_grads"] is False
+
+
+# -- bf16 autocast -----------------------------------------------------------------------------
+def test_autocast_dtype_reuses_compute_dtype_param():
+    assert scale.autocast_dtype("cuda", "auto") == torch.bfloat16
+    assert scale.autocast_dtype("cuda", "bfloat16") == torch.bfloat16
+    assert scale.autocast_dtype("cpu", "auto") is None  # CPU default: fp32, today's numbers
+    assert scale.autocast_dtype("cpu", "float32") is None
+    assert scale.autocast_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert scale.autocast_dtype("cuda", "float32") is None
+
+
+def _autocast_run(method, cfg):
+    torch.manual_seed(0)
+    model = adapters.attach_lora(tiny_llama(seed=0).train(), SPEC, "CAUSAL_LM")
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    seen = []
+    base.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    m = methods.build(method, cfg, seed=0)
+    loop = LoopConfig(batch_size=4, lr=1e-2, max_steps=2, checkpoint_every=0, warmup_ratio=0.0)
+    ft = FineTuner(model, m, lm_examples(), lm_collate, loop, seed=0, autocast_dtype=torch.bfloat16)
+    ft.train()
+    assert seen and set(seen) == {torch.bfloat16}  # the frozen base matmuls ran in bf16
+    for n, p in model.named_parameters():
+        if p.requires_grad or "norm" in n:
+            assert p.dtype == torch.float32, n  # master weights and norms stay fp32
+    for st in ft.optimizer.state.values():
+        assert all(v.dtype == torch.float32 for v in st.values() if torch.is_tensor(v) and v.is_floating_point())
+    return model, ft
+
+
+def test_bilora_ball_projection_stays_fp32_under_autocast():
+    rho = 1e-4  # small enough that the auxiliary is projected every step
+    model, ft = _autocast_run("bilora", {"rho": rho, "fused": True})
+    assert all(h["aux_clipped"] == 1.0 for h in ft.history)
+    # independent reference: the dense perturbation s2 * B2 @ A2 in float64
+    c = math.sqrt(sum(float(((s * b.detach().double() @ a.detach().double()) ** 2).sum()) for a, b, s in adapters.lora_factors(model, adapters.AUX)))
+    assert abs(c - rho) / rho < 1e-6  # a bf16 norm would be off by ~1e-3
+
+
+def test_lora_sam_perturbation_stays_fp32_under_autocast():
+    rho = 0.05
+    _, ft = _autocast_run("lora_sam", {"rho": rho})
+    for h in ft.history:
+        assert abs(h["perturbation_norm"] - rho) / rho < 1e-6  # ||e|| = rho in fp32 (bf16: ~1e-3)
+
+
+# -- optimizers --------------------------------------------------------------------------------
+def _bilora_one_step(optimizer: str):
+    torch.manual_seed(0)
+    model = adapters.attach_lora(tiny_llama(seed=0).train(), SPEC, "CAUSAL_LM")
+    m = methods.build("bilora", {"rho": 1e3, "fused": True}, seed=0)  # rho large: no projection
+    loop = LoopConfig(batch_size=4, lr=1e-3, max_steps=1, checkpoint_every=0, warmup_ratio=0.0, max_grad_norm=None, optimizer=optimizer)
+    ft = FineTuner(model, m, lm_examples(), lm_collate, loop, seed=0, min_8bit_size=1)
+    grads: list[dict[str, torch.Tensor]] = []
+    _record(ft.optimizer, grads, "g")
+    groups = [(g["name"], list(g["params"])) for g in ft.optimizer.param_groups]
+    before = {id(p): p.detach().clone() for _, ps in groups for p in ps}
+    ft.train()
+    return ft, groups, before, grads[0]
+
+
+@pytest.mark.parametrize("optimizer", scale.OPTIMIZERS)
+def test_bilora_aux_ascends_primary_descends_with_every_optimizer(optimizer):
+    ft, groups, before, g = _bilora_one_step(optimizer)
+    for gi, (name, ps) in enumerate(groups):
+        dot = 0.0
+        agree = total = 0
+        for pi, p in enumerate(ps):
+            grad = g.get(f"g{gi}.{pi}")
+            if grad is None:
+                continue
+            delta = p.detach() - before[id(p)]
+            dot += float((delta * grad).sum())
+            big = grad.abs() > 1e-7
+            want = 1.0 if name == "aux" else -1.0
+            agree += int((torch.sign(delta[big]) == want * torch.sign(grad[big])).sum())
+            total += int(big.sum())
+        assert total > 0
+        assert (dot > 0) if name == "aux" else (dot < 0), (name, dot)
+        assert agree / total > 0.98, (name, agree / total)  # first Adam step: delta = -/+ lr * sign(g)
+    if optimizer != "adamw":
+        st = [s for s in ft.optimizer.state.values() if "state1" in s]
+        assert st
+        want = torch.uint8 if "8bit" in optimizer else torch.float32
+        assert all(s["state1"].dtype == want and s["state2"].dtype == want for s in st)
+
+
+EIGHT_BIT_TOL = 0.03  # relative distance of the 8-bit total update from torch AdamW's after 6 steps (measured 0.009)
+
+
+def _train_lora(optimizer: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FineTuner]:
+    torch.manual_seed(0)
+    model = adapters.attach_lora(tiny_llama(seed=0).train(), SPEC, "CAUSAL_LM")
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loop = LoopConfig(batch_size=4, lr=1e-3, max_steps=6, checkpoint_every=0, warmup_ratio=0.0, optimizer=optimizer)
+    ft = FineTuner(model, methods.build("lora", {}, seed=0), lm_examples(), lm_collate, loop, seed=0, min_8bit_size=1)
+    ft.train()
+    return init, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, ft
+
+
+def test_8bit_adamw_close_to_32bit_and_paged_falls_back_on_cpu():
+    init, ref, _ = _train_lora("adamw")
+    _, p32, ft32 = _train_lora("paged_adamw_32bit")
+    _, p8, ft8 = _train_lora("adamw_8bit")
+    _, pp8, ftp8 = _train_lora("paged_adamw_8bit")
+    upd = lambda p: torch.cat([(p[n] - init[n]).flatten() for n in init])  # noqa: E731
+    u_ref, u32, u8 = upd(ref), upd(p32), upd(p8)
+    assert float((u32 - u_ref).norm() / u_ref.norm()) < 1e-5  # measured 8e-7: bitsandbytes' 32-bit AdamW = torch AdamW
+    rel8 = float((u8 - u_ref).norm() / u_ref.norm())
+    assert 0 < rel8 < EIGHT_BIT_TOL, rel8
+    assert all(s["state1"].dtype == torch.uint8 for s in ft8.optimizer.state.values())
+    # on CPU bitsandbytes pages nothing: paged 8-bit computes exactly what unpaged 8-bit does
+    assert all(torch.equal(pp8[n], p8[n]) for n in p8)
+    info = scale.optimizer_info(ftp8.optimizer)
+    assert info["paged_fallback"] and not info["paged"]
+    assert not scale.optimizer_info(ft8.optimizer)["paged_fallback"]
+
+
+def test_adamw_default_is_unchanged_torch_adamw_on_cpu():
+    opt = scale.build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(3))]}], "adamw", lr=1e-3)
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+
+
+# -- length-grouped batches ---------------------------------------------------------------------
+def test_length_grouped_order_and_padding_fraction():
+    lengths = [5, 1, 4, 2, 8, 3, 7, 6]
+    order = [0, 1, 2, 3, 4, 5, 6, 7]
+    # by hand: batches [5,1],[4,2],[8,3],[7,6] pad to 5,4,8,7 -> 48 positions, 36 real
+    assert scale.padding_fraction(order, lengths, 2) == pytest.approx(1 - 36 / 48)
+    grouped = scale.length_grouped_order(order, lengths, 2, mega=50)
+    assert sorted(grouped) == order
+    assert [lengths[i] for i in grouped] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert scale.padding_fraction(grouped, lengths, 2) == pytest.approx(1 - 36 / 40)
+    # mega-batches of 2 batches (4 positions): [5,1,4,2] -> 5,4 | 2,1 and [8,3,7,6] -> 8,7 | 6,3,
+    # then the batch holding the longest example swaps with the first
+    g2 = scale.length_grouped_order(order, lengths, 2, mega=2)
+    assert [lengths[i] for i in g2] == [8, 7, 2, 1, 5, 4, 6, 3]
+
+
+def test_length_grouped_batches_seeded_resumable_and_in_summary():
+    ex = lm_examples(n=24, lengths=(3, 20))
+    loop = LoopConfig(batch_size=4, lr=1e-3, max_steps=4, checkpoint_every=0, length_grouped=True)
+
+    def tuner():
+        torch.manual_seed(0)
+        model = adapters.attach_lora(tiny_llama(seed=0), SPEC, "CAUSAL_LM")
+        return FineTuner(model, methods.build("lora", {}, seed=0), ex, lm_collate, loop, seed=3)
+
+    a, b = tuner(), tuner()
+    for step in (0, 5, 7):  # a fresh tuner (a resumed run) sees the same batches, epoch 2 included
+        for x, y in zip(a.micro_batches(step), b.micro_batches(step)):
+            assert torch.equal(x["input_ids"], y["input_ids"])
+    seen = sorted(i for s in range(6) for i in range(len(ex)) if any(torch.equal(torch.tensor(ex[i]["input_ids"]), r[: len(ex[i]["input_ids"])]) and int(mb["attention_mask"][k].sum()) == len(ex[i]["input_ids"]) for mb in a.micro_batches(s) for k, r in enumerate(mb["input_ids"])))
+    assert sorted(set(seen)) == list(range(len(ex)))  # one epoch covers every example
+    pf = a.padding_fractions()
+    assert pf["length_grouped"] < pf["shuffled"]
+    summary = a.train()
+    assert summary["padding_fraction"] == pf
