@@ -68,13 +68,28 @@ def prepare_kbit(model: torch.nn.Module, *, gradient_checkpointing: bool = False
     if gradient_checkpointing:
         if not getattr(inner, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.loop.gradient_checkpointing: {type(inner).__name__} does not support gradient checkpointing")
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": bool(use_reentrant)})
+        kw = {"use_reentrant": bool(use_reentrant)}
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x name; the old one warns
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         if use_reentrant:
             inner.enable_input_require_grads()
             done["input_require_grads"] = True
         if getattr(inner.config, "use_cache", False):
             inner.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     return done
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    inner = _inner(model)
+    name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(inner, name, False))
+
+
+def disable_checkpointing(model: torch.nn.Module) -> None:
+    inner = _inner(model)
+    (getattr(inner, "activation_checkpointing_disable", None) or inner.gradient_checkpointing_disable)()
 
 
 # -- compute dtype ------------------------------------------------------------------------------

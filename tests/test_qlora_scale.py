@@ -108,7 +108,7 @@ def test_checkpointing_equals_plain_float64(method, cfg, reentrant):
     got = run(_dense_llama, method, cfg, gradient_checkpointing=True, checkpoint_reentrant=reentrant)
     model = got[0]
     inner = model.get_base_model()
-    assert inner.is_gradient_checkpointing
+    assert scale.checkpointing_on(inner)
     assert got[3].kbit["input_require_grads"] is reentrant
     _assert_same(ref, got, 1e-10)
 
@@ -168,7 +168,7 @@ def test_prepare_kbit_dtypes(tmp_path):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
-    assert model.is_gradient_checkpointing and done["input_require_grads"]
+    assert scale.checkpointing_on(model) and done["input_require_grads"]
     seen = {}
     model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.update(rg=o.requires_grad))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 norms feed a bf16 lm_head: bilora autocasts wherever compute is bf16
