@@ -15,8 +15,8 @@
   tests/test_memory_model.py): norm inputs and outputs (4h), q, attention output (2h), k, v
   (2 kv), gate, up, silu(gate), their product (4i), every LoRA ``A x`` (r per adapted module),
   sdpa's log-sum-exp (n_heads) and the norms' rsqrt (2), in the activation dtype; plus the loss
-  head: the fp32 log-softmax of the logits (saved) and, at the start of backward, its gradient
-  and the logits' gradient (3 x B·L·V fp32 at peak); plus the largest transient of backward, one
+  head: the fp32 logits and their saved log-softmax and, at the start of backward, the gradients
+  of both (4 x B·L·V fp32 at peak, measured); plus the largest transient of backward, one
   dequantized base weight. With gradient checkpointing only each layer's input (h per token) is
   kept, and one layer's activations are rebuilt at a time.
 * ``method_extras``: Bi-LoRA's auxiliary (weights + grads + Adam state, and the fused path's
@@ -151,7 +151,9 @@ def predict(shape: LlamaShape, run: RunShape) -> dict[str, int]:
         acts = s.layers * tokens * h * run.act_bytes + layer_acts
     else:
         acts = s.layers * layer_acts
-    logits = 3 * tokens * s.vocab * 4 + (tokens * s.vocab * run.act_bytes if run.act_bytes != 4 else 0)
+    # at the start of backward: the fp32 logits, their saved log-softmax, and the gradients of both
+    # (4 x B·L·V fp32; under bf16 autocast the bf16 logits and their bf16 gradient come on top)
+    logits = 4 * tokens * s.vocab * 4 + (2 * tokens * s.vocab * run.act_bytes if run.act_bytes != 4 else 0)
     biggest = max(a * b for a, b in lin.values())
     transient = biggest * (run.act_bytes if run.quantized else 0)  # one dequantized weight in backward
     activations = acts + logits + transient
