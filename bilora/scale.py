@@ -49,7 +49,7 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 def prepare_kbit(model: torch.nn.Module, *, gradient_checkpointing: bool = False, use_reentrant: bool = False) -> dict[str, Any]:
     """Prepare a (4-bit) model for LoRA training in place; returns what was done.
 
-    Norm parameters become float32 (a no-op on fp32-loaded models, the CPU default); embeddings
+    Half-precision norm parameters become float32 (a no-op on fp32-loaded models, the CPU default); embeddings
     and ``lm_head`` keep their dtype; no trainable flag changes (PEFT froze the base). With
     ``gradient_checkpointing`` each decoder layer is checkpointed (transformers' own mechanism,
     active in train mode only), and with ``use_reentrant`` the embedding output is made to
@@ -61,7 +61,7 @@ def prepare_kbit(model: torch.nn.Module, *, gradient_checkpointing: bool = False
     for module in inner.modules():
         if _is_norm(module):
             for p in module.parameters(recurse=False):
-                if p.dtype != torch.float32 and p.is_floating_point():
+                if p.dtype in (torch.float16, torch.bfloat16):  # half precision only (as PEFT): float64 stays
                     p.data = p.data.float()
                     cast += 1
     done = {"norms_cast_fp32": cast, "gradient_checkpointing": bool(gradient_checkpointing), "use_reentrant": bool(use_reentrant), "input_require_grads": False}

@@ -107,6 +107,7 @@ def test_checkpointing_equals_plain_float64(method, cfg, reentrant):
     ref = run(_dense_llama, method, cfg)
     got = run(_dense_llama, method, cfg, gradient_checkpointing=True, checkpoint_reentrant=reentrant)
     model = got[0]
+    assert all(p.dtype == torch.float64 for p in model.parameters())  # really float64, norms included
     inner = model.get_base_model()
     assert scale.checkpointing_on(inner)
     assert got[3].kbit["input_require_grads"] is reentrant
