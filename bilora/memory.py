@@ -37,9 +37,10 @@ kernel at once; otherwise freed-but-cached heap memory is counted as live.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GIB = 1024**3
@@ -57,7 +58,7 @@ class LlamaShape:
     head_dim: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "LlamaShape":
+    def from_config(cls, cfg: Any) -> LlamaShape:
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         return cls(vocab=get("vocab_size"), hidden=get("hidden_size"), inter=get("intermediate_size"), layers=get("num_hidden_layers"),
                    heads=get("num_attention_heads"), kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
