@@ -14,13 +14,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from peft import PeftModel
 from transformers import get_cosine_schedule_with_warmup
 
-from bilora import checkpoint, distributed
+from bilora import checkpoint, distributed, scale
 from bilora.methods.method import Method, StepContext
 from bilora.settings import Settings, setting
 
@@ -44,6 +44,10 @@ class LoopConfig(Settings):
     max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
     log_every: int = setting(5, "Log step metrics to MLflow every N optimizer steps.", ge=1)
     checkpoint_every: int = setting(50, "Write a resumable checkpoint every N optimizer steps (0: never).", ge=0)
+    gradient_checkpointing: bool = setting(False, "Recompute each decoder layer's activations in backward instead of storing them (transformers' gradient checkpointing; same gradients, less memory, ~1 more forward per step). Correct for every method.")
+    checkpoint_reentrant: bool = setting(False, "With gradient_checkpointing: use torch's reentrant checkpoint (enables input gradients on the embeddings, as PEFT does); false: the non-reentrant one torch recommends.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = setting("adamw", "Primary optimizer: adamw (torch; fused on CUDA) or bitsandbytes adamw_8bit / paged_adamw_8bit / paged_adamw_32bit (paged falls back to unpaged on CPU). Bi-LoRA's auxiliary ascends on the same optimizer (gradient negated for bitsandbytes, which has no maximize).")
+    length_grouped: bool = setting(False, "Group each batch by example length (seeded, resumable; cuts padding on causal-LM data). Off: uniformly shuffled batches.")
 
     def steps_per_epoch(self, n_examples: int) -> int:
         micro = math.ceil(n_examples / self.batch_size)
@@ -74,6 +78,9 @@ class FineTuner:
         fingerprint: identity of the run; a checkpoint with another fingerprint is ignored.
         on_log: ``on_log(metrics, step)`` every ``log_every`` steps and at the end.
         on_step: ``on_step(step, max_steps)`` after every optimizer step (progress bars).
+        autocast_dtype: autocast the forward passes to this dtype (``bilora.scale.autocast_dtype``
+            from ``base.quant.compute_dtype``); None: no autocast (the CPU default).
+        min_8bit_size: bitsandbytes optimizers keep 32-bit state below this many elements (tests).
     """
 
     def __init__(
@@ -89,6 +96,8 @@ class FineTuner:
         fingerprint: str = "",
         on_log: Callable[[dict[str, float], int], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        min_8bit_size: int | None = None,
     ) -> None:
         self.model, self.method, self.dataset, self.collate, self.loop = model, method, dataset, collate, loop
         self.seed = seed
@@ -99,8 +108,12 @@ class FineTuner:
         self.method.split_train(len(dataset))
         self._check_world()
         self.method.bind_data(lambda indices: collate([dataset[i] for i in indices]), loop)
+        self.kbit = scale.prepare_kbit(model, gradient_checkpointing=loop.gradient_checkpointing, use_reentrant=loop.checkpoint_reentrant)
         self.method.prepare(model)
-        self.optimizer = torch.optim.AdamW(method.param_groups(model, loop.lr, loop.weight_decay), lr=loop.lr)
+        self.device_type = scale.model_device_type(model)
+        self.autocast_dtype = autocast_dtype
+        self.optimizer = scale.build_optimizer(method.param_groups(model, loop.lr, loop.weight_decay), loop.optimizer, lr=loop.lr, min_8bit_size=min_8bit_size)
+        self._lengths: list[int] | None = None
         self.max_steps = loop.total_steps(self.n_train)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(loop.warmup_ratio * self.max_steps), self.max_steps)
         self.step = 0
@@ -139,6 +152,9 @@ class FineTuner:
         per_epoch = self.loop.steps_per_epoch(len(pool))
         epoch, within = divmod(step, per_epoch)
         order = epoch_order(len(pool), self.seed, epoch)
+        if self.loop.length_grouped:
+            lengths = self.lengths()
+            order = torch.tensor(scale.length_grouped_order(order.tolist(), [lengths[i] for i in pool], self.loop.batch_size))
         out = []
         for k in range(self.loop.grad_accum):
             start = (within * self.loop.grad_accum + k) * self.loop.batch_size
@@ -148,6 +164,27 @@ class FineTuner:
             if chunk:
                 out.append(self.collate([self.dataset[pool[i]] for i in chunk]))
         return out
+
+    def lengths(self) -> list[int]:
+        """Token length of every dataset example (``input_ids``), computed once."""
+        if self._lengths is None:
+            try:
+                self._lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+            except (KeyError, TypeError) as e:
+                raise ValueError("train.loop.length_grouped needs examples with input_ids") from e
+        return self._lengths
+
+    def padding_fractions(self) -> dict[str, float] | None:
+        """Padding fraction of epoch 0's batches, shuffled and length-grouped (None without input_ids)."""
+        try:
+            lengths = self.lengths()
+        except ValueError:
+            return None
+        pool = self._indices()
+        pl = [lengths[i] for i in pool]
+        order = epoch_order(len(pool), self.seed, 0).tolist()
+        grouped = scale.length_grouped_order(order, pl, self.loop.batch_size)
+        return {"shuffled": scale.padding_fraction(order, pl, self.loop.batch_size), "length_grouped": scale.padding_fraction(grouped, pl, self.loop.batch_size)}
 
     # -- checkpoints ----------------------------------------------------------------------
     def _ckpt_path(self) -> Path | None:
@@ -208,6 +245,8 @@ class FineTuner:
                 step=self.step,
                 max_steps=self.max_steps,
                 max_grad_norm=self.loop.max_grad_norm,
+                device_type=self.device_type,
+                autocast_dtype=self.autocast_dtype,
             )
             metrics = self.method.step(ctx)
             self.step += 1
@@ -236,4 +275,8 @@ class FineTuner:
             "resumed_from": self.resumed_from,
             "loop": asdict(self.loop),
             "method_config": self.method.config(),
+            "padding_fraction": self.padding_fractions(),
+            "optimizer": scale.optimizer_info(self.optimizer),
+            "kbit": self.kbit,
+            "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "none",
         }

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from bilora import adapters, checkpoint, distributed, methods, layers
+from bilora import adapters, checkpoint, distributed, methods, layers, scale
 from bilora.base import load_for_task
 from bilora.io import atomic_dir, atomic_write_json
 from bilora.methods.method import NonFiniteError
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 fingerprint=fingerprint(run),
                 on_log=tracker.log_metrics,
                 on_step=lambda s, t: advance(s, t, extra=f"loss {ft.history[-1]['loss']:.4f}"),
+                autocast_dtype=scale.autocast_dtype(scale.model_device_type(model), p.base.quant.compute_dtype),  # CUDA: bf16; CPU: only if compute_dtype says bfloat16
             )
             ft.try_resume()
             info(ft.resume_note)

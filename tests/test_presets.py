@@ -111,3 +111,18 @@ def test_comparison_preset_covers_the_method_matrix():
     assert sorted(p.train.methods) == sorted(methods.available())  # every registered method
     assert len(p.train.seeds) >= 3 and len(p.data.tasks) >= 2
     assert p.base.quant.enabled and p.eval.sharpness.enabled and p.eval.sharpness.spaces == ["full", "lora"]
+
+
+def test_llama8b_gpu_preset_turns_on_the_scale_switches_and_fits_24gb():
+    """The 8B preset (validated on CPU; it cannot run here): checkpointing, paged 8-bit AdamW,
+    length-grouped batches, bf16 via compute_dtype auto on CUDA, and a predicted peak under 24 GiB."""
+    from bilora import memory, scale
+
+    _, _, p = run.load_preset("llama8b_gsm8k_gpu", PARAMS)
+    loop = p.train.loop
+    assert loop.gradient_checkpointing and loop.optimizer == "paged_adamw_8bit" and loop.length_grouped
+    assert p.base.quant.compute_dtype == "auto" and scale.autocast_dtype("cuda", p.base.quant.compute_dtype) is not None
+    assert (loop.batch_size * loop.grad_accum, p.data.max_length, p.train.lora.r, p.train.lora.alpha) == (32, 1024, 8, 16)
+    for method in p.train.methods:
+        pred = memory.predict(memory.SHAPES["llama-8b"], memory.RunShape(seq=p.data.max_length, batch=loop.batch_size, method=method, gradient_checkpointing=True, optimizer=loop.optimizer))
+        assert pred["total"] < 24 * memory.GIB, (method, pred["total"] / memory.GIB)

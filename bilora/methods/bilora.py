@@ -16,6 +16,11 @@ drawn from a private generator so the global RNG stream (dropout, data) is the s
 gradient-norm clipping (``max_grad_norm``) covers primary parameters only; the clip runs once per
 optimizer step, in fp32; Adam moments are left untouched at the clip; rho is constant.
 With rho = 0 the auxiliary is exactly zero after the first step and Bi-LoRA equals LoRA bit for bit.
+The ascent is the ``maximize=True`` of the auxiliary's parameter group: torch AdamW applies it itself;
+with a bitsandbytes optimizer (``train.loop.optimizer``: adamw_8bit, paged_*), which has no maximize,
+:func:`bilora.scale.build_optimizer` negates the auxiliary's gradient right before the step instead,
+the same update (tested: one step moves the auxiliary up the gradient and the primary down, with
+every optimizer).
 The auxiliary is never exported: evaluation, export and merge see the primary only.
 
 ``fused=True`` computes both adapters of a layer with one matmul pair (:mod:`bilora.fused`):

@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from peft import PeftModel
 
-from bilora import adapters, distributed
+from bilora import adapters, distributed, scale
 from bilora.layers import grad_norm
 from bilora.settings import Settings
 
@@ -109,10 +109,15 @@ class StepContext:
     max_steps: int
     max_grad_norm: float | None
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    device_type: str = "cpu"
+    autocast_dtype: torch.dtype | None = None  # bf16 autocast of the forward only (bilora.scale)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward pass, the only place autocast applies: whatever a method computes between
+        passes (projections, perturbations, norms) runs outside it, in fp32."""
         self.passes["forward"] += 1
-        return self.model(**batch).loss
+        with scale.autocast(self.device_type, self.autocast_dtype):
+            return self.model(**batch).loss
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]] | None = None) -> float:
         """Mean loss over micro-batches; gradients accumulate into ``.grad`` (scaled by 1/n_micro).
