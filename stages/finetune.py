@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)  # task head init, LoRA init, dropout
     base_dir = layout.BASE / "model"
-    for need, stage in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
+    for need, producer in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
         if not need.is_file():
-            raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
+            raise UserError(f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)")
     fmt = formats.get(task.format)  # the format decides the head, the adapter type and what is saved
     n_labels = num_labels(task, layout.DATA)
     model = load_for_task(base_dir, fmt.kind, n_labels)
