@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from bilora import adapters
     from bilora.methods import flat_lora as fl
 
     cache = Path("~/.cache/bilora/bench").expanduser()

@@ -87,10 +87,11 @@ def _metadata_dataset(name: str, digest: str, source: str, rows: int):
 class Tracker:
     """A thin, outage-tolerant wrapper around one MLflow run."""
 
-    def __init__(self, stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None, system_metrics: bool = False) -> None:
+    def __init__(self, stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None, system_metrics: bool = False, enabled: bool = True) -> None:
+        """``enabled=False``: no MLflow run at all (every call a no-op; ranks other than 0 under torchrun)."""
         self.stage = stage
         self.run_id: str | None = None
-        self.enabled = True
+        self.enabled = enabled
         self.uri = tracking_uri()
         self._mlflow = None
         all_tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **git_info(), **{k: str(v) for k, v in (tags or {}).items()}}

@@ -7,27 +7,22 @@ the ``train`` sections, so a change to one method's settings re-trains only that
 
 from __future__ import annotations
 
-import argparse
-
 # The settings' defaults and checks live in the library (pipeline/config.py imports these by name):
 # import them here so they are this stage's code deps (tests/test_dvc_deps.py).
 import bilora.methods  # noqa: F401
 import bilora.train  # noqa: F401
-from bilora.io import atomic_dir
 from pipeline import layout, runs
-from pipeline.config import load_params
-from pipeline.console import header, info
+from pipeline.console import info
 from pipeline.errors import cli
+from pipeline.stage import Stage
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    header("configure", f"{len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s)")
-    with atomic_dir(layout.RUNS) as tmp:
+    stage = Stage("configure", __doc__, argv)
+    p = stage.params
+    stage.header(f"{len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s)")
+    with stage.output(layout.RUNS) as tmp:  # no tracker: no run_info.json
         names = runs.write_all(p, tmp)
     info(f"{len(names)} run settings file(s) in {layout.RUNS}")
 

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from peft import PeftModel
 
 from bilora import layers
 from bilora.base import load_adapted
-from bilora.io import atomic_dir, atomic_write_json
+from bilora.io import atomic_write_json
 from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
-from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.sections import to_settings
-from pipeline.console import console, header, info
+from pipeline import formats, layout
+from pipeline.catalog import get_task, num_labels, options
+from pipeline.console import console, info
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
 from pipeline.figures import rounded
-from pipeline import formats
-from pipeline.catalog import get_task, num_labels, options
-from pipeline.tracking import Tracker
+from pipeline.sections import to_settings
+from pipeline.stage import Stage
 
 
 def sharpness_config(p) -> SharpnessConfig:
@@ -46,25 +43,18 @@ def prediction_table(rows: list) -> dict[str, list]:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--method", required=True)
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    stage = Stage("evaluate", __doc__, argv, per_run=True)
+    args, p, name = stage.args, stage.params, stage.run
     task = get_task(args.task, p.data)
     fmt = formats.get(task.format)  # the format scores the model; nothing here depends on the task's name
-    name = layout.run_name(args.task, args.method, args.seed)
-    header("evaluate", name)
+    stage.header(name)
     model = load_adapted(layout.BASE / "model", fmt.kind, num_labels(task, layout.DATA), layout.finetune_dir(name) / "adapter")
     tokenizer = tokenizer_for(layout.BASE / "model")
     collate = collator_for(task, tokenizer)
     opts = options(task)
     if "labels" in task.options or task.format == "classification":
         opts["labels"] = json.loads((layout.DATA / "stats.json").read_text()).get(args.task, {}).get("meta", {}).get("labels", opts.get("labels"))
-    tags = {"task": args.task, "method": args.method, "seed": args.seed}
-    tracker = Tracker("evaluate", p.tracking.experiment, flatten({"eval": p.eval.model_dump(), "task": args.task, "method": args.method, "seed": args.seed}), tags=tags, run_name=f"evaluate@{name}")
+    tracker = stage.track({"eval": p.eval.model_dump(), **stage.run_tags}, tags=stage.run_tags, run_name=f"evaluate@{name}")
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, list] = {}
     kernel = layers.kernel_info(model)
@@ -100,13 +90,12 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()})
             info(f"sharpness measured in {sharp.cost['total_s']:.1f}s ({sharp.cost['loss_evals']} loss passes, {sharp.cost['grad_passes']} gradient passes)")
         summary = layout.finetune_dir(name) / "summary.json"
-        with atomic_dir(layout.eval_dir(name)) as tmp:
+        with stage.output(layout.eval_dir(name), kernel=kernel) as tmp:
             if sharp is not None:
                 atomic_write_json(tmp / "sharpness.json", sharp.to_dict())
             for split, rows in predictions.items():
                 atomic_write_json(tmp / f"predictions_{split}.json", rows)
             atomic_write_json(tmp / "metrics.json", metrics)
-            atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         atomic_write_json(layout.metrics_path(name), rounded(metrics))  # committed: pipeline/figures.py precision
         tracker.log_artifact(layout.metrics_path(name))
         for split, rows in predictions.items():  # a sample of the predictions as an MLflow table

@@ -7,7 +7,6 @@ checkpoint belongs to the same run (same params subset, data and base), otherwis
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -16,19 +15,18 @@ from dataclasses import asdict
 
 import torch
 
-from bilora import adapters, checkpoint, distributed, methods, layers, scale
+from bilora import adapters, checkpoint, distributed, layers, methods, scale
 from bilora.base import load_for_task
-from bilora.io import atomic_dir, atomic_write_json
+from bilora.io import atomic_write_json
 from bilora.methods.method import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
-from pipeline import layout, runs
-from pipeline.config import flatten, load_params
-from pipeline.console import header, info, progress
+from pipeline import formats, layout, runs
+from pipeline.catalog import get_task, num_labels
+from pipeline.console import info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import UserError, cli
-from pipeline import formats
-from pipeline.catalog import get_task, num_labels
-from pipeline.tracking import Tracker
+from pipeline.stage import Stage
+
 
 def fingerprint(settings: dict) -> str:
     """Identity of a run: its resolved settings (artifacts/runs/) plus its inputs (data stats, base info)."""
@@ -39,6 +37,7 @@ def fingerprint(settings: dict) -> str:
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
 def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
@@ -46,15 +45,11 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
         leaf = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
         raise UserError(f"train.lora.target_modules: {missing} not found in the model; linear modules available: {leaf}")
 
+
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--method", required=True)
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
+    stage = Stage("finetune", __doc__, argv, per_run=True)
+    args, p, name = stage.args, stage.params, stage.run
     try:  # under torchrun (train.distributed.nproc_per_node > 1, see stages/launch.py): join the process group
         distributed.init_from_env(p.train.distributed.backend)
     except RuntimeError as e:
@@ -70,14 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     # overrides); its DVC dep is that file, not the train sections (checked against params.yaml).
     run = runs.load(p, args.task, args.method, args.seed)
     method_key, method_cfg, lora = run["method_key"], run["method_config"], run["lora"]
-    name = layout.run_name(args.task, args.method, args.seed)
-    header("finetune", name)
+    stage.header(name)
 
     torch.manual_seed(args.seed)  # task head init, LoRA init, dropout
     base_dir = layout.BASE / "model"
-    for need, stage in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
+    for need, producer in ((base_dir / "config.json", "load_base"), (layout.DATA / args.task / "dataset_dict.json", "prepare")):
         if not need.is_file():
-            raise UserError(f"{need}: not found (output of stage '{stage}'); run `dvc repro {stage}` first (task must be in data.tasks)")
+            raise UserError(f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)")
     fmt = formats.get(task.format)  # the format decides the head, the adapter type and what is saved
     n_labels = num_labels(task, layout.DATA)
     model = load_for_task(base_dir, fmt.kind, n_labels)
@@ -91,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = tokenizer_for(base_dir)
     train_ds = load_split(layout.DATA, args.task, "train")
     loop = LoopConfig(**run["loop"])
-    tags = {"task": args.task, "method": args.method, "seed": args.seed} | ({"method_key": method_key} if method_key != args.method else {})
-    tracker = _NoTracker() if not main_rank else Tracker("finetune", p.tracking.experiment, flatten({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}), tags=tags, run_name=f"finetune@{name}", system_metrics=True)
+    tags = stage.run_tags | ({"method_key": method_key} if method_key != args.method else {})
+    # ranks other than 0: a disabled tracker, no MLflow run (rank 0 logs the mean-over-ranks loss)
+    tracker = stage.track({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}, tags=tags, run_name=f"finetune@{name}", system_metrics=True, enabled=main_rank)
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
@@ -121,12 +116,11 @@ def main(argv: list[str] | None = None) -> None:
             distributed.shutdown()
             return
         out = layout.finetune_dir(name)
-        with atomic_dir(out) as tmp:
+        with stage.output(out, kernel=kernel) as tmp:
             method.export(model, tmp / "adapter")
             atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, **({"method_key": method_key} if method_key != args.method else {}), "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
             atomic_write_json(tmp / "summary.json", summary)
             atomic_write_json(tmp / "history.json", ft.history)
-            atomic_write_json(tmp / "run_info.json", tracker.info() | {"kernel": kernel})
         tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
         tracker.log_artifacts(out / "adapter", "adapter")
         tracker.log_artifact(out / "summary.json")
@@ -140,19 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     distributed.shutdown()
 
 
-class _NoTracker:
-    """Ranks other than 0 under torchrun: no MLflow run (rank 0 logs the mean-over-ranks loss)."""
-
-    def log_metrics(self, *a, **k) -> None: ...
-    def log_artifacts(self, *a, **k) -> None: ...
-    def log_artifact(self, *a, **k) -> None: ...
-    def set_tags(self, *a, **k) -> None: ...
-    def log_split(self, *a, **k) -> None: ...
-    def info(self) -> dict:
-        return {"run_id": None, "tracked": False, "rank": distributed.rank()}
-    def __enter__(self) -> "_NoTracker":
-        return self
-    def __exit__(self, *exc) -> None: ...
 
 if __name__ == "__main__":
     main()

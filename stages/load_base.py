@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 
 from safetensors import SafetensorError
@@ -10,27 +9,25 @@ from safetensors import SafetensorError
 from bilora.base import QuantSpec, is_causal_lm, quantize, save_quantized
 from bilora.causal import QUALITY_PROMPT, quality_check
 from bilora.sources import BaseModelError, resolve
-from bilora.io import atomic_dir, atomic_write_json
+from bilora.io import atomic_write_json
 from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.console import header, info
+from pipeline.console import info
 from pipeline.errors import UserError, cli
-from pipeline.tracking import Tracker
+from pipeline.stage import Stage
+
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    header("load_base", p.base.source)
+    stage = Stage("load_base", __doc__, argv)
+    p = stage.params
+    stage.header(p.base.source)
     q = QuantSpec(**{**p.base.quant.model_dump(), "skip_modules": tuple(p.base.quant.skip_modules)})
     try:
         resolved = resolve(p.base.source, p.base.revision)
     except BaseModelError as e:
         raise UserError(str(e)) from None
-    tracker = Tracker("load_base", p.tracking.experiment, flatten({"base": p.base.model_dump()}), tags={"base.source": p.base.source})
-    with tracker, atomic_dir(layout.BASE) as tmp:
+    tracker = stage.track({"base": p.base.model_dump()}, tags={"base.source": p.base.source})
+    with tracker, stage.output(layout.BASE) as tmp:
         try:
             model, report = quantize(resolved, q, p.base.revision)
         except (OSError, ValueError, SafetensorError) as e:
@@ -54,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         tracker.set_tags({f"base.{k}": v for k, v in resolved.provenance.items()} | {f"kernel.{k}": v for k, v in report.get("kernel", {}).items()})
         tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.log_dict(report, "quant_report.json")
-        atomic_write_json(tmp / "run_info.json", tracker.info())
 
 
 if __name__ == "__main__":

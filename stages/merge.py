@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -10,33 +9,27 @@ import torch
 from bilora import layers
 from bilora.base import load_adapted, load_for_task, task_model_class
 from bilora.sources import resolve
-from bilora.io import atomic_dir, atomic_write_json
+from bilora.io import atomic_write_json
 from bilora.merge import agreement_drift, check_agreement, dequantize, merge, reload_max_abs_diff
-from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.console import console, header, info, warn
+from pipeline import formats, layout
+from pipeline.catalog import get_task, num_labels
+from pipeline.console import console, info, warn
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
-from pipeline import formats
-from pipeline.catalog import get_task, num_labels
-from pipeline.tracking import Tracker
+from pipeline.stage import Stage
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    m = p.merge
+    stage = Stage("merge", __doc__, argv)
+    p, m = stage.params, stage.params.merge
     name = layout.run_name(m.task, m.method, m.seed)
-    header("merge", f"{name} mode={m.mode}")
-    tracker = Tracker("merge", p.tracking.experiment, flatten({"merge": m.model_dump()}), tags={"task": m.task, "method": m.method, "seed": m.seed}, run_name=f"merge@{name}")
-    with tracker, atomic_dir(layout.MERGED) as tmp:
+    stage.header(f"{name} mode={m.mode}")
+    tracker = stage.track({"merge": m.model_dump()}, tags={"task": m.task, "method": m.method, "seed": m.seed}, run_name=f"merge@{name}")
+    with tracker, stage.output(layout.MERGED) as tmp:
         if m.mode == "none":
             info("merge.mode = none: nothing merged (serve the 4-bit base + adapter)")
             atomic_write_json(tmp / "merge_report.json", {"mode": "none", "run": name})
-            atomic_write_json(tmp / "run_info.json", tracker.info())
             return
         task = get_task(m.task, p.data)
         fmt = formats.get(task.format)  # the format names the head kind (bilora.base.task_model_class maps it to a transformers class)
@@ -74,7 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
         report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
         atomic_write_json(tmp / "merge_report.json", report)
-        atomic_write_json(tmp / "run_info.json", tracker.info())
         tracker.log_dict(report, "merge_report.json")
     console.print(f"[green]merged[/] {name} -> {layout.MERGED / 'model'}")
 

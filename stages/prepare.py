@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
-
 from bilora.base import BaseModelError, resolve
-from bilora.io import atomic_dir, atomic_write_json
+from bilora.io import atomic_write_json
 from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.console import header, info
+from pipeline.catalog import get_task
+from pipeline.console import info
 from pipeline.data import prepare_task, tokenizer_for
 from pipeline.errors import UserError, cli
-from pipeline.catalog import get_task
-from pipeline.tracking import Tracker
+from pipeline.stage import Stage
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    header("prepare", f"tasks={','.join(p.data.tasks)}")
+    stage = Stage("prepare", __doc__, argv)
+    p = stage.params
+    stage.header(f"tasks={','.join(p.data.tasks)}")
     try:
         tokenizer = tokenizer_for(resolve(p.base.source, p.base.revision).path)
     except (BaseModelError, OSError) as e:
         raise UserError(f"base.source: cannot load the tokenizer: {e}") from None
-    tracker = Tracker("prepare", p.tracking.experiment, flatten({"data": p.data.model_dump(), "base": p.base.model_dump()}))
+    tracker = stage.track({"data": p.data.model_dump(), "base": p.base.model_dump()})
     all_stats = {}
-    with tracker, atomic_dir(layout.DATA) as tmp:
+    with tracker, stage.output(layout.DATA) as tmp:
         for name in p.data.tasks:
             dd, stats = prepare_task(get_task(name, p.data), p.data, tokenizer)
             # An empty split (val_fraction 0) needs an explicit shard, or load_from_disk cannot read it back.
@@ -39,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
                 info(f"{name}: targets cut by data.max_length={p.data.max_length}: {stats['target_truncated']}; examples dropped (no target token left): {stats['dropped']}")
             tracker.log_metrics({f"{name}.{k}_rows": v for k, v in stats["rows"].items()})
         atomic_write_json(tmp / "stats.json", all_stats)
-        atomic_write_json(tmp / "run_info.json", tracker.info())
         tracker.log_dict(all_stats, "data_stats.json")
 
 

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-
 from pipeline import layout
-from pipeline.config import flatten, load_params
-from pipeline.console import console, header
+from pipeline.console import console
 from pipeline.errors import cli
 from pipeline.report.tables import terminal_table
 from pipeline.report.write import write_report
-from pipeline.tracking import Tracker
+from pipeline.stage import Stage
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    global _DATA
-    _DATA = p.data
-    header("report")
-    tracker = Tracker("report", p.tracking.experiment, flatten({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds}))
+    stage = Stage("report", __doc__, argv)
+    p = stage.params
+    stage.header()
+    tracker = stage.track({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds})
     with tracker:
         written = write_report(p, layout.REPORTS)
         for f in written.files:

@@ -12,7 +12,6 @@ from pipeline.config import DataConfig, EvalConfig
 from pipeline.data import Collator, collator_for, prepare_task
 from pipeline.tasks import get_task
 from tests.test_causal_pipeline import tiny_bpe_tokenizer
-from tests.tiny import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from bilora import layers as base_layers
 from bilora.methods import build, flat_lora
 from bilora.methods.flat_lora import effective_weight, flat_noise, layer_noise, noise_seed, schedule_factor
 from bilora.train import FineTuner, LoopConfig
-from tests.tiny import SPEC, cls_examples, collate, peft_bert, tiny_bert
+from tests.tiny import SPEC, cls_examples, collate, peft_bert
 from tests.tiny import nf4_bert as tiny_nf4_bert
 
 

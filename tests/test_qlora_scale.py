@@ -135,7 +135,9 @@ NF4_TOL = 1e-5  # fp32: recomputation reorders nothing, but fp32 summation in sd
 def test_checkpointing_on_nf4_base_fp32(tmp_path, method, cfg):
     """nf4 base, fp32 compute: with = without checkpointing to 1e-5 relative; the 4-bit weights
     get no gradient and are bit-identical before and after training."""
-    fn = lambda: _nf4_llama(tmp_path)
+    def fn():
+        return _nf4_llama(tmp_path)
+
     before = {n: p.detach().clone() for n, p in fn().named_parameters() if p.dtype == torch.uint8}
     assert before
     ref = run(fn, method, cfg, dtype=None)
@@ -159,7 +161,8 @@ def test_prepare_kbit_dtypes(tmp_path):
 
     tiny_llama(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
-    load = lambda: LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
+    def load():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
     model = load()
     assert model.model.norm.weight.dtype == torch.bfloat16  # as loaded
     done = scale.prepare_kbit(model, gradient_checkpointing=True, use_reentrant=True)
@@ -286,7 +289,8 @@ def test_8bit_adamw_close_to_32bit_and_paged_falls_back_on_cpu():
     _, p32, _ = _train_lora("paged_adamw_32bit")
     _, p8, ft8 = _train_lora("adamw_8bit")
     _, pp8, ftp8 = _train_lora("paged_adamw_8bit")
-    upd = lambda p: torch.cat([(p[n] - init[n]).flatten() for n in init])
+    def upd(p):
+        return torch.cat([(p[n] - init[n]).flatten() for n in init])
     u_ref, u32, u8 = upd(ref), upd(p32), upd(p8)
     assert float((u32 - u_ref).norm() / u_ref.norm()) < 1e-5  # measured 8e-7: bitsandbytes' 32-bit AdamW = torch AdamW
     rel8 = float((u8 - u_ref).norm() / u_ref.norm())

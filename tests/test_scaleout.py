@@ -234,7 +234,7 @@ def test_finetune_stage_under_torchrun_two_ranks(tmp_path):
     params["merge"].update(method="bilora")
     wd = make_workdir(tmp_path)
     write_params(wd, params)
-    for stage in ("prepare", "load_base"):
+    for stage in ("prepare", "load_base", "configure"):
         r = run_stage(wd, stage)
         assert r.returncode == 0, r.stderr[-3000:]
     r = run_stage(wd, "launch", "finetune", "--task", "sst2", "--method", "bilora", "--seed", "0", timeout=600)

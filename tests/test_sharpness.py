@@ -15,9 +15,8 @@ from peft import LoraConfig, get_peft_model
 
 from bilora import adapters
 from bilora import layers as base_layers, sharpness
-from bilora.methods import flat_lora
 from bilora.sharpness import Direction, Objective, SharpnessConfig, perturbation, random_direction
-from tests.tiny import SPEC, cls_examples, collate, peft_bert, tiny_bert
+from tests.tiny import SPEC, cls_examples, collate, peft_bert
 from tests.tiny import nf4_bert as tiny_nf4_bert
 
 P = adapters.PRIMARY
