@@ -34,7 +34,7 @@ def test_dvc_repro_on_declared_jsonl_datasets(tmp_path):
     (repo / "data" / "mine" / "beta.jsonl").write_text(rows("beta"))
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=run_env(repo))
     ran = repro(repo)
-    assert set(ran) == {"prepare", "load_base", "finetune@alpha-lora-0", "finetune@beta-lora-0", "evaluate@alpha-lora-0", "evaluate@beta-lora-0", "merge", "report"}
+    assert set(ran) == {"prepare", "load_base", "configure", "finetune@alpha-lora-0", "finetune@beta-lora-0", "evaluate@alpha-lora-0", "evaluate@beta-lora-0", "merge", "report"}
     stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
     assert stats["alpha"]["rows"] == {"train": 9, "validation": 0, "test": 3} and stats["alpha"]["format"] == "prompt_completion"
     m = json.loads((repo / "metrics" / "alpha-lora-0.json").read_text())
