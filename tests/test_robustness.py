@@ -43,6 +43,12 @@ def ready(tmp_path_factory) -> Path:
     return wd
 
 
+def configure(wd: Path) -> None:
+    """Run the configure stage (artifacts/runs/); a params error is the finetune case's to report."""
+    r = run_stage(wd, "configure")
+    assert r.returncode in (0, 2), r.stderr[-3000:]
+
+
 def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
@@ -135,6 +141,8 @@ def test_bad_input_through_the_stage(tmp_path, ready, case):
     copy_artifacts(ready, wd, *artifacts)
     mutate(wd)
     before = snapshot(wd / out)
+    if stage == "finetune":  # finetune reads its run's settings file, written from params.yaml by configure
+        configure(wd)
     r = run_stage(wd, stage, *args)
     assert_user_error(r, *needles)
     assert snapshot(wd / out) == before, "the stage left a partial or changed output"
@@ -148,6 +156,7 @@ def test_bad_input_through_the_stage(tmp_path, ready, case):
 def test_nan_stops_training_names_the_step_and_keeps_the_last_checkpoint(tmp_path, ready):
     wd = make_workdir(tmp_path)
     copy_artifacts(ready, wd, "data", "base")
+    configure(wd)
     ckpt = wd / "artifacts" / "checkpoints" / "sst2-lora-0" / "last"
     r = subprocess.run([sys.executable, str(PATCHED), "nan:3", "finetune", *FT_ARGS], cwd=wd, env=__import__("stagerun").stage_env(wd), capture_output=True, text=True, timeout=300)
     assert_user_error(r, "optimizer step 3", "loss=nan", "step 2", "fix:")

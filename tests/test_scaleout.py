@@ -95,7 +95,7 @@ def test_dvc_remote_push_clone_pull_is_up_to_date(tmp_path):
     first = make_repo(tmp_path / "a", params)
     remote = tmp_path / "remote"
     _dvc(first, "remote", "add", "-d", "local", str(remote))
-    assert len(repro(first)) == 6  # prepare, load_base, finetune, evaluate, merge, report
+    assert len(repro(first)) == 7  # prepare, load_base, configure, finetune, evaluate, merge, report
     # DVC-cached outputs go to the remote; dvc.lock, the remote config and the cache:false
     # outputs (metrics, reports) go to git.
     _dvc(first, "push")
