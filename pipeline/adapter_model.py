@@ -19,6 +19,10 @@ from mlflow.pyfunc import PythonModel
 
 
 class AdapterModel(PythonModel):
+    # The logged tensor signature (token ids) validates inputs; this is MLflow's own opt-out of its
+    # type-hint wrapping of predict (mlflow/pyfunc/model.py), which would warn on every log and load.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from bilora.base import load_adapted
 

@@ -74,8 +74,8 @@ def log_adapter(tracker: Tracker, run: str, adapter_dir: Path, base_dir: Path, s
         import mlflow
 
         base = str(Path(base_dir).resolve())
-        with warnings.catch_warnings():  # the signature is given explicitly: no input example, no type hints needed
-            warnings.filterwarnings("ignore", message=r".*(Add type hints to the .predict. method|An input example was not provided)", category=UserWarning)
+        with warnings.catch_warnings():  # the signature is given explicitly; an input example would make MLflow load the model
+            warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=f"adapter-{run}", python_model=str(ADAPTER_CODE), artifacts={"adapter": str(adapter_dir)},
                 model_config={"base_dir": base, "kind": kind, "num_labels": num_labels},
