@@ -335,6 +335,7 @@ class MergeConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = Field("bilora", min_length=1, description="MLflow experiment name (tracking URI: $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repo root).")
+    register_model: str | None = Field(None, min_length=1, description="Register the merged model (merge stage) in the MLflow Model Registry under this name, a new version per merge run (null: off; the merged model is still logged).")
 
 
 class _ParamsBase(_Section):

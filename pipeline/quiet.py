@@ -14,7 +14,10 @@ else those libraries log or warn stays visible:
 * Hugging Face progress bars (loading weights, writing shards, saving datasets: well under a
   second at our sizes); ``HF_HUB_DISABLE_PROGRESS_BARS=0`` and ``HF_DATASETS_DISABLE_PROGRESS_BARS=0``
   bring them back;
-* MLflow's INFO lines from its sqlite store ("Creating initial MLflow database tables...");
+* MLflow's INFO lines from its sqlite store ("Creating initial MLflow database tables..."), its
+  "Downloading artifacts" bar (a logged model copying its local files, well under a second;
+  ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true`` brings it back) and, when it logs a transformers
+  model, its warnings that a local model has no Hub model card or licence;
 * FutureWarning / DeprecationWarning raised inside transformers, peft, accelerate or bitsandbytes
   (notes about their own internals, e.g. transformers' ``is_gradient_checkpointing`` rename
   hit by peft). Not applied when the user passes ``-W`` or ``PYTHONWARNINGS``.
@@ -39,7 +42,7 @@ _NOISY_PACKAGES = r"(transformers|peft|accelerate|bitsandbytes)(\.|$)"
 class _DropMessage(logging.Filter):
     """Drop records whose message starts with ``prefix``."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str | tuple[str, ...]) -> None:
         super().__init__()
         self.prefix = prefix
 
@@ -89,6 +92,8 @@ def quiet() -> None:
     _add_once(logging.getLogger("transformers.modeling_utils"), _HeadOnlyLoadReport())
     _add_once(logging.getLogger("mlflow.store.db.utils"), _DropBelow(logging.WARNING))
     _add_once(logging.getLogger("mlflow.system_metrics.system_metrics_monitor"), _DropBelow(logging.WARNING))  # "Started/Stopping monitoring", "Skip logging GPU metrics"
+    _add_once(logging.getLogger("mlflow.transformers"), _DropMessage(("The model card could not be retrieved", "Unable to find license information")))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers and huggingface_hub at import
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if not sys.warnoptions:  # the user asked for specific warnings (-W / PYTHONWARNINGS): leave them alone

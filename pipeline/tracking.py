@@ -6,7 +6,8 @@ The experiment is tagged as a model-training experiment (``mlflow.experimentKind
 UI opens it on "Training runs"; the data splits a run read are logged as dataset inputs
 (:meth:`Tracker.log_dataset`, :func:`split_digest`); ``system_metrics=True`` (finetune) adds MLflow's
 CPU/memory/disk/network (and GPU, with ``nvidia-ml-py``) ``system/*`` metrics, sampled every 10 s
-(MLflow's default; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it).
+(MLflow's default; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it). Logged models (adapter,
+merged) are logged by :mod:`pipeline.logged_models`; their ids go into :meth:`Tracker.info` (``models``).
 The default tracking URI is ``sqlite:///mlflow.db`` at the repository root; ``MLFLOW_TRACKING_URI``
 overrides it. If the tracking server is unreachable the stage still completes: the tracker warns
 once and turns into a no-op; metrics stay in the DVC outputs.
@@ -19,7 +20,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.console import warn
 
@@ -94,6 +95,8 @@ class Tracker:
         self.enabled = enabled
         self.uri = tracking_uri()
         self._mlflow = None
+        self.models: dict[str, str] = {}  # logged model ids by role (adapter, merged)
+        self.registered: dict[str, Any] | None = None  # {"name", "version"} of a Model Registry version
         all_tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **git_info(), **{k: str(v) for k, v in (tags or {}).items()}}
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp"] = os.environ["DVC_EXP_NAME"]
@@ -116,17 +119,29 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[i : i + 100]))
 
-    def _guard(self, fn, *args, **kwargs) -> None:
+    def _guard(self, fn, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)``, or None once tracking is off; the first failure turns it off."""
         if not self.enabled:
-            return
+            return None
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never kill a stage
             self.enabled = False
             warn(f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing without tracking. Results are still in the DVC outputs.")
+            return None
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._guard(lambda: self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step))
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None, dataset=None) -> None:
+        """``model_id``: the logged model these metrics score (shown on its page); ``dataset``: the one
+        they were computed on (:meth:`log_split`'s return)."""
+        self._guard(lambda: self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id, dataset=dataset))
+
+    def log_model(self, role: str, log: Callable[[], str]) -> str | None:
+        """Run ``log`` (an MLflow ``log_model`` call in this run, returning the model id) guarded;
+        the id is kept under ``role`` in :meth:`info`. None when untracked or on failure."""
+        model_id = self._guard(log)
+        if model_id is not None:
+            self.models[role] = model_id
+        return model_id
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self._guard(lambda: self._mlflow.log_artifacts(str(local_dir), artifact_path))
@@ -141,17 +156,23 @@ class Tracker:
         """An MLflow table artifact (shown in the UI's artifact view / evaluation tab): column -> values."""
         self._guard(lambda: self._mlflow.log_table(data=columns, artifact_file=name))
 
-    def log_dataset(self, name: str, digest: str, source: str | Path, rows: int, context: str) -> None:
+    def log_dataset(self, name: str, digest: str, source: str | Path, rows: int, context: str):
         """Record a dataset the run read as an MLflow run input (metadata only, the data is not copied).
-        ``context``: ``training``, ``validation``, ``evaluation``, ``test``."""
-        self._guard(lambda: self._mlflow.log_input(_metadata_dataset(name, digest, str(source), int(rows)), context=context))
+        ``context``: ``training``, ``validation``, ``evaluation``, ``test``. Returns the dataset (None untracked)."""
 
-    def log_split(self, data_dir: str | Path, task: str, split: str, rows: int, context: str, first: int | None = None) -> None:
+        def log():
+            ds = _metadata_dataset(name, digest, str(source), int(rows))
+            self._mlflow.log_input(ds, context=context)
+            return ds
+
+        return self._guard(log)
+
+    def log_split(self, data_dir: str | Path, task: str, split: str, rows: int, context: str, first: int | None = None):
         """:meth:`log_dataset` for ``<data_dir>/<task>/<split>`` (a split saved by ``prepare``): name
         ``<task>/<split>``, digest :func:`split_digest`, source the split's folder. ``first``: only the
         first ``first`` rows were read (name ``<task>/<split>[:first]``, digest of digest + count)."""
         if not self.enabled:
-            return
+            return None
         folder = Path(data_dir) / task / split
         digest, name = split_digest(folder), f"{task}/{split}"
         if first is not None:
@@ -160,7 +181,7 @@ class Tracker:
             source = folder.resolve().relative_to(repo_root()).as_posix()
         except ValueError:
             source = folder.resolve().as_posix()
-        self.log_dataset(name, digest, source, rows, context)
+        return self.log_dataset(name, digest, source, rows, context)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._guard(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
@@ -183,7 +204,12 @@ class Tracker:
             pass
 
     def info(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}
+        out = {"run_id": self.run_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}
+        if self.models:
+            out["models"] = dict(self.models)
+        if self.registered:
+            out["registered_model"] = dict(self.registered)
+        return out
 
     def __enter__(self) -> "Tracker":
         return self

@@ -10,7 +10,7 @@ from bilora import layers
 from bilora.base import load_adapted
 from bilora.io import atomic_write_json
 from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
-from pipeline import formats, layout
+from pipeline import formats, layout, logged_models
 from pipeline.catalog import get_task, num_labels, options
 from pipeline.console import console, info
 from pipeline.data import collator_for, load_split, tokenizer_for
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
+        model_id = logged_models.adapter_id(layout.finetune_dir(name), tracker)  # metrics shown on the adapter's model page
         for split in fmt.eval_splits:  # generation formats: test and the train subset (generation is costly)
             ds = load_split(layout.DATA, args.task, split)
             if split == "train":
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> None:
                 ds = ds.select(range(min(len(ds), p.eval.train_subset)))
             if len(ds) == 0:
                 continue
-            tracker.log_split(layout.DATA, args.task, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
+            dataset = tracker.log_split(layout.DATA, args.task, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
             metrics[split], predictions[split] = fmt.score(model, tokenizer, ds, opts, task.metrics, p.eval.batch_size, p.eval.max_new_tokens)
             info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
-            tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()})
+            tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()}, model_id=model_id, dataset=dataset)
         main_metric = task.main_metric
         if "train" in metrics:
             metrics["gap"] = {main_metric: metrics["train"][main_metric] - metrics["test"][main_metric]}
-            tracker.log_metrics({f"gap.{main_metric}": metrics["gap"][main_metric]})
+            tracker.log_metrics({f"gap.{main_metric}": metrics["gap"][main_metric]}, model_id=model_id)
         sharp = None
         if p.eval.sharpness.enabled:
             sp = p.eval.sharpness
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
             sharp = measure(model, objective, sharpness_config(sp), eval_fn)
             metrics["sharpness"] = sharp.headline(task.main_metric)  # timings stay in sharpness.json, out of DVC metrics
-            tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()})
+            tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()}, model_id=model_id)
             info(f"sharpness measured in {sharp.cost['total_s']:.1f}s ({sharp.cost['loss_evals']} loss passes, {sharp.cost['grad_passes']} gradient passes)")
         summary = layout.finetune_dir(name) / "summary.json"
         with stage.output(layout.eval_dir(name), kernel=kernel) as tmp:

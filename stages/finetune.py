@@ -20,7 +20,7 @@ from bilora.base import load_for_task
 from bilora.io import atomic_write_json
 from bilora.methods.method import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
-from pipeline import formats, layout, runs
+from pipeline import formats, layout, logged_models, runs
 from pipeline.catalog import get_task, num_labels
 from pipeline.console import info, progress
 from pipeline.data import collator_for, load_split, tokenizer_for
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(tmp / "adapter" / "bilora_config.json", {"method": args.method, **({"method_key": method_key} if method_key != args.method else {}), "task": args.task, "seed": args.seed, "primary": asdict(spec) | {"scaling": spec.scaling}, "method_config": method.config()})
             atomic_write_json(tmp / "summary.json", summary)
             atomic_write_json(tmp / "history.json", ft.history)
+            # MLflow model of the adapter, on the base by reference; its id goes into run_info.json
+            logged_models.log_adapter(tracker, name, tmp / "adapter", base_dir, layout.run_settings_path(name), fmt.kind, n_labels, tokenizer.model_input_names, tags)
         tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
         tracker.log_artifacts(out / "adapter", "adapter")
         tracker.log_artifact(out / "summary.json")

@@ -11,7 +11,7 @@ from bilora.base import load_adapted, load_for_task, task_model_class
 from bilora.sources import resolve
 from bilora.io import atomic_write_json
 from bilora.merge import agreement_drift, check_agreement, dequantize, merge, reload_max_abs_diff
-from pipeline import formats, layout
+from pipeline import formats, layout, logged_models
 from pipeline.catalog import get_task, num_labels
 from pipeline.console import console, info, warn
 from pipeline.data import collator_for, load_split, tokenizer_for
@@ -64,10 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         if (warning := check_agreement(m.mode, drift, m.tolerance)) is not None:
             warn(warning)
         merged.to(dtype).save_pretrained(tmp / "model")
-        tokenizer_for(layout.BASE / "model").save_pretrained(tmp / "model")
+        tokenizer = tokenizer_for(layout.BASE / "model")
+        tokenizer.save_pretrained(tmp / "model")
         report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
         atomic_write_json(tmp / "merge_report.json", report)
         tracker.log_dict(report, "merge_report.json")
+        tags = {"task": m.task, "method": m.method, "seed": m.seed} | ({"adapter_model_id": a} if (a := logged_models.adapter_id(layout.finetune_dir(name), tracker)) else {})
+        logged_models.log_merged(tracker, name, merged, tokenizer, layout.BASE / "model", layout.run_settings_path(name), kind, m.model_dump(), tags, p.tracking.register_model)
     console.print(f"[green]merged[/] {name} -> {layout.MERGED / 'model'}")
 
 

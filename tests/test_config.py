@@ -61,6 +61,8 @@ def test_all_mistakes_reported_at_once_by_dotted_path():
         (lambda r: r["train"].__setitem__("seeds", [0, 0]), "train.seeds"),
         (lambda r: r["data"].__setitem__("val_fraction", 1.5), "data.val_fraction"),
         (lambda r: r.__setitem__("trian", {}), "trian"),
+        (lambda r: r["tracking"].__setitem__("register_model", ""), "tracking.register_model"),
+        (lambda r: r["tracking"].__setitem__("register_model", 3), "tracking.register_model"),
     ],
 )
 def test_single_mistakes(mutate, loc):
@@ -69,6 +71,15 @@ def test_single_mistakes(mutate, loc):
     with pytest.raises(ConfigError) as e:
         validate_dict(raw)
     assert any(l == loc or l.startswith(loc + ".") for l, _ in e.value.problems), e.value.problems
+
+
+def test_register_model_is_off_by_default_and_takes_a_name():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert load_params(ROOT / "params.yaml").tracking.register_model is None
+    del raw["tracking"]["register_model"]
+    assert validate_dict(raw).tracking.register_model is None  # the schema's default, not only params.yaml's
+    raw["tracking"]["register_model"] = "bilora-sst2"
+    assert validate_dict(raw).tracking.register_model == "bilora-sst2"
 
 
 def test_merge_target_must_be_in_matrix():
