@@ -127,35 +127,40 @@ DDP_WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
 REL_TOL = 1e-5
 
 
-def _train(method: str, out: Path, nproc: int) -> None:
+DDP_METHODS = ["lora", "bilora", "lora_sam", "flat_lora"]
+
+
+def _train(methods: list[str], out: Path, nproc: int) -> None:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    r = subprocess.run([*launcher, str(DDP_WORKER), method, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*launcher, str(DDP_WORKER), ",".join(methods), str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "bilora", "lora_sam", "flat_lora"])
-def test_two_gloo_ranks_equal_one_process(tmp_path, method):
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """Every method of DDP_METHODS, trained in one process and on two gloo ranks (two launches in all:
+    one test, not one per method, so that xdist cannot split the launches over workers)."""
     from safetensors.torch import load_file
 
-    _train(method, tmp_path / "one", 1)
-    _train(method, tmp_path / "two", 2)
-    single = load_file(tmp_path / "one" / "rank0.safetensors")
-    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
-    assert set(r0) == set(r1) == set(single) and any("lora_B" in k for k in single)
-    for k in single:
-        assert torch_equal(r0[k], r1[k]), f"{k}: ranks disagree"  # bitwise: identical updates on every rank
-        diff = (r0[k] - single[k]).abs().max().item()
-        assert diff <= REL_TOL * max(single[k].abs().max().item(), 1e-3), f"{k}: max |2 ranks - 1 process| = {diff:.3g}"
-    h1 = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    h2 = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert h2[0]["world"] == 2 and h2[0]["loss"] == h2[1]["loss"]  # logged loss = mean over ranks, same everywhere
-    assert h2[0]["loss"] == pytest.approx(h1["loss"], rel=REL_TOL)
-    if method == "bilora":  # the auxiliary moved (ascent on the all-reduced gradient) and agrees too
-        assert any("aux" in k and r0[k].abs().sum() > 0 for k in r0 if "lora_B" in k)
+    _train(DDP_METHODS, tmp_path / "one", 1)
+    _train(DDP_METHODS, tmp_path / "two", 2)
+    for method in DDP_METHODS:
+        single = load_file(tmp_path / "one" / method / "rank0.safetensors")
+        r0, r1 = (load_file(tmp_path / "two" / method / f"rank{r}.safetensors") for r in (0, 1))
+        assert set(r0) == set(r1) == set(single) and any("lora_B" in k for k in single), method
+        for k in single:
+            assert torch_equal(r0[k], r1[k]), f"{method} {k}: ranks disagree"  # bitwise: identical updates on every rank
+            diff = (r0[k] - single[k]).abs().max().item()
+            assert diff <= REL_TOL * max(single[k].abs().max().item(), 1e-3), f"{method} {k}: max |2 ranks - 1 process| = {diff:.3g}"
+        h1 = json.loads((tmp_path / "one" / method / "rank0.json").read_text())
+        h2 = [json.loads((tmp_path / "two" / method / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert h2[0]["world"] == 2 and h2[0]["loss"] == h2[1]["loss"], method  # logged loss = mean over ranks, same everywhere
+        assert h2[0]["loss"] == pytest.approx(h1["loss"], rel=REL_TOL), method
+        if method == "bilora":  # the auxiliary moved (ascent on the all-reduced gradient) and agrees too
+            assert any("aux" in k and r0[k].abs().sum() > 0 for k in r0 if "lora_B" in k)
 
 
 def torch_equal(a, b) -> bool:
