@@ -143,7 +143,10 @@ def close_parent(uri: str, run_id: str, status: str = "FINISHED", root: str | Pa
             client.log_artifact(run_id, str(params_file))
         summary = root / "reports" / "summary.json"
         if summary.is_file():
-            client.log_table(run_id, data=summary_columns(json.loads(summary.read_text())), artifact_file="summary_table.json")
+            # log_table's own format (columns + rows), written with log_dict: log_table appends to an existing
+            # file, and an experiment's parent is closed once per stage
+            cols = summary_columns(json.loads(summary.read_text()))
+            client.log_dict(run_id, {"columns": list(cols), "data": [list(r) for r in zip(*cols.values())]}, "summary_table.json")
             client.log_artifact(run_id, str(summary), "reports")
         headline = root / "reports" / "metrics.json"
         if headline.is_file():
