@@ -9,6 +9,7 @@ DATA = ARTIFACTS / "data"
 BASE = ARTIFACTS / "base"
 MERGED = ARTIFACTS / "merged"
 REPORTS = Path("reports")
+REPORT_RUN = ARTIFACTS / "report"  # the report stage's run_info.json (its MLflow run id), a cached out like every stage's
 
 
 def run_name(task: str, method: str, seed: int) -> str:
@@ -29,7 +30,8 @@ def eval_dir(name: str) -> Path:
 
 
 def metrics_path(name: str) -> Path:
-    """Git-tracked DVC metrics file of one evaluate run (``dvc metrics diff`` / ``dvc exp show``)."""
+    """Git-tracked detail figures of one evaluate run (a plain ``cache: false`` out the report reads); the
+    DVC ``metrics:`` file is the report's headline ``reports/metrics.json`` (``dvc exp show``)."""
     return Path("metrics") / f"{name}.json"
 
 

@@ -7,6 +7,11 @@
 * The interpreter's own ``bin/`` goes first on PATH so DVC's ``python -m stages.*`` commands
   run inside this virtual environment even when it is not activated.
 
+* It opens an MLflow parent run (:mod:`pipeline.group`) that every stage run of this repro nests
+  under; the parent carries params.yaml, the summary table, the headline metrics and the list of
+  stages, ``ran`` or ``cached`` (DVC skipped them; their run ids are the ones their outputs record).
+  Tracking unreachable: a warning, and the pipeline runs without it.
+
 Extra arguments go to ``dvc repro`` (e.g. ``python -m pipeline.run -- --force``).
 
 ``--preset NAME`` merges ``pipeline/presets/NAME.yaml`` (a delta: only the keys it changes, as
@@ -33,10 +38,12 @@ from pipeline.quiet import quiet
 
 quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
 
-from pipeline.catalog import check as check_data  # noqa: E402
+from pipeline import group  # noqa: E402
+from pipeline.catalog import check as check_data
 from pipeline.config import load_params
 from pipeline.console import console, error, header
 from pipeline.errors import cli
+from pipeline.tracking import tracking_uri
 
 
 def pipeline_env() -> dict[str, str]:
@@ -142,6 +149,14 @@ def summary_table(summary: dict[str, dict]) -> Table:
     return table
 
 
+def open_parent(params) -> str | None:
+    """The parent run of this ``dvc repro`` (None when tracking is unreachable)."""
+    from datetime import datetime
+
+    name = "pipeline.run " + datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    return group.open_parent(tracking_uri(), params.tracking.experiment, name, {group.ROLE_TAG: "run"}, "params.yaml")
+
+
 def dvc(*args: str, env: dict[str, str]) -> int:
     return subprocess.call([str(Path(sys.executable).parent / "dvc"), *args], env=env)
 
@@ -164,7 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         error("no .dvc folder here: run from the repository root")
         sys.exit(2)
     header("dvc repro", " ".join(args.dvc_args))
+    env.pop(group.PARENT_ENV, None)  # the parent is this process's own, never inherited
+    parent = open_parent(params)
+    if parent is not None:
+        env[group.PARENT_ENV] = parent
     rc = dvc("repro", *args.dvc_args, env=env)
+    if parent is not None:
+        group.close_parent(tracking_uri(), parent, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml")
+        console.print(f"MLflow parent run {parent}: every stage run of this repro is nested under it")
     if rc != 0:
         error(f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)")
         sys.exit(rc)

@@ -1,4 +1,4 @@
-"""MLflow tracking: one run per stage execution, tagged so runs group without a parent run.
+"""MLflow tracking: one run per stage execution, tagged so runs group even without a parent run.
 
 Tags on every run: ``dvc.stage`` ($DVC_STAGE), ``dvc.exp`` ($DVC_EXP_NAME when present),
 ``git.commit``, ``git.dirty``, and the run's ``task``/``method``/``seed`` where they apply.
@@ -8,6 +8,8 @@ UI opens it on "Training runs"; the data splits a run read are logged as dataset
 CPU/memory/disk/network (and GPU, with ``nvidia-ml-py``) ``system/*`` metrics, sampled every 10 s
 (MLflow's default; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it). Logged models (adapter,
 merged) are logged by :mod:`pipeline.logged_models`; their ids go into :meth:`Tracker.info` (``models``).
+Under ``python -m pipeline.run`` (``BILORA_PARENT_RUN_ID``) or ``dvc exp run`` (``DVC_EXP_NAME``) the run
+is nested under the pipeline's parent run (:mod:`pipeline.group`); plain ``dvc repro`` has none.
 The default tracking URI is ``sqlite:///mlflow.db`` at the repository root; ``MLFLOW_TRACKING_URI``
 overrides it. If the tracking server is unreachable the stage still completes: the tracker warns
 once and turns into a no-op; metrics stay in the DVC outputs.
@@ -97,6 +99,8 @@ class Tracker:
         self._mlflow = None
         self.models: dict[str, str] = {}  # logged model ids by role (adapter, merged)
         self.registered: dict[str, Any] | None = None  # {"name", "version"} of a Model Registry version
+        self.parent_id: str | None = None
+        self._exp_parent = False  # this stage found or made the dvc exp run's parent, so it closes it again
         all_tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **git_info(), **{k: str(v) for k, v in (tags or {}).items()}}
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp"] = os.environ["DVC_EXP_NAME"]
@@ -113,7 +117,13 @@ class Tracker:
             mlflow.MlflowClient(self.uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         # System metrics: MLflow samples in a daemon thread that stops when the run ends, when it
         # cannot read the run back (outage) or at exit; it never keeps the process alive.
-        run = mlflow.start_run(run_name=run_name, tags=self.tags, log_system_metrics=system_metrics)
+        from pipeline import group
+
+        self.parent_id = os.environ.get(group.PARENT_ENV) or None
+        if self.parent_id is None and os.environ.get("DVC_EXP_NAME"):
+            self.parent_id = group.exp_parent(self.uri, experiment, os.environ["DVC_EXP_NAME"])
+            self._exp_parent = self.parent_id is not None
+        run = mlflow.start_run(run_name=run_name, tags=self.tags, log_system_metrics=system_metrics, parent_run_id=self.parent_id)
         self.run_id = run.info.run_id
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
@@ -190,6 +200,11 @@ class Tracker:
         self._guard(lambda: self._mlflow.end_run(status=status))
         if self.run_id is not None and not self.enabled:  # end_run failed before stopping the sampler
             self._stop_system_metrics()
+        if self._exp_parent and self.enabled:
+            from pipeline import group
+
+            self._exp_parent = False  # once
+            group.close_parent(self.uri, self.parent_id, "FAILED" if status == "FAILED" else "FINISHED", repo_root(), repo_root() / "params.yaml")
 
     def _stop_system_metrics(self) -> None:
         """Signal MLflow's system-metrics thread of this run to stop, without joining it (it would
@@ -204,7 +219,7 @@ class Tracker:
             pass
 
     def info(self) -> dict[str, Any]:
-        out = {"run_id": self.run_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}
+        out = {"run_id": self.run_id, "parent_run_id": self.parent_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}
         if self.models:
             out["models"] = dict(self.models)
         if self.registered:

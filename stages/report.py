@@ -1,4 +1,5 @@
-"""DVC stage ``report``: compare methods across seeds -> reports/report.md, reports/loss_curves.png, a rich summary table."""
+"""DVC stage ``report``: compare methods across seeds -> reports/report.md, the PNGs, summary.json, the headline
+``reports/metrics.json`` (the only DVC ``metrics:`` file: ``dvc exp show``), a rich summary table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     p = stage.params
     stage.header()
     tracker = stage.track({"data.tasks": p.data.tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds})
-    with tracker:
+    with tracker, stage.output(layout.REPORT_RUN):  # artifacts/report/run_info.json: this run's id, for dvc.lock
         written = write_report(p, layout.REPORTS)
         for f in written.files:
             tracker.log_artifact(layout.REPORTS / f, "reports")

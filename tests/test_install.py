@@ -39,7 +39,7 @@ def test_readme_commands_and_ci_install_with_the_constraints():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "-c constraints.txt -e \".[test]\"" in ci
-    setups = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    setups = [line for line in readme.splitlines() if "python3 -m venv .venv" in line]
     assert len(setups) >= 2 and all("-c constraints.txt" in line for line in setups)
 
 
@@ -51,3 +51,12 @@ def test_this_environment_is_the_pinned_one():
         if got != pins[name]:
             wrong[name] = (got, pins[name])
     assert not wrong, f"installed != constraints.txt (installed, pinned): {wrong}; install with -c constraints.txt"
+
+
+def test_readme_test_command_and_ci_install_chromium_or_fail():
+    # one line each; apt-get's failure (no apt, no root and no sudo) stops the && chain before pytest
+    step = "{ command -v chromium >/dev/null || { $(command -v sudo) apt-get update -qq && $(command -v sudo) apt-get install -y -qq chromium; }; } && python3 -m venv .venv"
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = [line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("python -m pytest")]
+    assert len(readme) == 1 and readme[0].startswith(step) and step in ci and "export CI=1" in ci
+    assert readme[0] in ci  # CI runs the README's test command

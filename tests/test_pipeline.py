@@ -65,7 +65,7 @@ def mlflow_runs(repo: Path) -> list[tuple[str, dict]]:
     out = []
     for run_id, status in runs:
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
-        tags["_status"] = status
+        tags["_status"], tags["_id"] = status, run_id
         tags["_metrics"] = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         tags["_params"] = con.execute("select count(*) from params where run_uuid=?", (run_id,)).fetchone()[0]
         out.append((tags.get("dvc.stage"), tags))
@@ -93,11 +93,18 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
     assert {"full.random.r0.05.mean", "lora.random.r0.05.mean", "full.attack.a1.accuracy"} <= set(metrics["sharpness"])
     assert (repo / "artifacts" / "eval" / "sst2-bilora-0" / "sharpness.json").is_file()
 
-    # One MLflow run per stage execution, finished, tagged, with params and metrics.
+    # One MLflow run per stage execution, finished, tagged, with params and metrics, nested under the
+    # parent run of this `python -m pipeline.run` (tests/test_group.py checks the parent in detail).
     runs = mlflow_runs(repo)
+    (parent,) = [t for s, t in runs if t.get("bilora.parent") == "run"]
+    runs = [(s, t) for s, t in runs if "bilora.parent" not in t]
     assert sorted(s for s, _ in runs) == sorted(expected - {"configure"})  # configure only resolves settings
     for stage, tags in runs:
         assert tags["_status"] == "FINISHED" and tags["git.commit"] and tags["_params"] > 0, stage
+        assert tags["mlflow.parentRunId"] == parent["_id"], stage
+    headline = __import__("json").loads((repo / "reports" / "metrics.json").read_text())
+    assert set(headline) == {"sst2-lora-0", "sst2-bilora-0"} and all(set(v) == {"test", "sharp"} for v in headline.values())
+    assert {"sst2-lora-0.test", "sst2-bilora-0.sharp"} <= parent["_metrics"]
     ft = dict(runs)["finetune@sst2-bilora-0"]
     assert ft["method"] == "bilora" and ft["seed"] == "0" and {"loss", "aux_norm"} <= ft["_metrics"]
 

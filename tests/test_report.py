@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.report.collect import collect, mean_std
-from pipeline.report.tables import split_note
+from pipeline.figures import rounded
+from pipeline.report.tables import headline_metrics, split_note
 from pipeline.report.write import write_report
 from tests.helpers.report_fixture import CASES, write_inputs
 
@@ -43,8 +44,30 @@ def test_report_writes_the_same_bytes_as_before_the_split(case, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     written = write_report(params, Path("reports"))
     got = {str(f.relative_to("reports")): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path("reports").rglob("*")) if f.is_file()}
-    assert got == DIGESTS[case]
     assert set(written.files) <= set(got)
+    got.pop("metrics.json")  # the headline file came after the split (test_headline_metrics_file)
+    assert got == DIGESTS[case]
+    assert json.loads(Path("reports/metrics.json").read_text()) == rounded(headline_metrics(params, collect(params)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_headline_metrics_file(case, tmp_path, monkeypatch):
+    # reports/metrics.json, the one dvc.yaml `metrics:` file: per run the main test metric and the full-space
+    # random sharpness at the largest radius, both as metrics/<run>.json records them; nothing else (no timings)
+    params = load_params(write_inputs(tmp_path, case, ROOT))
+    monkeypatch.chdir(tmp_path)
+    got = headline_metrics(params, collect(params))
+    want = {}
+    for task in params.data.tasks:
+        main = "accuracy"  # sst2 and mrpc
+        for method in params.train.methods:
+            for seed in params.train.seeds:
+                name = f"{task}-{method}-{seed}"
+                m = json.loads(Path(f"metrics/{name}.json").read_text())
+                want[name] = {"test": m["test"][main]} | ({"sharp": m["sharpness"]["full.random.r0.05.mean"]} if "sharpness" in m else {})
+    assert got == want
+    assert all(set(row) <= {"test", "sharp"} for row in got.values())
+    assert CASES[case]["sharpness"] == all("sharp" in row for row in got.values())
 
 
 def test_collect_reads_the_headline_from_sharpness_json(tmp_path, monkeypatch):

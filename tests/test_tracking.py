@@ -116,6 +116,20 @@ def test_tracking_down_everything_still_completes(tmp_path, monkeypatch):
     assert t.info()["tracked"] is False
     assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
 
+    # the parent run (pipeline.run / dvc exp run) is optional too: no parent, one warning each, the stage goes on
+    from pipeline import group
+
+    monkeypatch.setattr(group, "warn", warnings.append)
+    assert group.open_parent(tracking.tracking_uri(), "down", "p", {}) is None
+    monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
+    with Tracker("finetune", "down", {"a": 1}) as t:
+        pass
+    assert group.exp_parent(tracking.tracking_uri(), "down", "some-exp") is None
+    group.close_parent(tracking.tracking_uri(), "0" * 32)
+    assert t.info()["tracked"] is False and t.info()["parent_run_id"] is None
+    assert len(warnings) == 5 and sum("parent run" in w for w in warnings) == 3
+    assert time.monotonic() - start < 120
+
 
 def test_sampler_is_stopped_when_end_run_fails(store, monkeypatch):
     import threading

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline import layout
 from pipeline.config import Params
 from pipeline.report.collect import SPACES, Collected, Group, mean_std
 from pipeline.catalog import get_task
@@ -150,3 +151,26 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
                      "sharpness": _by_space(g, "random"), "attack": _by_space(g, "attack", main), "step_time": st})
         summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st}
     return md, rows, summary
+
+
+def headline_metrics(p: Params, data: Collected) -> dict[str, dict[str, float]]:
+    """``reports/metrics.json``, the pipeline's one DVC ``metrics:`` file: per run (``<task>-<method>-<seed>``)
+    ``test``, the task's main test metric, and ``sharp``, the random filter-normalised sharpness in the
+    full weight space at the largest radius (when measured). Two figures per run, so that
+    ``dvc exp show --only-changed`` of an experiment that changes one method fits 100 columns; the
+    train-test gap, the LoRA-space and attack figures and every other metric stay in
+    ``metrics/<run>.json`` and report.md. Timings never enter it (they differ between machines)."""
+    out: dict[str, dict[str, float]] = {}
+    for task in p.data.tasks:
+        main = get_task(task, p.data).main_metric
+        for method in p.train.methods:
+            g = data.groups[(task, method)]
+            for i, seed in enumerate(p.train.seeds):
+                name = layout.run_name(task, method, seed)
+                row = {"test": g.test[main][i]}
+                res = data.sharpness.get(name)
+                largest = res.spaces["full"].random.largest() if res is not None and "full" in res.spaces else None
+                if largest is not None:
+                    row["sharp"] = largest.mean
+                out[name] = row
+    return out

@@ -1,4 +1,4 @@
-"""Collect the runs and write ``reports/``: report.md, summary.json, the PNGs and history/."""
+"""Collect the runs and write ``reports/``: report.md, summary.json, the headline metrics.json, the PNGs and history/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pipeline.config import Params
 from pipeline.figures import rounded
 from pipeline.report.collect import collect
 from pipeline.report.plots import plot_losses, plot_sharpness, write_histories
-from pipeline.report.tables import detail_tables, main_table
+from pipeline.report.tables import detail_tables, headline_metrics, main_table
 
 
 @dataclass
@@ -33,4 +33,5 @@ def write_report(p: Params, out_dir: Path) -> Written:
     write_histories(data.histories, out_dir / "history")
     atomic_write_text(out_dir / "report.md", "\n".join(md))
     atomic_write_json(out_dir / "summary.json", rounded(summary))
-    return Written(["report.md", "loss_curves.png", "summary.json", *extra], rows, summary)
+    atomic_write_json(out_dir / "metrics.json", rounded(headline_metrics(p, data)))
+    return Written(["report.md", "loss_curves.png", "summary.json", "metrics.json", *extra], rows, summary)
