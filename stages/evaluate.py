@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from peft import PeftModel
 
@@ -11,7 +10,7 @@ from bilora.base import load_adapted
 from bilora.io import atomic_write_json
 from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
 from pipeline import formats, layout
-from pipeline.catalog import get_task, num_labels, options
+from pipeline.catalog import adapter_task, get_task, head_labels, options, prepared_task
 from pipeline.console import console, info
 from pipeline.data import collator_for, load_split, tokenizer_for
 from pipeline.errors import cli
@@ -45,16 +44,17 @@ def prediction_table(rows: list) -> dict[str, list]:
 def main(argv: list[str] | None = None) -> None:
     stage = Stage("evaluate", __doc__, argv, per_run=True)
     args, p, name = stage.args, stage.params, stage.run
-    task = get_task(args.task, p.data)
+    task = prepared_task(args.task, p.data, layout.DATA)  # labels inferred by prepare, metrics resolved from them
     fmt = formats.get(task.format)  # the format scores the model; nothing here depends on the task's name
-    stage.header(name)
-    model = load_adapted(layout.BASE / "model", fmt.kind, num_labels(task, layout.DATA), layout.finetune_dir(name) / "adapter")
+    # an eval-only dataset (stage evaluate_only) is scored with the adapter of its adapter_from task's run
+    trained = layout.run_name(adapter_task(task), args.method, args.seed)
+    stage.header(name + (f" (adapter of finetune@{trained})" if trained != name else ""))
+    model = load_adapted(layout.BASE / "model", fmt.kind, head_labels(task, p.data, layout.DATA), layout.finetune_dir(trained) / "adapter")
     tokenizer = tokenizer_for(layout.BASE / "model")
     collate = collator_for(task, tokenizer)
     opts = options(task)
-    if "labels" in task.options or task.format == "classification":
-        opts["labels"] = json.loads((layout.DATA / "stats.json").read_text()).get(args.task, {}).get("meta", {}).get("labels", opts.get("labels"))
-    tracker = stage.track({"eval": p.eval.model_dump(), **stage.run_tags}, tags=stage.run_tags, run_name=f"evaluate@{name}")
+    tags = stage.run_tags | {"adapter.run": trained}
+    tracker = stage.track({"eval": p.eval.model_dump(), **tags}, tags=tags, run_name=f"{stage.name}@{name}")
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, list] = {}
     kernel = layers.kernel_info(model)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics["sharpness"] = sharp.headline(task.main_metric)  # timings stay in sharpness.json, out of DVC metrics
             tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()})
             info(f"sharpness measured in {sharp.cost['total_s']:.1f}s ({sharp.cost['loss_evals']} loss passes, {sharp.cost['grad_passes']} gradient passes)")
-        summary = layout.finetune_dir(name) / "summary.json"
+        summary = layout.finetune_dir(trained) / "summary.json"
         with stage.output(layout.eval_dir(name), kernel=kernel) as tmp:
             if sharp is not None:
                 atomic_write_json(tmp / "sharpness.json", sharp.to_dict())
