@@ -68,6 +68,18 @@ def test_eval_only_schema_errors_name_the_dotted_key():
     assert keys({"tasks": ["sst2"], "datasets": {"cls": cls | {"labels": None}}}) == ["data.datasets.cls.labels"]
 
 
+def test_readme_eval_only_example_validates_and_reads(monkeypatch):
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Eval-only datasets**"):]
+    raw = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    p = validate_dict({"data": raw["data"], "merge": {"task": "boolq"}})
+    monkeypatch.chdir(ROOT)
+    train, test, _ = read_splits(get_task("piqa", p.data), p.data)
+    assert p.data.eval_tasks == ["piqa"] and train == [] and len(test) == 1838
+
+
 def test_format_heads_match_the_format_modules():
     assert FORMAT_HEADS == {n: formats.get(n).kind for n in formats.NAMES}
 
