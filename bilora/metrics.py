@@ -1,6 +1,6 @@
 """Task metrics, numpy only (no sklearn / scipy), computed in float64.
 
-All values are fractions: accuracy, F1 and exact match in [0, 1]; MCC, Pearson and
+All values are fractions: accuracy, F1 (binary or macro) and exact match in [0, 1]; MCC, Pearson and
 Spearman in [-1, 1] (not percentages). Inputs are 1-D sequences of equal, non-zero length.
 
 Conventions where a metric is undefined (no positives, a constant input): the value is 0.0,
@@ -50,6 +50,14 @@ def f1_binary(preds, labels, positive=1) -> float:
     fn = float(np.sum(~pp & yp))
     denom = 2.0 * tp + fp + fn
     return 0.0 if denom == 0.0 else 2.0 * tp / denom
+
+
+def f1_macro(preds, labels) -> float:
+    """Unweighted mean of the per-class F1 over every class that occurs in the labels or the predictions
+    (sklearn's ``f1_score(average="macro")``); a class with no true and no predicted example never counts."""
+    p, y = _pair(preds, labels)
+    classes = np.unique(np.concatenate([y, p]))
+    return float(np.mean([f1_binary(p, y, positive=c) for c in classes]))
 
 
 def matthews_corrcoef(preds, labels) -> float:
@@ -124,6 +132,7 @@ def spearman(x, y) -> float:
 METRICS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy,
     "f1": f1_binary,
+    "f1_macro": f1_macro,
     "mcc": matthews_corrcoef,
     "pearson": pearson,
     "spearman": spearman,

@@ -7,12 +7,13 @@ branches on a task's name or format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from pipeline import formats
-from pipeline.config import DataConfig, DatasetConfig
+from pipeline.config import DataConfig, DatasetConfig, label_count
 from pipeline.formats.classification import raw_label
 from pipeline.sources import column, describe, explode, files_of, read_source
 from pipeline.tasks import TASKS, DataError, TaskSpec
@@ -20,19 +21,62 @@ from pipeline.tasks import TASKS, DataError, TaskSpec
 
 def _num_labels(d: DatasetConfig) -> int | None:
     if d.format == "classification":
-        return len(d.labels) if d.labels is not None else None  # None: inferred by prepare (stats.json)
+        return label_count(d.labels)  # None: inferred by prepare (stats.json)
     return 1 if d.format == "regression" else 0
+
+
+def _metrics(d: DatasetConfig, opts: dict[str, Any]) -> tuple[str, ...]:
+    """Declared metrics, else the format's default; classification labels inferred from train are not
+    known before prepare: ('accuracy', 'f1') until :func:`prepared_task` resolves them from stats.json."""
+    if d.metrics:
+        return tuple(d.metrics)
+    return formats.get(d.format).default_metrics(opts) if d.format != "classification" or opts.get("labels") is not None else ("accuracy", "f1")
 
 
 def declared_task(name: str, d: DatasetConfig) -> TaskSpec:
     fmt = formats.get(d.format)
     opts = d.model_dump() | {"name": name}
-    metrics = tuple(d.metrics) if d.metrics else (fmt.default_metrics(opts) if d.format != "classification" or d.labels is not None else ("accuracy", "f1"))
+    metrics = _metrics(d, opts)
+    test_file = describe(d.test) if d.test else f"{describe(d.train)} (test_fraction {d.test_fraction})"  # type: ignore[arg-type]
     return TaskSpec(
         name=name, kind=fmt.kind, num_labels=_num_labels(d), metrics=metrics, main_metric=d.main_metric or metrics[0],  # type: ignore[arg-type]
-        train_file=describe(d.train), test_file=describe(d.test) if d.test else f"{describe(d.train)} (test_fraction {d.test_fraction})",
-        licence_file=d.licence or "", format=d.format, options=opts, declared=True,
+        train_file=describe(d.train) if d.train else "", test_file=test_file,
+        licence_file=d.licence or "", format=d.format, options=opts, declared=True, adapter_from=d.adapter_from,
     )
+
+
+def prepared_task(name: str, data: DataConfig, data_dir: str | Path) -> TaskSpec:
+    """The task as prepare recorded it (stats.json): classification labels inferred from train filled
+    in, and the default metrics resolved from their number (binary F1 for two, macro F1 beyond)."""
+    task = get_task(name, data)
+    if task.format != "classification" or not task.declared:
+        return task
+    d = data.datasets[name]
+    labels = _stats(data_dir).get(name, {}).get("meta", {}).get("labels", d.labels)
+    opts = dict(task.options) | {"labels": labels}
+    metrics = _metrics(d, opts)
+    return dataclasses.replace(task, options=opts, metrics=metrics, main_metric=d.main_metric or metrics[0], num_labels=label_count(labels))
+
+
+def _stats(data_dir: str | Path) -> dict[str, Any]:
+    stats = Path(data_dir) / "stats.json"
+    try:
+        return json.loads(stats.read_text())
+    except OSError:
+        raise DataError(f"{stats}: not found; run `dvc repro prepare` first") from None
+
+
+def adapter_task(task: TaskSpec) -> str:
+    """The task whose fine-tuned adapters ``task`` is evaluated with: its adapter_from (eval-only), else itself."""
+    return task.adapter_from or task.name
+
+
+def head_labels(task: TaskSpec, data: DataConfig, data_dir: str | Path) -> int:
+    """Head size for evaluating ``task``: that of the adapter's task; an eval-only classification set must match it."""
+    n = num_labels(get_task(adapter_task(task), data), data_dir)
+    if task.adapter_from is not None and task.format == "classification" and task.num_labels != n:
+        raise DataError(f"data.datasets.{task.name}.labels: {task.num_labels} labels, but the adapter of {task.adapter_from!r} has a {n}-class head; declare the same label set")
+    return n
 
 
 def get_task(name: str, data: DataConfig | None = None) -> TaskSpec:
@@ -91,7 +135,7 @@ def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict
             rows.append(_normalise(task, [(f"{path} record {i + 1}", r) for i, r in enumerate(task.read(raw, split))], opts))
         return rows[0], rows[1], {}
     d = data.datasets[task.name]
-    train = _records(d.train, opts, "train")
+    train = _records(d.train, opts, "train") if d.train is not None else []  # eval-only: no train split
     if d.test is not None:
         test = _records(d.test, opts, "test")
     else:
@@ -109,6 +153,8 @@ def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict
     if task.format == "classification":
         if opts.get("labels") is None:
             opts["labels"] = _infer_labels(train, opts)
+            if d.metrics and "f1" in d.metrics and len(opts["labels"]) > 2:
+                raise DataError(f"data.datasets.{task.name}.metrics: f1 is the binary F1 of class index 1, but train has {len(opts['labels'])} labels {opts['labels']}; use f1_macro")
         meta["labels"] = list(opts["labels"]) if not isinstance(opts["labels"], dict) else dict(opts["labels"])
         meta["num_labels"] = len(set(opts["labels"].values())) if isinstance(opts["labels"], dict) else len(opts["labels"])
     skipped: list[str] = []
@@ -137,11 +183,11 @@ def num_labels(task: TaskSpec, data_dir: str | Path) -> int:
 
 
 def check(data: DataConfig, tracked: str | Path | None = None) -> None:
-    """Pre-DVC check of every task in ``data.tasks``: files exist, parse, columns and labels valid.
+    """Pre-DVC check of every task in ``data.tasks`` and ``data.eval_tasks``: files exist, parse, columns and labels valid.
 
     ``tracked``: the folder that is prepare's DVC dep (``data``); a local source outside it is refused,
     since DVC would not notice when it changes."""
-    for name in data.tasks:
+    for name in data.evaluated:
         task = get_task(name, data)
         if tracked is not None and task.declared:
             root = Path(tracked).resolve()

@@ -42,7 +42,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-FORMATS = ("classification", "regression", "alpaca", "prompt_completion", "chat", "multiple_choice")
+# Record format -> the model head it trains (each pipeline/formats/<name>.py's ``kind``; tests/test_eval_only.py
+# checks they agree). Here so the schema can check an eval-only dataset against its adapter's task without
+# importing the format modules (and their model code) into every stage that validates params.
+FORMAT_HEADS = {"classification": "classification", "regression": "regression", "alpaca": "generation", "prompt_completion": "generation", "chat": "generation", "multiple_choice": "generation"}
+FORMATS = tuple(FORMAT_HEADS)
 FileType = Literal["jsonl", "json", "csv", "tsv", "parquet"]
 
 
@@ -63,6 +67,13 @@ class SourceConfig(_Section):
         return self
 
 
+def label_count(labels: list[str] | dict[str, int] | None) -> int | None:
+    """Number of classes of a declared label set (a mapping may give several values one index); None if not declared."""
+    if labels is None:
+        return None
+    return len(set(labels.values())) if isinstance(labels, dict) else len(labels)
+
+
 def _as_source(v: Any) -> Any:
     """A plain string is shorthand: 'hf:<id>' for a Hub dataset, anything else a local path."""
     if isinstance(v, str):
@@ -74,7 +85,7 @@ class DatasetConfig(_Section):
     """A user-declared dataset (``data.datasets.<name>``); its name is usable in ``data.tasks``."""
 
     format: Literal["classification", "regression", "alpaca", "prompt_completion", "chat", "multiple_choice"] = Field(description="Record format (one module per format in pipeline/formats/): classification (text [+ text pair] + label), regression (text [+ pair] + numeric score), alpaca (instruction, optional input, output), prompt_completion, chat (messages with role/content), multiple_choice (prompt + fixed answer strings, scored by log-likelihood).")
-    train: SourceConfig | None = Field(None, description="Training split source (a path string, 'hf:<id>', or a mapping). Validation is held out of it by data.val_fraction.")
+    train: SourceConfig | None = Field(None, description="Training split source (a path string, 'hf:<id>', or a mapping). Validation is held out of it by data.val_fraction. Null only for an eval-only dataset (adapter_from).")
     test: SourceConfig | None = Field(None, description="Test split source. Null: held out of train by test_fraction.")
     test_fraction: float | None = Field(None, gt=0, lt=1, description="When test is null: this seeded fraction (data.split_seed) of train's rows is the test split.")
     columns: dict[str, str] = Field(default_factory=dict, description="Format role -> column name or dotted path into nested records (e.g. {text: review, label: stars}; {output: instances.output}). Roles: classification/regression text, text_pair, label; alpaca instruction, input, output; prompt_completion prompt, completion; chat messages, role, content; multiple_choice prompt, answer. Unnamed roles use the role name as column.")
@@ -90,10 +101,11 @@ class DatasetConfig(_Section):
     regex: str | None = Field(None, description="extraction: regex pattern; its first group (or the whole match) is the answer.")
     stop: list[str] = Field(default_factory=list, description="Generation evaluation: cut generations at the first of these strings.")
     max_new_tokens: int | None = Field(None, ge=1, description="Generation evaluation budget per example (null: eval.max_new_tokens).")
-    metrics: list[Literal["accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "loss", "perplexity", "base_loss"]] | None = Field(None, description="Metrics to report (null: the format's default: classification accuracy+f1 (binary) or accuracy+mcc; regression pearson+spearman; generation exact_match+loss+perplexity; multiple_choice accuracy). Generation formats: loss/perplexity = held-out per-token loss of the reference completions; base_loss = the same for the untuned base (adapters off).")
+    metrics: list[Literal["accuracy", "f1", "f1_macro", "mcc", "pearson", "spearman", "exact_match", "loss", "perplexity", "base_loss"]] | None = Field(None, description="Metrics to report (null: the format's default: classification: two labels accuracy+f1 (binary F1 of class index 1), more labels accuracy+f1_macro+mcc, also when the labels are inferred from train (resolved after prepare); regression pearson+spearman; generation exact_match+loss+perplexity; multiple_choice accuracy). Generation formats: loss/perplexity = held-out per-token loss of the reference completions; base_loss = the same for the untuned base (adapters off).")
     main_metric: str | None = Field(None, description="Headline metric of the report (null: the first of metrics).")
     skip_invalid: bool = Field(False, description="Drop records that fail the format's checks (empty text, label outside the set, bad chat ...) instead of stopping; the count and the first reasons are recorded in stats.json. A source left with no records is still an error. Files that do not parse always stop.")
     licence: str | None = Field(None, description="Licence note or the path of a README with it (shown in the report).")
+    adapter_from: str | None = Field(None, description="Eval-only dataset (no train split, list it in data.eval_tasks): evaluated with the adapters of this task of data.tasks, one evaluation per method x seed (stage evaluate_only@<name>-<method>-<seed> reads finetune@<adapter_from>-<method>-<seed>'s adapter). The two tasks need the same model head: generation formats (alpaca, prompt_completion, chat, multiple_choice) with each other, classification with the same number of labels, regression with regression.")
 
     @field_validator("train", "test", mode="before")
     @classmethod
@@ -103,12 +115,24 @@ class DatasetConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "DatasetConfig":
         problems = []
-        if self.train is None:
-            problems.append(("train", "a train source is required (eval-only datasets are not supported yet)"))
-        if self.test is None and self.test_fraction is None:
-            problems.append(("test", "give a test source or test_fraction (held out of train)"))
-        if self.test is not None and self.test_fraction is not None:
-            problems.append(("test_fraction", "give either a test source or test_fraction, not both"))
+        if self.adapter_from is not None:  # eval-only: its test split is all there is
+            if self.train is not None:
+                problems.append(("train", f"an eval-only dataset (adapter_from: {self.adapter_from}) has no train split; remove train, or remove adapter_from to fine-tune on it"))
+            if self.test is None:
+                problems.append(("test", "an eval-only dataset (adapter_from) needs a test source"))
+            if self.test_fraction is not None:
+                problems.append(("test_fraction", "an eval-only dataset has no train split to hold a test fraction out of; give a test source"))
+            if self.format == "classification" and self.labels is None:
+                problems.append(("labels", "an eval-only classification dataset has no train split to infer its labels from; list them (in the class order of the adapter's task)"))
+        else:
+            if self.train is None:
+                problems.append(("train", "a train source is required (or adapter_from: <task> to make this an eval-only dataset)"))
+            if self.test is None and self.test_fraction is None:
+                problems.append(("test", "give a test source or test_fraction (held out of train)"))
+            if self.test is not None and self.test_fraction is not None:
+                problems.append(("test_fraction", "give either a test source or test_fraction, not both"))
+        if self.format == "classification" and (label_count(self.labels) or 0) > 2 and self.metrics and "f1" in self.metrics:
+            problems.append(("metrics", "f1 is the binary F1 of class index 1; with more than two labels use f1_macro"))
         if self.format == "multiple_choice" and not self.choices:
             problems.append(("choices", "multiple_choice needs the list of answer strings"))
         if self.extraction == "regex":
@@ -130,6 +154,7 @@ class DatasetConfig(_Section):
 
 class DataConfig(_Section):
     tasks: list[str] = Field(["mrpc"], min_length=1, description="Tasks to fine-tune on: built-in entries (mrpc, rte, cola, sst2, stsb with an encoder base; gsm8k, boolq with a causal-LM base) or names declared in data.datasets. The matrix runs every task x method x seed.")
+    eval_tasks: list[str] = Field([], description="Eval-only datasets (data.datasets entries with adapter_from, no train split): each is evaluated with the adapters that its adapter_from task trains, for every method x seed (stages evaluate_only@<name>-<method>-<seed>); nothing is fine-tuned on them.")
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict, description="Your own datasets, by name (see README 'Fine-tune on your own data'). A name may not shadow a built-in task.")
     raw_dir: str = Field("data/raw", description="Folder with the raw benchmark files (copied into the repo with their licence notes).")
     max_length: int = Field(128, ge=8, le=4096, description="Tokenizer truncation length (tokens).")
@@ -138,7 +163,7 @@ class DataConfig(_Section):
     test_subset: int | None = Field(None, ge=1, description="Evaluate on the first N test examples only (null: all).")
     split_seed: int = Field(1234, description="Seed of the train/validation split and the subset draw.")
 
-    @field_validator("tasks")
+    @field_validator("tasks", "eval_tasks")
     @classmethod
     def _unique_tasks(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
@@ -154,9 +179,44 @@ class DataConfig(_Section):
         bad = [t for t in self.tasks if t not in TASKS and t not in self.datasets]
         if bad:
             problems.append(("tasks", f"unknown task(s) {bad}; known: built-in {sorted(TASKS)}, declared in data.datasets {sorted(self.datasets)}"))
+        problems += [(f"tasks.{i}", f"{t!r} is eval-only (data.datasets.{t}.adapter_from): list it in data.eval_tasks; it has no train split to fine-tune on")
+                     for i, t in enumerate(self.tasks) if t in self.datasets and self.datasets[t].adapter_from is not None]
+        problems += self._eval_problems()
         if problems:
             raise _Problems(problems)
         return self
+
+    def _eval_problems(self) -> list[tuple[str, str]]:
+        """data.eval_tasks entries are eval-only datasets whose adapter_from is a trainable task of data.tasks with the same model head."""
+        from pipeline.tasks import TASKS
+
+        problems = []
+        for i, t in enumerate(self.eval_tasks):
+            d = self.datasets.get(t)
+            if d is None or d.adapter_from is None:
+                what = "a built-in task (it has a train split; put it in data.tasks)" if t in TASKS else ("declared without adapter_from" if d is not None else "not declared in data.datasets")
+                problems.append((f"eval_tasks.{i}", f"{t!r} is {what}; an eval-only dataset is a data.datasets entry with adapter_from: <a task of data.tasks> and a test source"))
+                continue
+            if t in self.tasks:
+                problems.append((f"eval_tasks.{i}", f"{t!r} is also in data.tasks; an eval-only dataset is only evaluated"))
+        for name, d in self.datasets.items():
+            if d.adapter_from is None or name not in self.eval_tasks:
+                continue
+            where, src = f"datasets.{name}.adapter_from", d.adapter_from
+            if src not in self.tasks:
+                problems.append((where, f"{src!r} is not in data.tasks {self.tasks}: the adapter comes from finetune@{src}-<method>-<seed>, so that task must be trained"))
+                continue
+            mine, theirs = _head(d.format, d.labels), _head(*_task_format(src, self))
+            if mine[0] != theirs[0]:
+                problems.append((where, f"{src!r} trains a {theirs[0]} head ({_task_format(src, self)[0]} format) but {name!r} is {d.format} (a {mine[0]} head); an adapter can only be evaluated on data for the same head"))
+            elif mine[0] == "classification" and None not in (mine[1], theirs[1]) and mine[1] != theirs[1]:
+                problems.append((where, f"{src!r} has {theirs[1]} labels but {name!r} declares {mine[1]}; the classifier head of the adapter needs the same label set"))
+        return problems
+
+    @property
+    def evaluated(self) -> list[str]:
+        """Every task with prepared data and evaluations: data.tasks, then data.eval_tasks."""
+        return [*self.tasks, *self.eval_tasks]
 
     @model_validator(mode="after")
     def _train_rows_left(self) -> "DataConfig":
@@ -164,6 +224,20 @@ class DataConfig(_Section):
         if self.train_subset is not None and round(self.val_fraction * self.train_subset) >= self.train_subset:
             raise _Problems([("val_fraction", f"holds out all {self.train_subset} rows of data.train_subset, leaving none to train on; lower it or raise data.train_subset")])
         return self
+
+
+def _task_format(name: str, data: "DataConfig") -> tuple[str, Any]:
+    """(format, declared labels) of a task of data.tasks: a data.datasets entry or a built-in one."""
+    from pipeline.tasks import TASKS
+
+    if name in data.datasets:
+        return data.datasets[name].format, data.datasets[name].labels
+    return TASKS[name].format, TASKS[name].options.get("labels")
+
+
+def _head(fmt: str, labels: Any) -> tuple[str, int | None]:
+    """(model head kind, label count or None) of a format: what an adapter trained on it can be evaluated on."""
+    return FORMAT_HEADS[fmt], label_count(labels) if fmt == "classification" else None
 
 
 class QuantConfig(_Section):

@@ -145,7 +145,8 @@ def summary_table(summary: dict[str, dict]) -> Table:
     for col in ("mean", "std", "seeds", "s/step"):
         table.add_column(col, justify="right", no_wrap=True)
     for key, row in summary.items():
-        table.add_row(key, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
+        run = key + (f" (adapter of {row['adapter_from']})" if row.get("adapter_from") else "")
+        table.add_row(run, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
     return table
 
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         apply_preset(args.preset, args.params)
     params = load_params(args.params)
     check_data(params.data, tracked="data")  # before dvc: files exist, parse, columns and labels valid (DataError -> exit 2)
-    console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s) x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
+    evals = f" (+ {len(params.data.eval_tasks)} eval-only)" if params.data.eval_tasks else ""
+    console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s){evals} x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
     env = pipeline_env()
     if not Path(".dvc").is_dir():
         error("no .dvc folder here: run from the repository root")

@@ -272,6 +272,7 @@ class TaskSpec:
     format: str = "classification"  # pipeline/formats/<format>.py renders and scores the records
     options: dict = field(default_factory=dict, compare=False)  # the format's options (DatasetConfig fields)
     declared: bool = False  # a data.datasets entry (read by pipeline.catalog), not a shipped reader
+    adapter_from: str | None = None  # eval-only (no train split): evaluated with this task's adapters
 
     def path(self, raw_dir: str | Path, split: str) -> Path:
         if split not in SPLITS:

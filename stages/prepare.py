@@ -16,7 +16,7 @@ from pipeline.stage import Stage
 def main(argv: list[str] | None = None) -> None:
     stage = Stage("prepare", __doc__, argv)
     p = stage.params
-    stage.header(f"tasks={','.join(p.data.tasks)}")
+    stage.header(f"tasks={','.join(p.data.tasks)}" + (f" eval-only={','.join(p.data.eval_tasks)}" if p.data.eval_tasks else ""))
     try:
         tokenizer = tokenizer_for(resolve(p.base.source, p.base.revision).path)
     except (BaseModelError, OSError) as e:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker = stage.track({"data": p.data.model_dump(), "base": p.base.model_dump()})
     all_stats = {}
     with tracker, stage.output(layout.DATA) as tmp:
-        for name in p.data.tasks:
+        for name in p.data.evaluated:  # eval-only datasets: a test split only (empty train and validation)
             dd, stats = prepare_task(get_task(name, p.data), p.data, tokenizer)
             # An empty split (val_fraction 0) needs an explicit shard, or load_from_disk cannot read it back.
             dd.save_to_disk(str(tmp / name), num_shards={k: 1 for k, v in dd.items() if len(v) == 0})

@@ -68,7 +68,7 @@ def test_evaluate_generation_gsm8k_and_boolq(tok):
     from datasets import Dataset
 
     from bilora import adapters
-    from stages.evaluate import evaluate_generation
+    from pipeline.evaluation import evaluate_generation
 
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -171,7 +171,7 @@ def test_log_split_names_digests_and_sources_a_prepared_split(store, tmp_path):
 
 
 def test_prediction_sample_is_logged_as_a_table(store):
-    from stages.evaluate import prediction_table
+    from pipeline.evaluation import prediction_table
 
     rows = [{"generation": "so 4", "prediction": "4", "gold": "4"}, {"generation": "x", "prediction": None, "gold": "2"}]
     with Tracker("probe", "tables", {"a": 1}) as t:

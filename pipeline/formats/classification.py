@@ -44,7 +44,8 @@ class Classification(Format):
     attack_metric = True
 
     def default_metrics(self, opts):
-        return ("accuracy", "f1") if len(label_index(opts["labels"])) == 2 else ("accuracy", "mcc")
+        # binary F1 is of class index 1; beyond two classes the unweighted mean of per-class F1s (macro), as sklearn's average="macro"
+        return ("accuracy", "f1") if len(set(label_index(opts["labels"]).values())) == 2 else ("accuracy", "f1_macro", "mcc")
 
     def normalise(self, record, opts, where):
         a = text(record, opts, "text", where)

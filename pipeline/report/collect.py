@@ -23,6 +23,7 @@ class Group:
     step_time: list[float] = field(default_factory=list)  # median seconds per optimizer step
     final_loss: list[float] = field(default_factory=list)
     sharpness: list[SharpnessResult] = field(default_factory=list)  # the seeds that were measured
+    adapter_from: str | None = None  # eval-only task: scored with this task's adapters (step time and loss are theirs)
 
     def random(self, space: str) -> dict[float, list[float]]:
         """{radius: [mean random sharpness per measured seed]} in ``space``."""
@@ -69,14 +70,17 @@ def collect(p: Params) -> Collected:
     groups: dict[tuple[str, str], Group] = {}
     histories: dict[str, list[dict]] = {}
     sharpness: dict[str, SharpnessResult] = {}
-    for task in p.data.tasks:
+    for task in p.data.evaluated:
+        adapter_from = p.data.datasets[task].adapter_from if task in p.data.datasets else None
         for method in p.train.methods:
-            g = groups.setdefault((task, method), Group())
+            g = groups.setdefault((task, method), Group(adapter_from=adapter_from))
             for seed in p.train.seeds:
                 name = layout.run_name(task, method, seed)
+                trained = layout.run_name(adapter_from or task, method, seed)  # the run whose adapter was scored
                 metrics = _read(layout.metrics_path(name))
-                summary = _read(layout.finetune_dir(name) / "summary.json")
-                histories[name] = _read(layout.finetune_dir(name) / "history.json")
+                summary = _read(layout.finetune_dir(trained) / "summary.json")
+                if adapter_from is None:  # an eval-only row trained nothing: its adapter's curve is already there
+                    histories[name] = _read(layout.finetune_dir(name) / "history.json")
                 for k, v in metrics["test"].items():
                     if k != "n":
                         g.test.setdefault(k, []).append(v)

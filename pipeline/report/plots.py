@@ -29,7 +29,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_losses(p: Params, histories: dict, path: Path) -> None:
-    """Training loss (moving average over ~4% of the run), mean over seeds with the min-max band."""
+    """Training loss (moving average over ~4% of the run), mean over seeds with the min-max band (trained tasks: eval-only ones train nothing)."""
     tasks = p.data.tasks
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -61,7 +61,7 @@ def write_histories(histories: dict, out_dir: Path) -> None:
 
 
 def _grid(p: Params, spaces: list[str]):
-    return plt.subplots(len(p.data.tasks), len(spaces), figsize=(6 * len(spaces), 4 * len(p.data.tasks)), squeeze=False)
+    return plt.subplots(len(p.data.evaluated), len(spaces), figsize=(6 * len(spaces), 4 * len(p.data.evaluated)), squeeze=False)
 
 
 def _runs(p: Params, sharpness: dict[str, SharpnessResult], task: str, method: str) -> list[SharpnessResult]:
@@ -71,7 +71,7 @@ def _runs(p: Params, sharpness: dict[str, SharpnessResult], task: str, method: s
 def _attack_curves(p: Params, sharpness: dict[str, SharpnessResult], spaces: list[str], path: Path) -> None:
     """Task metric vs alpha, mean over seeds."""
     fig, axes = _grid(p, spaces)
-    for i, task in enumerate(p.data.tasks):
+    for i, task in enumerate(p.data.evaluated):
         main = get_task(task, p.data).main_metric
         for j, space in enumerate(spaces):
             ax = axes[i][j]
@@ -92,7 +92,7 @@ def _attack_curves(p: Params, sharpness: dict[str, SharpnessResult], spaces: lis
 def _landscapes(p: Params, sharpness: dict[str, SharpnessResult], spaces: list[str], path: Path) -> None:
     """1-D loss landscape along a random filter-normalised direction, mean over seeds."""
     fig, axes = _grid(p, spaces)
-    for i, task in enumerate(p.data.tasks):
+    for i, task in enumerate(p.data.evaluated):
         for j, space in enumerate(spaces):
             ax = axes[i][j]
             for method in p.train.methods:
@@ -111,8 +111,8 @@ def _landscapes(p: Params, sharpness: dict[str, SharpnessResult], spaces: list[s
 
 def _metric_vs_sharpness(p: Params, data: Collected, space: str, path: Path) -> None:
     """Test metric vs random sharpness at the largest radius, one point per run."""
-    fig, axes = plt.subplots(1, len(p.data.tasks), figsize=(6 * len(p.data.tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], p.data.tasks):
+    fig, axes = plt.subplots(1, len(p.data.evaluated), figsize=(6 * len(p.data.evaluated), 4), squeeze=False)
+    for ax, task in zip(axes[0], p.data.evaluated):
         main = get_task(task, p.data).main_metric
         for method in p.train.methods:
             xs, ys = [], []

@@ -32,6 +32,14 @@ def split_note(tasks: list[str], test_subset: int | None, data=None) -> str:
     return note
 
 
+def eval_only_note(p: Params) -> str:
+    """Report header: which data.tasks adapter scores each eval-only dataset (its s/step is that training's)."""
+    if not p.data.eval_tasks:
+        return ""
+    pairs = ", ".join(f"{t} with the adapters of {p.data.datasets[t].adapter_from}" for t in p.data.eval_tasks)
+    return f", eval-only {pairs} (no training of their own: their s/step is the adapter's training)"
+
+
 def _fmt(g: Group, kind: str, space: str, main: str = "") -> str:
     """Mean ± std over seeds of the headline figure at the largest radius (random) or alpha (attack)."""
     xs = g.headline(kind, space, main)
@@ -59,7 +67,8 @@ def terminal_table(rows: list[dict]) -> Table:
     for col in ("test", "gap", "sharpness", "attack", "s/step"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(f"{r['task']}.{r['method']}\n[dim]{r['main']}, n={r['seeds']}[/]", f"{r['mean']:.4f}\n±{r['std']:.4f}", r["gap"],
+        via = f", adapter of {r['adapter_from']}" if r.get("adapter_from") else ""
+        table.add_row(f"{r['task']}.{r['method']}\n[dim]{r['main']}, n={r['seeds']}{via}[/]", f"{r['mean']:.4f}\n±{r['std']:.4f}", r["gap"],
                       r["sharpness"], r["attack"], f"{r['step_time']:.3f}")
     return table
 
@@ -71,7 +80,7 @@ def _paired(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
           "(same data order, same initialisation of the shared parts). "
           f"With {len(p.train.seeds)} seed(s), a mean difference smaller than its std is not evidence either way.", "",
           "| task | method | Δ main metric | seeds better | Δ sharpness full | Δ sharpness lora |", "|---|---|---|---|---|---|"]
-    for task in p.data.tasks:
+    for task in p.data.evaluated:
         main = get_task(task, p.data).main_metric
         base = groups.get((task, "lora"))
         for method in p.train.methods:
@@ -98,7 +107,7 @@ def detail_tables(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
     md: list[str] = _paired(p, groups) if "lora" in p.train.methods else []
     for kind, title in (("attack", "Worst-case attack: main test metric at each alpha (mean ± std over seeds)"), ("random", "Random filter-normalised sharpness: mean loss increase at each radius (mean ± std over seeds)")):
         for space in SPACES:
-            for task in p.data.tasks:
+            for task in p.data.evaluated:
                 main = get_task(task, p.data).main_metric
 
                 def by_x(g: Group | None) -> dict[float, list[float]]:
@@ -123,9 +132,9 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
     md = [
         "# bilora comparison report",
         "",
-        f"Tasks {p.data.tasks}, methods {p.train.methods}, seeds {p.train.seeds}. Base `{p.base.source}` (4-bit {p.base.quant.quant_type if p.base.quant.enabled else 'off'}).",
+        f"Tasks {p.data.tasks}{eval_only_note(p)}, methods {p.train.methods}, seeds {p.train.seeds}. Base `{p.base.source}` (4-bit {p.base.quant.quant_type if p.base.quant.enabled else 'off'}).",
         f"Train subset {p.data.train_subset}, max length {p.data.max_length}, epochs {p.train.loop.epochs}, batch {p.train.loop.batch_size}x{p.train.loop.grad_accum}, lr {p.train.loop.lr}.",
-        split_note(p.data.tasks, p.data.test_subset, p.data),
+        split_note(p.data.evaluated, p.data.test_subset, p.data),
         "",
         "Sharpness: mean loss increase under random filter-normalised perturbations at the largest radius (full weight space | LoRA space).",
         "Attack: the main test metric after the largest worst-case step alpha (full | LoRA space). Both: mean over seeds.",
@@ -146,10 +155,11 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
         n = len(g.test[main])
         sharp_s = " \\| ".join(_fmt(g, "random", space) for space in SPACES)
         attack_s = " \\| ".join(_fmt(g, "attack", space, main) for space in SPACES)
-        md.append(f"| {task} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |")
-        rows.append({"task": task, "method": method, "main": main, "seeds": n, "mean": mm, "std": ms, "gap": gap_s,
+        label = f"{task} (adapter of {g.adapter_from})" if g.adapter_from else task
+        md.append(f"| {label} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |")
+        rows.append({"task": task, "method": method, "main": main, "seeds": n, "mean": mm, "std": ms, "gap": gap_s, "adapter_from": g.adapter_from,
                      "sharpness": _by_space(g, "random"), "attack": _by_space(g, "attack", main), "step_time": st})
-        summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st}
+        summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st} | ({"adapter_from": g.adapter_from} if g.adapter_from else {})
     return md, rows, summary
 
 
