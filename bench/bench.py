@@ -83,7 +83,17 @@ def prepare_base(kind: str, cache: Path) -> Path:
     model, report = quantize(resolved, QuantSpec(enabled=(kind == "nf4")))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".minilm-{kind}-", dir=cache))
-    save_quantized(model, resolved.path, tmp, {"source": BASE_SOURCE, "provenance": resolved.provenance, "kind": kind, "report": {k: v for k, v in report.items() if k != "layers"}})
+    save_quantized(
+        model,
+        resolved.path,
+        tmp,
+        {
+            "source": BASE_SOURCE,
+            "provenance": resolved.provenance,
+            "kind": kind,
+            "report": {k: v for k, v in report.items() if k != "layers"},
+        },
+    )
     tmp.rename(out)
     return out
 
@@ -113,7 +123,9 @@ def collate_batches(examples: list[dict[str, Any]], tok: Any, batch: int) -> lis
 def lora_spec():
     from bilora import adapters
 
-    return adapters.LoraSpec(r=8, alpha=16.0, dropout=0.0, target_modules=("query", "key", "value", "dense"), modules_to_save=("classifier",))
+    return adapters.LoraSpec(
+        r=8, alpha=16.0, dropout=0.0, target_modules=("query", "key", "value", "dense"), modules_to_save=("classifier",)
+    )
 
 
 def fresh_model(base_dir: Path):
@@ -149,7 +161,15 @@ class Runner:
         from bilora.methods.method import StepContext
 
         ft = self.ft
-        ctx = StepContext(model=self.model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batch], step=i, max_steps=ft.max_steps, max_grad_norm=ft.loop.max_grad_norm)
+        ctx = StepContext(
+            model=self.model,
+            optimizer=ft.optimizer,
+            scheduler=ft.scheduler,
+            micro_batches=[batch],
+            step=i,
+            max_steps=ft.max_steps,
+            max_grad_norm=ft.loop.max_grad_norm,
+        )
         sync()
         t0 = time.perf_counter()
         if self.naive:
@@ -194,7 +214,9 @@ def sync() -> None:
 
 
 # ----------------------------------------------------------------------------------- Trainer
-def make_trainer(base_dir: Path, examples: list[dict[str, Any]], tok: Any, batch: int, total_steps: int, callbacks: list[Any], out_dir: str):
+def make_trainer(
+    base_dir: Path, examples: list[dict[str, Any]], tok: Any, batch: int, total_steps: int, callbacks: list[Any], out_dir: str
+):
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -220,7 +242,9 @@ def make_trainer(base_dir: Path, examples: list[dict[str, Any]], tok: Any, batch
         disable_tqdm=True,
         seed=0,
     )
-    return Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok, return_tensors="pt"), callbacks=callbacks)
+    return Trainer(
+        model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok, return_tensors="pt"), callbacks=callbacks
+    )
 
 
 def trainer_callback(on_begin: Callable[[int], None], on_end: Callable[[int], None]):
@@ -306,7 +330,16 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     for label in raw["labels"]:
         ts = times[label]
         q1, med, q3 = quartiles(ts)
-        row = {"n": len(ts), "median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "mean_s": statistics.mean(ts), "tokens_per_s_padded": mean_padded / med, "tokens_per_s_real": mean_real / med}
+        row = {
+            "n": len(ts),
+            "median_s": med,
+            "q1_s": q1,
+            "q3_s": q3,
+            "iqr_s": q3 - q1,
+            "mean_s": statistics.mean(ts),
+            "tokens_per_s_padded": mean_padded / med,
+            "tokens_per_s_real": mean_real / med,
+        }
         if lora:
             ratios = [t / l for t, l in zip(ts, lora)]
             r1, rm, r3 = quartiles(ratios)
@@ -335,7 +368,14 @@ def worker(args: argparse.Namespace, base_dir: Path) -> dict[str, Any]:
     # Peak RSS of the training phase: VmHWM after resetting it post-setup (Linux clear_refs "5"), so the
     # model-loading peak (identical for every method, and higher than training at this size) is excluded.
     peak = vm_hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"method": args.worker, "steps": n, "rss_after_setup_bytes": rss_setup, "peak_rss_bytes": peak, "peak_is_training_phase_only": reset, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {
+        "method": args.worker,
+        "steps": n,
+        "rss_after_setup_bytes": rss_setup,
+        "peak_rss_bytes": peak,
+        "peak_is_training_phase_only": reset,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     if torch.cuda.is_available():
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -376,7 +416,26 @@ def memory(args: argparse.Namespace, labels: list[str]) -> dict[str, Any]:
 
 
 def passthrough(args: argparse.Namespace) -> list[str]:
-    return ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length), "--task", args.task, "--base", args.base, "--threads", str(args.threads), "--mem-steps", str(args.mem_steps), "--cache", str(args.cache)]
+    return [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--task",
+        args.task,
+        "--base",
+        args.base,
+        "--threads",
+        str(args.threads),
+        "--mem-steps",
+        str(args.mem_steps),
+        "--cache",
+        str(args.cache),
+    ]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -438,17 +497,31 @@ def targets(summary: dict[str, Any], mem: dict[str, Any]) -> list[dict[str, Any]
     for label, limit, text in TARGETS:
         if label in summary and "ratio_to_lora_median" in summary[label]:
             r = summary[label]["ratio_to_lora_median"]
-            out.append({"target": text, "measured": f"{r:.3f}x (IQR {summary[label]['ratio_to_lora_q1']:.3f}-{summary[label]['ratio_to_lora_q3']:.3f})", "met": r <= limit})
+            out.append(
+                {
+                    "target": text,
+                    "measured": f"{r:.3f}x (IQR {summary[label]['ratio_to_lora_q1']:.3f}-{summary[label]['ratio_to_lora_q3']:.3f})",
+                    "met": r <= limit,
+                }
+            )
     for label in ("bilora", "bilora_fused"):
         if label in mem and "lora" in mem and "peak_rss_bytes" in mem.get(label, {}) and "peak_rss_bytes" in mem["lora"]:
             d = mem[label]["peak_rss_bytes"] / mem["lora"]["peak_rss_bytes"] - 1
-            out.append({"target": f"{label} peak memory <= +2% of LoRA (process peak RSS)", "measured": f"{100 * d:+.2f}%", "met": d <= 0.02})
+            out.append(
+                {"target": f"{label} peak memory <= +2% of LoRA (process peak RSS)", "measured": f"{100 * d:+.2f}%", "met": d <= 0.02}
+            )
     if TRAINER in summary and "ratio_to_lora_median" in summary[TRAINER]:
         # Throughput of bilora's LoRA relative to PEFT + Trainer = Trainer step time / LoRA step time,
         # paired per round like every other ratio (the ratio of the two medians is shown too).
         tp = summary[TRAINER]["ratio_to_lora_median"]
         med = summary[TRAINER]["median_s"] / summary["lora"]["median_s"]
-        out.append({"target": "bilora LoRA >= 1.0x the throughput of PEFT + Trainer", "measured": f"{tp:.3f}x (paired Trainer/LoRA step-time ratio; ratio of medians {med:.3f}x)", "met": tp >= 1.0})
+        out.append(
+            {
+                "target": "bilora LoRA >= 1.0x the throughput of PEFT + Trainer",
+                "measured": f"{tp:.3f}x (paired Trainer/LoRA step-time ratio; ratio of medians {med:.3f}x)",
+                "met": tp >= 1.0,
+            }
+        )
     return out
 
 
@@ -467,7 +540,11 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], out: Path) -> No
         f"- CPU: {m['cpu']}, {m['cpus_usable']} usable of {m['logical_cpus']} logical CPUs, AVX2 {m['avx2']}, AVX-512 {m['avx512']}; {m.get('mem_total_gib', '?')} GiB RAM; CUDA: {m['cuda']}",
         f"- torch threads {m['torch_threads']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}",
         f"- Load average (1, 5, 15 min) before: {res['loadavg_before']}, after: {res['loadavg_after']}. "
-        + ("The machine was quiet (nothing else running)." if max(res["loadavg_before"][0], res["loadavg_after"][0]) < 1.0 + m["torch_threads"] else "**Other jobs shared the CPUs during this run**: absolute times are inflated and noisy; the interleaving (one step of every method per round, rotating order) and the per-round paired ratios are what keep the ratios comparable."),
+        + (
+            "The machine was quiet (nothing else running)."
+            if max(res["loadavg_before"][0], res["loadavg_after"][0]) < 1.0 + m["torch_threads"]
+            else "**Other jobs shared the CPUs during this run**: absolute times are inflated and noisy; the interleaving (one step of every method per round, rotating order) and the per-round paired ratios are what keep the ratios comparable."
+        ),
         "",
         "## Setup",
         "",
@@ -485,11 +562,17 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], out: Path) -> No
     ]
     for label in res["raw"]["labels"]:
         r = s[label]
-        ratio = f"{r['ratio_to_lora_median']:.3f} ({r['ratio_to_lora_q1']:.3f}-{r['ratio_to_lora_q3']:.3f})" if "ratio_to_lora_median" in r else "-"
+        ratio = (
+            f"{r['ratio_to_lora_median']:.3f} ({r['ratio_to_lora_q1']:.3f}-{r['ratio_to_lora_q3']:.3f})"
+            if "ratio_to_lora_median" in r
+            else "-"
+        )
         mm = mem.get(label, {})
         peak = f"{mm['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in mm else "-"
         inc = f"{(mm['peak_rss_bytes'] - mm['rss_after_setup_bytes']) / 2**20:.0f}" if "peak_rss_bytes" in mm else "-"
-        lines.append(f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}-{r['q3_s']:.4f} | {ratio} | {r['tokens_per_s_padded']:.0f} / {r['tokens_per_s_real']:.0f} | {peak} | {inc} |")
+        lines.append(
+            f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}-{r['q3_s']:.4f} | {ratio} | {r['tokens_per_s_padded']:.0f} / {r['tokens_per_s_real']:.0f} | {peak} | {inc} |"
+        )
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
@@ -508,7 +591,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--length", type=int, default=64, help="max tokens per example (dynamic padding below it)")
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--base", choices=["nf4", "fp32"], default="nf4")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on the shared, oversubscribed 2-core machine 2 threads ran ~5x slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on the shared, oversubscribed 2-core machine 2 threads ran ~5x slower)",
+    )
     ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method + bilora_fused + bilora_naive")
     ap.add_argument("--no-trainer", action="store_true", help="skip the PEFT + Trainer baseline")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
@@ -516,7 +604,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("BILORA_MODEL_CACHE", "~/.cache/bilora")).expanduser() / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "reports")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--report-from", type=Path, default=None, help="rewrite bench.md (and the targets in bench.json) from an existing bench.json, without measuring")
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        help="rewrite bench.md (and the targets in bench.json) from an existing bench.json, without measuring",
+    )
     args = ap.parse_args(argv)
     if args.methods is None:
         args.methods = ["lora"] + [v for v in variants() if v != "lora"]
@@ -546,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.time()
     load_before = [round(x, 2) for x in os.getloadavg()]
-    print(f"bench: {len(args.methods)} methods{'' if args.no_trainer else ' + Trainer'}, {args.warmup}+{args.steps} rounds, batch {args.batch}, length {args.length}, {args.base}", flush=True)
+    print(
+        f"bench: {len(args.methods)} methods{'' if args.no_trainer else ' + Trainer'}, {args.warmup}+{args.steps} rounds, batch {args.batch}, length {args.length}, {args.base}",
+        flush=True,
+    )
     raw = interleaved(args, base_dir)
     summary = summarise(raw)
     for label in raw["labels"]:
@@ -554,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:14s} median {r['median_s']:.4f}s  ratio {r.get('ratio_to_lora_median', float('nan')):.3f}", flush=True)
     mem = {} if args.no_memory else memory(args, raw["labels"])
     res = {
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python -m bench.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python -m bench.bench "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)),
         "wall_s": time.time() - t0,
         "machine": machine(),

@@ -73,7 +73,16 @@ def _figures(path: Path) -> dict:
 
 def compare(a: Path, b: Path) -> dict:
     committed = sorted([*(p.relative_to(a) for p in (a / "metrics").glob("*.json")), Path("reports/summary.json")])
-    full = sorted(p.relative_to(a) for pat in ("artifacts/finetune/*/history.json", "artifacts/eval/*/metrics.json", "artifacts/eval/*/sharpness.json", "artifacts/finetune/*/adapter/*.safetensors") for p in a.glob(pat))
+    full = sorted(
+        p.relative_to(a)
+        for pat in (
+            "artifacts/finetune/*/history.json",
+            "artifacts/eval/*/metrics.json",
+            "artifacts/eval/*/sharpness.json",
+            "artifacts/finetune/*/adapter/*.safetensors",
+        )
+        for p in a.glob(pat)
+    )
     result = {"committed_identical": {}, "artifacts_max_rel_diff": {}}
     for f in committed:
         result["committed_identical"][str(f)] = _figures(a / f) == _figures(b / f) if (b / f).exists() else None

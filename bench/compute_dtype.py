@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         _set_compute(model, dtype)
         train[label] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     evals = {}
-    for label, dtype, kernel in (("eval_fp32", torch.float32, "fp32"), ("eval_bf16_dequant", torch.bfloat16, "fp32"), ("eval_packed_bf16", torch.float32, "packed_bf16")):
+    for label, dtype, kernel in (
+        ("eval_fp32", torch.float32, "fp32"),
+        ("eval_bf16_dequant", torch.bfloat16, "fp32"),
+        ("eval_packed_bf16", torch.float32, "packed_bf16"),
+    ):
         if kernel == "packed_bf16" and not has_bf16:
             continue
         model = fresh_model(base_dir).eval()
@@ -111,7 +115,14 @@ def main(argv: list[str] | None = None) -> None:
         if label in drift:
             rows[label]["rel_logit_diff_to_fp32"] = drift[label]
     cmd = "HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compute_dtype " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result = {"command": cmd.strip(), "machine": machine() | {"avx512_bf16": has_bf16}, "batch": args.batch, "length": args.length, "threads": args.threads, "rows": rows}
+    result = {
+        "command": cmd.strip(),
+        "machine": machine() | {"avx512_bf16": has_bf16},
+        "batch": args.batch,
+        "length": args.length,
+        "threads": args.threads,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

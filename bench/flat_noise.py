@@ -90,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         "flat_lora forward+backward (noise on)": flat_ms,
         "row norms of W0 + s·BA (all layers, once per step)": median_ms(lambda: [fl.merged_row_norms(l) for l in layers], args.reps),
         "dequantize W0 (all layers, once)": median_ms(lambda: [fl.dequantized_weight(b) for b in bases], args.reps),
-        "draw eps ~ N(0, 1) (all layers, once)": median_ms(lambda: [torch.randn((b.out_features, b.in_features), generator=gen) for b in bases], args.reps),
-        "uniform U(0, 1) of the same size (for scale)": median_ms(lambda: [torch.rand((b.out_features, b.in_features), generator=gen) for b in bases], args.reps),
+        "draw eps ~ N(0, 1) (all layers, once)": median_ms(
+            lambda: [torch.randn((b.out_features, b.in_features), generator=gen) for b in bases], args.reps
+        ),
+        "uniform U(0, 1) of the same size (for scale)": median_ms(
+            lambda: [torch.rand((b.out_features, b.in_features), generator=gen) for b in bases], args.reps
+        ),
     }
     lora = rows["lora forward+backward"]
     extra = (statistics.median(ratios) - 1.0) * lora
-    predicted = rows["row norms of W0 + s·BA (all layers, once per step)"] + 2 * (rows["dequantize W0 (all layers, once)"] + rows["draw eps ~ N(0, 1) (all layers, once)"])
+    predicted = rows["row norms of W0 + s·BA (all layers, once per step)"] + 2 * (
+        rows["dequantize W0 (all layers, once)"] + rows["draw eps ~ N(0, 1) (all layers, once)"]
+    )
     res = {
         "command": "python -m bench.flat_noise " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "machine": machine(),
@@ -113,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n_weights / 1e6:.1f}M adapted weights, {tokens} padded tokens per step, {args.threads} thread(s)")
     for k, v in rows.items():
         print(f"{v:9.2f} ms  {k}")
-    print(f"flat_lora / lora forward+backward = {res['flat_over_lora_fwd_bwd']:.3f} (paired, IQR {res['flat_over_lora_fwd_bwd_iqr'][0]:.3f}-{res['flat_over_lora_fwd_bwd_iqr'][1]:.3f}); extra {extra:.1f} ms measured, "
-          f"{predicted:.1f} ms from the components (norms + 2 x (dequantize + draw eps)); "
-          f"{res['randn_ns_per_weight']:.2f} ns per normal")
+    print(
+        f"flat_lora / lora forward+backward = {res['flat_over_lora_fwd_bwd']:.3f} (paired, IQR {res['flat_over_lora_fwd_bwd_iqr'][0]:.3f}-{res['flat_over_lora_fwd_bwd_iqr'][1]:.3f}); extra {extra:.1f} ms measured, "
+        f"{predicted:.1f} ms from the components (norms + 2 x (dequantize + draw eps)); "
+        f"{res['randn_ns_per_weight']:.2f} ns per normal"
+    )
     return 0
 
 

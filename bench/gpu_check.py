@@ -45,13 +45,23 @@ TINY = memory.LlamaShape(vocab=256, hidden=64, inter=128, layers=2, heads=4, kv_
 def llama_config(shape: memory.LlamaShape) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.inter, num_hidden_layers=shape.layers,
-                       num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied,
-                       max_position_embeddings=4096, use_cache=False)
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.inter,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=shape.tied,
+        max_position_embeddings=4096,
+        use_cache=False,
+    )
 
 
 @torch.no_grad()
-def random_nf4_llama(shape: memory.LlamaShape, device: str, compute_dtype: torch.dtype, param_dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def random_nf4_llama(
+    shape: memory.LlamaShape, device: str, compute_dtype: torch.dtype, param_dtype: torch.dtype, seed: int = 0
+) -> torch.nn.Module:
     """A randomly initialised Llama of ``shape`` whose decoder linears are nf4 (double quant) ``Linear4bit``.
 
     Built directly on ``device`` in ``param_dtype`` (no checkpoint on disk), one linear quantized
@@ -68,10 +78,19 @@ def random_nf4_llama(shape: memory.LlamaShape, device: str, compute_dtype: torch
             for name, lin in list(parent.named_children()):
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
-                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q = bnb.nn.Linear4bit(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=lin.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
                 w = lin.weight.data
-                q.weight = bnb.nn.Params4bit(w.to("cpu") if device == "cpu" else w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(
+                    w.to("cpu") if device == "cpu" else w, requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
                 setattr(parent, name, q.to(device))  # quantizes
                 del lin, w
     model.requires_grad_(False)
@@ -110,14 +129,29 @@ def _peak(device: str) -> int:
     return memory.rss_peak_bytes()
 
 
-def measure(base: torch.nn.Module, shape: memory.LlamaShape, method: str, cfg: dict[str, Any], *, device: str, seq: int, batch: int,
-            steps: int, ckpt: bool, r: int, baseline: int, optimizer: str = "adamw") -> dict[str, Any]:
+def measure(
+    base: torch.nn.Module,
+    shape: memory.LlamaShape,
+    method: str,
+    cfg: dict[str, Any],
+    *,
+    device: str,
+    seq: int,
+    batch: int,
+    steps: int,
+    ckpt: bool,
+    r: int,
+    baseline: int,
+    optimizer: str = "adamw",
+) -> dict[str, Any]:
     """Train ``steps`` steps of one method on ``base`` and measure; the base is left as it was."""
     key = "bilora" if method.startswith("bilora") else method
     _reset(device)
     torch.manual_seed(0)
     model = adapters.attach_lora(base, adapters.LoraSpec(r=r, alpha=2 * r, target_modules=memory.LLAMA_TARGETS), "CAUSAL_LM")
-    loop = LoopConfig(batch_size=batch, lr=1e-4, max_steps=steps, checkpoint_every=0, log_every=steps, gradient_checkpointing=ckpt, optimizer=optimizer)
+    loop = LoopConfig(
+        batch_size=batch, lr=1e-4, max_steps=steps, checkpoint_every=0, log_every=steps, gradient_checkpointing=ckpt, optimizer=optimizer
+    )
     m = methods.build(key, cfg, seed=0)
     auto = scale.autocast_dtype(device, "auto")
     ft = FineTuner(model, m, random_rows(shape.vocab, seq, batch * steps), collate_on(device), loop, seed=0, autocast_dtype=auto)
@@ -128,16 +162,32 @@ def measure(base: torch.nn.Module, shape: memory.LlamaShape, method: str, cfg: d
         error = f"OOM: {str(e).splitlines()[0][:120]}"
     peak = _peak(device) - (0 if device == "cuda" else baseline)
     times = [h["step_time"] for h in ft.history[1:]] or [h["step_time"] for h in ft.history]
-    run = memory.RunShape(seq=seq, batch=batch, r=r, method=key, fused=True, param_bytes=2 if device == "cuda" else 4,
-                          act_bytes=2 if auto else 4, gradient_checkpointing=ckpt, optimizer=optimizer)
+    run = memory.RunShape(
+        seq=seq,
+        batch=batch,
+        r=r,
+        method=key,
+        fused=True,
+        param_bytes=2 if device == "cuda" else 4,
+        act_bytes=2 if auto else 4,
+        gradient_checkpointing=ckpt,
+        optimizer=optimizer,
+    )
     pred = memory.predict(shape, run)
     row = {
-        "method": method, "checkpointing": ckpt, "seq": seq, "batch": batch, "steps": len(ft.history),
+        "method": method,
+        "checkpointing": ckpt,
+        "seq": seq,
+        "batch": batch,
+        "steps": len(ft.history),
         "step_time_s": statistics.median(times) if times else None,
         "tokens_per_s": (batch * seq / statistics.median(times)) if times else None,
-        "peak_gib": peak / memory.GIB, "predicted_gib": pred["total"] / memory.GIB,
+        "peak_gib": peak / memory.GIB,
+        "predicted_gib": pred["total"] / memory.GIB,
         "predicted_parts_gib": {k: round(v / memory.GIB, 3) for k, v in pred.items() if k != "total"},
-        "autocast": str(auto).replace("torch.", "") if auto else "none", "optimizer": optimizer, "error": error,
+        "autocast": str(auto).replace("torch.", "") if auto else "none",
+        "optimizer": optimizer,
+        "error": error,
     }
     # leave the base as it was: no adapters, no checkpointing, no hooks
     ft.optimizer.state.clear()
@@ -154,10 +204,12 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "# GPU check (bench/gpu_check.py)", "",
+        "# GPU check (bench/gpu_check.py)",
+        "",
         f"Device: {meta['device_name']}; torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, bitsandbytes {meta['bitsandbytes']}.",
         "Random-init nf4 (double quant) Llama shapes, LoRA r 8 on all 7 linears, AdamW, bf16 compute + autocast on CUDA.",
-        "Peak: torch.cuda.max_memory_allocated (CPU: peak RSS delta); predicted: bilora.memory.predict.", "",
+        "Peak: torch.cuda.max_memory_allocated (CPU: peak RSS delta); predicted: bilora.memory.predict.",
+        "",
         "| model | method | ckpt | seq x batch | step (s) | tokens/s | peak (MiB) | predicted (MiB) | pred/meas | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -165,7 +217,9 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         ratio = f"{r['predicted_gib'] / r['peak_gib']:.2f}" if r["peak_gib"] > 0 else "-"
         st = f"{r['step_time_s']:.3f}" if r["step_time_s"] else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-        lines.append(f"| {r['model']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['seq']}x{r['batch']} | {st} | {tps} | {r['peak_gib'] * 1024:.0f} | {r['predicted_gib'] * 1024:.0f} | {ratio} | {r['error'] or ''} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['seq']}x{r['batch']} | {st} | {tps} | {r['peak_gib'] * 1024:.0f} | {r['predicted_gib'] * 1024:.0f} | {ratio} | {r['error'] or ''} |"
+        )
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
@@ -190,8 +244,16 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = {"tiny": TINY} if args.tiny else {n: memory.SHAPES[n] for n in args.shapes}
     seq, steps = (32, 2) if args.tiny else (args.seq, args.steps)
-    meta = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "seq": seq, "steps": steps}
+    meta = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "seq": seq,
+        "steps": steps,
+    }
     out = Path(args.out)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -206,8 +268,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"budget of {args.budget_s:.0f}s reached: stopping", file=sys.stderr)
                     write(out, meta | {"stopped_early": True}, rows)
                     return 0
-                row = {"model": sname, **measure(base, shape, method, cfg, device=args.device, seq=seq, batch=args.batch, steps=steps,
-                                                 ckpt=ckpt, r=8, baseline=baseline, optimizer=args.optimizer)}
+                row = {
+                    "model": sname,
+                    **measure(
+                        base,
+                        shape,
+                        method,
+                        cfg,
+                        device=args.device,
+                        seq=seq,
+                        batch=args.batch,
+                        steps=steps,
+                        ckpt=ckpt,
+                        r=8,
+                        baseline=baseline,
+                        optimizer=args.optimizer,
+                    ),
+                }
                 rows.append(row)
                 write(out, meta, rows)
                 print(json.dumps(row), flush=True)

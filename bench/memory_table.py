@@ -32,19 +32,31 @@ def rows(seq: int, batch: int) -> list[dict]:
                 run = memory.RunShape(seq=seq, batch=batch, gradient_checkpointing=ckpt, optimizer=opt)
                 lora = memory.predict(shape, run)
                 extras = {m: memory.predict(shape, memory.with_(run, method=m))["total"] - lora["total"] for m in METHODS[1:]}
-                out.append({"model": name, "ckpt": ckpt, "opt": opt, **{k: v / memory.GIB for k, v in lora.items()},
-                            **{f"+{m}": v / memory.GIB for m, v in extras.items()}})
+                out.append(
+                    {
+                        "model": name,
+                        "ckpt": ckpt,
+                        "opt": opt,
+                        **{k: v / memory.GIB for k, v in lora.items()},
+                        **{f"+{m}": v / memory.GIB for m, v in extras.items()},
+                    }
+                )
     return out
 
 
 def markdown(seq: int, batch: int) -> str:
-    lines = [f"*Predicted* peak training memory (GiB, bilora.memory; seq {seq}, batch {batch}, nf4 + bf16, LoRA r 8 on all linears):", "",
-             "| model | ckpt | optimizer | weights | adapters+grads | optimizer | activations | LoRA total | Bi-LoRA (fused) | LoRA-SAM | Flat-LoRA | EFlat-LoRA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"*Predicted* peak training memory (GiB, bilora.memory; seq {seq}, batch {batch}, nf4 + bf16, LoRA r 8 on all linears):",
+        "",
+        "| model | ckpt | optimizer | weights | adapters+grads | optimizer | activations | LoRA total | Bi-LoRA (fused) | LoRA-SAM | Flat-LoRA | EFlat-LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows(seq, batch):
         t = r["total"]
-        lines.append(f"| {r['model']} | {'on' if r['ckpt'] else 'off'} | {r['opt']} | {r['weights']:.2f} | {r['adapters']:.3f} | {r['optimizer']:.3f} | "
-                     f"{r['activations']:.2f} | {t:.2f} | {t + r['+bilora']:.2f} | {t + r['+lora_sam']:.2f} | {t + r['+flat_lora']:.2f} | {t + r['+eflat_lora']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {'on' if r['ckpt'] else 'off'} | {r['opt']} | {r['weights']:.2f} | {r['adapters']:.3f} | {r['optimizer']:.3f} | "
+            f"{r['activations']:.2f} | {t:.2f} | {t + r['+bilora']:.2f} | {t + r['+lora_sam']:.2f} | {t + r['+flat_lora']:.2f} | {t + r['+eflat_lora']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -40,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def fwd_bwd() -> float:
         ft = lora.ft
-        ctx = StepContext(model=lora.model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batch], step=0, max_steps=ft.max_steps, max_grad_norm=1.0)
+        ctx = StepContext(
+            model=lora.model,
+            optimizer=ft.optimizer,
+            scheduler=ft.scheduler,
+            micro_batches=[batch],
+            step=0,
+            max_steps=ft.max_steps,
+            max_grad_norm=1.0,
+        )
         lora.model.zero_grad(set_to_none=True)  # a fresh backward allocates its gradients, as in a step
         t0 = time.perf_counter()
         ctx.forward_backward()

@@ -39,9 +39,20 @@ from bench.bench import ROOT, prepare_base, sync, variants
 
 #: SmolLM2-135M-Instruct's config.json (HuggingFaceTB), used for a randomly initialised stand-in.
 SMOLLM2_CONFIG = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-    tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -65,7 +76,15 @@ def token_rows(base_dir: Path, length: int, n_rows: int) -> list[dict[str, torch
             break
     body = torch.tensor(stream[: n_rows * (length - 2)]).view(n_rows, length - 2)  # (n, L-2)
     ids = torch.cat([torch.full((n_rows, 1), tok.cls_token_id), body, torch.full((n_rows, 1), tok.sep_token_id)], 1)  # (n, L)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "token_type_ids": torch.zeros_like(ids[i]), "labels": torch.tensor(rows[i]["label"])} for i in range(n_rows)]
+    return [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones_like(ids[i]),
+            "token_type_ids": torch.zeros_like(ids[i]),
+            "labels": torch.tensor(rows[i]["label"]),
+        }
+        for i in range(n_rows)
+    ]
 
 
 def random_lm_rows(vocab: int, length: int, n_rows: int) -> list[dict[str, torch.Tensor]]:
@@ -161,12 +180,27 @@ def build(data: Data, label: str, rank: int, batch: int, total: int) -> tuple[Ca
     if name == "bilora":
         cfg = {**cfg, "aux_rank": rank, "aux_alpha": 2.0 * rank}
     method = methods.build(name, cfg, seed=0)
-    ft = FineTuner(model, method, data.rows, data.collate, LoopConfig(batch_size=batch, lr=1e-3, max_steps=total + 1, warmup_ratio=0.0, max_grad_norm=1.0), seed=0)
+    ft = FineTuner(
+        model,
+        method,
+        data.rows,
+        data.collate,
+        LoopConfig(batch_size=batch, lr=1e-3, max_steps=total + 1, warmup_ratio=0.0, max_grad_norm=1.0),
+        seed=0,
+    )
     model.train()
     batches = [data.collate(data.rows[i * batch : (i + 1) * batch]) for i in range(total + 1)]
 
     def step(i: int) -> float:
-        ctx = StepContext(model=model, optimizer=ft.optimizer, scheduler=ft.scheduler, micro_batches=[batches[i]], step=i, max_steps=ft.max_steps, max_grad_norm=1.0)
+        ctx = StepContext(
+            model=model,
+            optimizer=ft.optimizer,
+            scheduler=ft.scheduler,
+            micro_batches=[batches[i]],
+            step=i,
+            max_steps=ft.max_steps,
+            max_grad_norm=1.0,
+        )
         sync()
         t0 = time.perf_counter()
         method.step(ctx)
@@ -239,10 +273,25 @@ def plots(res: dict[str, Any], out: Path) -> None:
         plot(xs, [res["length"][str(x)] for x in xs], names, "sequence length (r = 8)", f"MiniLM-L6 {title}", out / "scaling_length.png")
     if res.get("rank"):
         xs = sorted(int(k) for k in res["rank"])
-        plot(xs, [res["rank"][str(x)] for x in xs], names, f"rank r = r2 (length {a['rank_length']})", f"MiniLM-L6 {title}", out / "scaling_rank.png")
+        plot(
+            xs,
+            [res["rank"][str(x)] for x in xs],
+            names,
+            f"rank r = r2 (length {a['rank_length']})",
+            f"MiniLM-L6 {title}",
+            out / "scaling_rank.png",
+        )
     if res.get("model"):
         xs = list(res["model"])
-        plot(xs, [res["model"][m] for m in xs], names, f"model (length {a['model_length']}, r = 8)", title, out / "scaling_model.png", log_x=False)
+        plot(
+            xs,
+            [res["model"][m] for m in xs],
+            names,
+            f"model (length {a['model_length']}, r = 8)",
+            title,
+            out / "scaling_model.png",
+            log_x=False,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     minilm = prepare_base("nf4", args.cache)
     bases = {"minilm": minilm, **({"smollm2": smollm2_base(args.cache)} if "smollm2" in args.models else {})}
     t0 = time.time()
-    res: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "loadavg_before": os.getloadavg()}
+    res: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "loadavg_before": os.getloadavg(),
+    }
     res["length"] = {str(L): point("minilm", minilm, L, 8, args) for L in args.lengths}
     res["rank"] = {str(r): point("minilm", minilm, args.rank_length, r, args) for r in args.ranks}
     res["model"] = {m: point(m, bases[m], args.model_length, 8, args) for m in args.models}

@@ -87,7 +87,10 @@ def adapter_layers(model: torch.nn.Module, adapter: str = PRIMARY) -> list[tuple
 
 def lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, s) per adapted layer for ``adapter``; A: (r, n_in), B: (n_out, r)."""
-    return [(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])) for _, layer in adapter_layers(model, adapter)]
+    return [
+        (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
+        for _, layer in adapter_layers(model, adapter)
+    ]
 
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:

@@ -20,7 +20,18 @@ from bilora import layers
 from bilora.errors import BaseModelError
 from bilora.sources import ResolvedBase, resolve
 
-__all__ = ["BaseModelError", "QuantSpec", "ResolvedBase", "resolve", "quantize", "save_quantized", "saved_quant", "task_model_class", "load_for_task", "load_adapted"]
+__all__ = [
+    "BaseModelError",
+    "QuantSpec",
+    "ResolvedBase",
+    "resolve",
+    "quantize",
+    "save_quantized",
+    "saved_quant",
+    "task_model_class",
+    "load_for_task",
+    "load_adapted",
+]
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,16 @@ def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) 
     original = load_original(resolved, revision)
     stored_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
     cfg_dtype = getattr(original.config, "dtype", None)  # transformers 5: reading config.torch_dtype logs a deprecation
-    report: dict[str, Any] = {"memory_bytes_original": original.get_memory_footprint(), "stored_dtype": str(cfg_dtype or stored_dtype).replace("torch.", "")}
+    report: dict[str, Any] = {
+        "memory_bytes_original": original.get_memory_footprint(),
+        "stored_dtype": str(cfg_dtype or stored_dtype).replace("torch.", ""),
+    }
     if not q.enabled:
         report.update(memory_bytes_quantized=report["memory_bytes_original"], layers={})
         return original, report
-    model = _backbone_class(original.config).from_pretrained(resolved.path, revision=revision, quantization_config=bnb_config(q), device_map=device(), dtype=torch.float32)
+    model = _backbone_class(original.config).from_pretrained(
+        resolved.path, revision=revision, quantization_config=bnb_config(q), device_map=device(), dtype=torch.float32
+    )
     layers.set_cpu_kernel(model, q.cpu_kernel)  # before any forward: bitsandbytes must not pick it
     ref = dict(original.named_parameters())
     errors: dict[str, float] = {}

@@ -345,7 +345,9 @@ def generate_answers(
 
 
 @torch.no_grad()
-def choice_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], choices: Sequence[str], batch_size: int = 16) -> list[list[float]]:
+def choice_logprobs(
+    model: torch.nn.Module, tokenizer, prompts: Sequence[str], choices: Sequence[str], batch_size: int = 16
+) -> list[list[float]]:
     """``[i][j]`` = summed log-probability of the tokens of ``choices[j]`` (encoded without special
     tokens) following ``prompts[i]`` (encoded by :func:`encode_prompt`). Not length-normalised.
 
@@ -414,7 +416,9 @@ def evaluate_gsm8k(
     if not examples:
         raise ValueError("no GSM8K examples to evaluate")
     golds = [gold_answer(e["answer"]) for e in examples]
-    gens = generate_answers(model, tokenizer, [gsm8k_prompt(e["question"], template) for e in examples], max_new_tokens, batch_size, stop=stop)
+    gens = generate_answers(
+        model, tokenizer, [gsm8k_prompt(e["question"], template) for e in examples], max_new_tokens, batch_size, stop=stop
+    )
     preds = [extract_answer(g) for g in gens]
     result: dict[str, Any] = {
         "exact_match": metrics.exact_match(["" if p is None else p for p in preds], golds),
@@ -424,10 +428,14 @@ def evaluate_gsm8k(
     if return_predictions:
         result["predictions"] = [{"generation": g, "prediction": p, "gold": y} for g, p, y in zip(gens, preds, golds)]
     return result
+
+
 # -- quality check of a quantized base (stage load_base) -----------------------------------------
 #: Fixed text and question of the causal-LM quality check (perplexity, one greedy answer).
-QUALITY_TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "
-                "for the World's Fair. Paris is also home to the Louvre, the most visited museum in the world.")
+QUALITY_TEXT = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 "
+    "for the World's Fair. Paris is also home to the Louvre, the most visited museum in the world."
+)
 QUALITY_PROMPT = "Question: What is the capital of France?\nAnswer:"
 
 
@@ -440,4 +448,10 @@ def quality_check(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int = 
     ids = tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"].to(dev)
     loss = float(model(input_ids=ids, labels=ids).loss)
     answer = generate_answers(model, tokenizer, [QUALITY_PROMPT], max_new_tokens=max_new_tokens, batch_size=1, stop=GSM8K_STOP)[0]
-    return {"perplexity": math.exp(loss), "text_tokens": int(ids.shape[1]), "prompt": QUALITY_PROMPT, "greedy_answer": answer, "max_new_tokens": max_new_tokens}
+    return {
+        "perplexity": math.exp(loss),
+        "text_tokens": int(ids.shape[1]),
+        "prompt": QUALITY_PROMPT,
+        "greedy_answer": answer,
+        "max_new_tokens": max_new_tokens,
+    }

@@ -27,11 +27,7 @@ from bilora.io import atomic_dir
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every LoRA tensor of every adapter plus anything trainable (e.g. a classification head)."""
-    return {
-        n: p.detach().clone().contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad or ".lora_" in n
-    }
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n}
 
 
 def rng_state() -> dict[str, Any]:

@@ -98,7 +98,7 @@ def all_reduce_mean_(params: Iterable[torch.nn.Parameter], loss: torch.Tensor | 
     grads = [p.grad for p in params if p.grad is not None]
     w = world_size()
     device = grads[0].device if grads else (loss.device if loss is not None else torch.device("cpu"))
-    extra = (loss.detach().float().reshape(1).to(device) if loss is not None else torch.zeros(1, device=device))
+    extra = loss.detach().float().reshape(1).to(device) if loss is not None else torch.zeros(1, device=device)
     flat = torch.cat([g.detach().float().reshape(-1) for g in grads] + [extra])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat.div_(w)

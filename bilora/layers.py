@@ -151,7 +151,9 @@ def set_cpu_kernel(model: torch.nn.Module, kernel: str = "fp32") -> dict[str, An
         raise KernelError(f"unknown 4-bit CPU kernel {kernel!r}; choose one of {CPU_KERNELS}")
     has_bf16 = cpu_has_avx512_bf16()
     if kernel == "packed_bf16" and not has_bf16:
-        raise KernelError("base.quant.cpu_kernel = packed_bf16 needs a CPU with AVX512-BF16 (`lscpu | grep -o avx512_bf16` prints nothing here); use fp32")
+        raise KernelError(
+            "base.quant.cpu_kernel = packed_bf16 needs a CPU with AVX512-BF16 (`lscpu | grep -o avx512_bf16` prints nothing here); use fp32"
+        )
     layers = [m for m in model.modules() if is_4bit(m)]
     packed = 0
     for m in layers:
@@ -182,7 +184,9 @@ def fp32_kernel(model: torch.nn.Module) -> Iterator[None]:
             if is_packed(m):
                 import bitsandbytes.functional as bnbf
 
-                m.weight.data, m.weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+                m.weight.data, m.weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                    m.weight.data.clone(), copy.deepcopy(m.weight.quant_state)
+                )
     try:
         yield
     finally:

@@ -60,9 +60,16 @@ class LlamaShape:
     @classmethod
     def from_config(cls, cfg: Any) -> LlamaShape:
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        return cls(vocab=get("vocab_size"), hidden=get("hidden_size"), inter=get("intermediate_size"), layers=get("num_hidden_layers"),
-                   heads=get("num_attention_heads"), kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
-                   tied=bool(get("tie_word_embeddings", False)), head_dim=get("head_dim"))
+        return cls(
+            vocab=get("vocab_size"),
+            hidden=get("hidden_size"),
+            inter=get("intermediate_size"),
+            layers=get("num_hidden_layers"),
+            heads=get("num_attention_heads"),
+            kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
+            tied=bool(get("tie_word_embeddings", False)),
+            head_dim=get("head_dim"),
+        )
 
     @property
     def hd(self) -> int:
@@ -71,7 +78,15 @@ class LlamaShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear of one decoder layer."""
         h, i, q, kv = self.hidden, self.inter, self.heads * self.hd, self.kv_heads * self.hd
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def n_params(self) -> int:
         per = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden

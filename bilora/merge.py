@@ -89,14 +89,18 @@ def check_agreement(mode: str, drift: float, tolerance: float) -> str | None:
     if drift <= tolerance:
         return None
     if mode == "nf4_roundtrip":
-        raise MergeCheckError(f"merged model disagrees with the adapter on the 4-bit base: relative logit drift {drift:.3e} > merge.tolerance {tolerance:g}")
+        raise MergeCheckError(
+            f"merged model disagrees with the adapter on the 4-bit base: relative logit drift {drift:.3e} > merge.tolerance {tolerance:g}"
+        )
     if mode == "original":
         return f"mode=original: drift {drift:.3e} exceeds {tolerance:g}; expected, the adapter was trained on dequant(quant(W)) (use nf4_roundtrip to match training)"
     return None
 
 
 @torch.no_grad()
-def reload_max_abs_diff(model_class: type, folder: str | Path, merged: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+def reload_max_abs_diff(
+    model_class: type, folder: str | Path, merged: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype
+) -> float:
     """Reload the saved merged model with plain transformers (``model_class.from_pretrained``) and
     return max |logits(reloaded) - logits(merged in dtype)| on ``batch``: proof that it loads as saved."""
     reloaded = model_class.from_pretrained(folder, dtype=dtype).eval()

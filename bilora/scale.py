@@ -65,7 +65,12 @@ def prepare_kbit(model: torch.nn.Module, *, gradient_checkpointing: bool = False
                 if p.dtype in (torch.float16, torch.bfloat16):  # half precision only (as PEFT): float64 stays
                     p.data = p.data.float()
                     cast += 1
-    done = {"norms_cast_fp32": cast, "gradient_checkpointing": bool(gradient_checkpointing), "use_reentrant": bool(use_reentrant), "input_require_grads": False}
+    done = {
+        "norms_cast_fp32": cast,
+        "gradient_checkpointing": bool(gradient_checkpointing),
+        "use_reentrant": bool(use_reentrant),
+        "input_require_grads": False,
+    }
     if gradient_checkpointing:
         if not getattr(inner, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.loop.gradient_checkpointing: {type(inner).__name__} does not support gradient checkpointing")
@@ -122,7 +127,9 @@ def model_device_type(model: torch.nn.Module) -> str:
 
 
 # -- optimizers ---------------------------------------------------------------------------------
-def build_optimizer(groups: list[dict[str, Any]], name: str = "adamw", *, lr: float, min_8bit_size: int | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict[str, Any]], name: str = "adamw", *, lr: float, min_8bit_size: int | None = None
+) -> torch.optim.Optimizer:
     """The primary optimizer over the method's parameter groups (see the module docstring).
 
     ``min_8bit_size``: bitsandbytes keeps 32-bit state for tensors with fewer elements (its

@@ -17,7 +17,12 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 BOUNDS = ("ge", "gt", "le", "lt")
-_OPS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+_OPS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
 
 
 def setting(default: Any, help: str, *, min_len: int | None = None, items: dict[str, float] | None = None, **bounds: float) -> Any:

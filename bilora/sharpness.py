@@ -85,13 +85,20 @@ class SharpnessConfig(Settings):
     section: ClassVar[str] = "eval.sharpness"
 
     spaces: tuple[Literal["full", "lora"], ...] = setting(SPACES, "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1)
-    radii: tuple[float, ...] = setting((0.01, 0.05), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0})
+    radii: tuple[float, ...] = setting(
+        (0.01, 0.05), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0}
+    )
     n_directions: int = setting(2, "Random directions per radius and space (0: skip random sharpness).", ge=0)
-    attack_alphas: tuple[float, ...] = setting((0.0, 1.0, 2.5), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0})
+    attack_alphas: tuple[float, ...] = setting(
+        (0.0, 1.0, 2.5), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0}
+    )
     curve_points: int = setting(7, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
     curve_radius: float = setting(0.1, "Half-width of the 1-D loss curve along a random filter-normalised direction.", gt=0)
     seed: int = setting(0, "Seed of the random directions (same seed => same numbers).")
-    dtype: Literal["float64", "model"] = setting("float64", "float64: measure on a float64 dense copy of the adapted model (exact dequantized base; figures independent of the CPU class; ~2x the time of float32, 8 bytes per parameter). model: measure the model as it is (float32 fp32-path kernels on CPU): cheaper, but small-radius figures carry float32 summation noise of a few percent.")
+    dtype: Literal["float64", "model"] = setting(
+        "float64",
+        "float64: measure on a float64 dense copy of the adapted model (exact dequantized base; figures independent of the CPU class; ~2x the time of float32, 8 bytes per parameter). model: measure the model as it is (float32 fp32-path kernels on CPU): cheaper, but small-radius figures carry float32 summation noise of a few percent.",
+    )
 
     @property
     def curve_grid(self) -> tuple[float, ...]:
@@ -136,7 +143,13 @@ class Objective:
         self.weights = [n / total for n in sizes]
 
     @classmethod
-    def from_dataset(cls, dataset: Sequence[dict[str, Any]], collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], batch_size: int = 64, batch_loss: BatchLoss = hf_loss) -> "Objective":
+    def from_dataset(
+        cls,
+        dataset: Sequence[dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        batch_size: int = 64,
+        batch_loss: BatchLoss = hf_loss,
+    ) -> "Objective":
         """Collate ``dataset`` once, in order, into fixed batches."""
         n = len(dataset)
         batches = [collate([dataset[i] for i in range(s, min(n, s + batch_size))]) for s in range(0, n, batch_size)]
@@ -163,7 +176,12 @@ class Objective:
         return math.fsum(total), out
 
 
-def task_eval(dataset: Sequence[dict[str, Any]], collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], metric_names: Sequence[str], batch_size: int = 64) -> EvalFn:
+def task_eval(
+    dataset: Sequence[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    metric_names: Sequence[str],
+    batch_size: int = 64,
+) -> EvalFn:
     """An ``eval_fn`` for classification/regression heads: :func:`bilora.evaluate.predict` + :func:`bilora.metrics.compute`."""
 
     def run(model: torch.nn.Module) -> dict[str, float]:
@@ -268,7 +286,9 @@ def random_direction(model: torch.nn.Module, space: str, seed: int = 0, index: i
         else:
             for i, p in enumerate(lora_tensors(model)):
                 w = p.detach().to(base_layers.work_dtype(p.dtype))
-                g = base_layers.layer_noise(direction_seed(seed, space, index, i), torch.ones(w.shape[0], device=w.device), w.shape[1]).to(w.dtype)
+                g = base_layers.layer_noise(direction_seed(seed, space, index, i), torch.ones(w.shape[0], device=w.device), w.shape[1]).to(
+                    w.dtype
+                )
                 parts.append(g.mul_((w.norm(dim=1) / g.norm(dim=1))[:, None]))  # (rows, cols)
     return Direction(space, parts)
 
@@ -382,7 +402,9 @@ def gradient_direction(model: torch.nn.Module, space: str, objective: Objective)
             for base in bases:
                 base_layers.check_base(base)
                 w0 = base_layers.dequantized_weight(base)  # only for its shape, dtype and device
-                leaves.append(torch.zeros(w0.shape, dtype=base_layers.work_dtype(w0.dtype), device=w0.device, requires_grad=True))  # (out, in)
+                leaves.append(
+                    torch.zeros(w0.shape, dtype=base_layers.work_dtype(w0.dtype), device=w0.device, requires_grad=True)
+                )  # (out, in)
                 del w0
             forwards = [_shifted_forward(b, (lambda w0, leaf=leaf: leaf.to(w0.device)), False) for b, leaf in zip(bases, leaves)]
             with base_layers.forwards_replaced(zip(bases, forwards)), _requires_grad_only(model, []):
@@ -403,7 +425,15 @@ def _summary(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
 
 
-def random_sharpness(model: torch.nn.Module, objective: Objective, space: str, radii: Sequence[float], n_directions: int, seed: int = 0, base_loss: float | None = None) -> dict[str, Any]:
+def random_sharpness(
+    model: torch.nn.Module,
+    objective: Objective,
+    space: str,
+    radii: Sequence[float],
+    n_directions: int,
+    seed: int = 0,
+    base_loss: float | None = None,
+) -> dict[str, Any]:
     """loss(W + t·d_k) − loss(W) for K random filter-normalised directions d_k (k = 0..K-1) and each t.
 
     Returns {"base_loss": L(W), "radii": [{"radius": t, "mean", "std" (ddof=1; 0 for K=1), "min",
@@ -421,7 +451,9 @@ def random_sharpness(model: torch.nn.Module, objective: Objective, space: str, r
     return {"base_loss": l0, "radii": [{"radius": t, **_summary(values[t])} for t in radii] if n_directions else []}
 
 
-def attack_curve(model: torch.nn.Module, objective: Objective, space: str, alphas: Sequence[float], eval_fn: EvalFn | None = None) -> dict[str, Any]:
+def attack_curve(
+    model: torch.nn.Module, objective: Objective, space: str, alphas: Sequence[float], eval_fn: EvalFn | None = None
+) -> dict[str, Any]:
     """Loss and task metrics at θ + α·∇L/‖∇L‖ for each α (gradient taken once, at θ).
 
     Returns {"grad_norm": ‖∇L‖, "base_loss": L(θ), "points": [{"alpha", "loss", "metrics"}]}
@@ -436,7 +468,9 @@ def attack_curve(model: torch.nn.Module, objective: Objective, space: str, alpha
     return {"grad_norm": gnorm, "base_loss": l0, "points": points}
 
 
-def loss_curve_1d(model: torch.nn.Module, objective: Objective, space: str, points: Sequence[float], seed: int = 0, index: int = 0) -> list[tuple[float, float]]:
+def loss_curve_1d(
+    model: torch.nn.Module, objective: Objective, space: str, points: Sequence[float], seed: int = 0, index: int = 0
+) -> list[tuple[float, float]]:
     """[(t, loss(W + t·d))] along random filter-normalised direction ``index`` (Li et al. 2018)."""
     with _measuring(model):
         d = random_direction(model, space, seed, index)
@@ -462,7 +496,9 @@ class _Counted:
         return self.inner.grad(model, inputs)
 
 
-def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None) -> SharpnessResult:
+def measure(
+    model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig = SharpnessConfig(), eval_fn: EvalFn | None = None
+) -> SharpnessResult:
     """All three measurements in each space of ``cfg``, with their cost, as a :class:`SharpnessResult`.
 
     Its ``to_dict()`` (JSON-serialisable) is {"config": cfg, "base": {"loss", "metrics"},
@@ -482,7 +518,10 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
         return eval_fn(m)  # type: ignore[misc]
 
     ev = counted_eval if eval_fn is not None else None
-    out: dict[str, Any] = {"config": asdict(cfg) | {"curve_points": cfg.curve_grid}, "spaces": {}}  # the grid, as before curve_points was a count
+    out: dict[str, Any] = {
+        "config": asdict(cfg) | {"curve_points": cfg.curve_grid},
+        "spaces": {},
+    }  # the grid, as before curve_points was a count
     if cfg.dtype == "float64":
         model = base_layers.dense_copy(model, torch.float64)
     with _measuring(model):
@@ -499,7 +538,9 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
             res["attack"] = attack_curve(model, counted, space, cfg.attack_alphas, ev) if cfg.attack_alphas else None  # type: ignore[arg-type]
             cost["attack_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            curve = loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_grid], cfg.seed) if cfg.curve_points else []  # type: ignore[arg-type]
+            curve = (
+                loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_grid], cfg.seed) if cfg.curve_points else []
+            )  # type: ignore[arg-type]
             res["curve"] = [[p, v] for p, v in curve]
             cost["curve_s"] = time.perf_counter() - t
             cost["loss_evals"] = counted.values - before[0]
@@ -507,5 +548,10 @@ def measure(model: torch.nn.Module, objective: Objective, cfg: SharpnessConfig =
             cost["metric_evals"] = metric_evals - before[2]
             res["cost"] = cost
             out["spaces"][space] = res
-    out["cost"] = {"total_s": time.perf_counter() - start, "loss_evals": counted.values, "grad_passes": counted.grads, "metric_evals": metric_evals}
+    out["cost"] = {
+        "total_s": time.perf_counter() - start,
+        "loss_evals": counted.values,
+        "grad_passes": counted.grads,
+        "metric_evals": metric_evals,
+    }
     return SharpnessResult.from_dict(out)

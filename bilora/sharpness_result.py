@@ -88,7 +88,13 @@ class SpaceResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dim": self.dim, "random": self.random.to_dict(), "attack": self.attack.to_dict() if self.attack else None, "curve": [list(c) for c in self.curve], "cost": dict(self.cost)}
+        return {
+            "dim": self.dim,
+            "random": self.random.to_dict(),
+            "attack": self.attack.to_dict() if self.attack else None,
+            "curve": [list(c) for c in self.curve],
+            "cost": dict(self.cost),
+        }
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,12 @@ class SharpnessResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (keys in the order ``sharpness.json`` has always had)."""
-        return {"config": dict(self.config), "spaces": {s: r.to_dict() for s, r in self.spaces.items()}, "base": dict(self.base), "cost": dict(self.cost)}
+        return {
+            "config": dict(self.config),
+            "spaces": {s: r.to_dict() for s, r in self.spaces.items()},
+            "base": dict(self.base),
+            "cost": dict(self.cost),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SharpnessResult":

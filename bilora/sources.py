@@ -135,7 +135,9 @@ def _package_dir(module: str) -> Path | None:
 
 def _one_gguf(ggufs: list[Path], source: str) -> Path:
     if len(ggufs) > 1:
-        raise BaseModelError(f"base.source {source!r}: several GGUF files ({', '.join(g.name for g in ggufs)}); pick one with 'gguf:<path>'")
+        raise BaseModelError(
+            f"base.source {source!r}: several GGUF files ({', '.join(g.name for g in ggufs)}); pick one with 'gguf:<path>'"
+        )
     return ggufs[0]
 
 
@@ -153,13 +155,19 @@ def _resolve_cached_wheel(source: str, pkg: str, pin: str | None, cache_dir: str
             f"(run `{fetch}` once to download and unzip it there, set ${CACHE_ENV} to the cache holding it, or pip install {pkg})"
         )
     if len(found) > 1:
-        raise BaseModelError(f"base.source {source!r}: several cached versions ({', '.join(d.name for d in found)}); pin one: 'pypi:{pkg}==<version>'")
+        raise BaseModelError(
+            f"base.source {source!r}: several cached versions ({', '.join(d.name for d in found)}); pin one: 'pypi:{pkg}==<version>'"
+        )
     d = found[0]
     ggufs = sorted(d.rglob("*.gguf"))
     if not ggufs:
-        raise BaseModelError(f"base.source {source!r}: the unzipped wheel {d} holds no .gguf file (only GGUF models are supported from uninstalled wheels)")
+        raise BaseModelError(
+            f"base.source {source!r}: the unzipped wheel {d} holds no .gguf file (only GGUF models are supported from uninstalled wheels)"
+        )
     version = d.name[len(_dist_name(pkg)) + 1 :]
-    return _resolve_gguf(_one_gguf(ggufs, source), {"kind": "pypi-wheel", "package": pkg, "version": version, "wheel_dir": str(d)}, cache_dir)
+    return _resolve_gguf(
+        _one_gguf(ggufs, source), {"kind": "pypi-wheel", "package": pkg, "version": version, "wheel_dir": str(d)}, cache_dir
+    )
 
 
 def _resolve_gguf(gguf_path: Path, provenance: dict[str, Any], cache_dir: str | Path | None) -> ResolvedBase:

@@ -44,10 +44,21 @@ class LoopConfig(Settings):
     max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
     log_every: int = setting(5, "Log step metrics to MLflow every N optimizer steps.", ge=1)
     checkpoint_every: int = setting(50, "Write a resumable checkpoint every N optimizer steps (0: never).", ge=0)
-    gradient_checkpointing: bool = setting(False, "Recompute each decoder layer's activations in backward instead of storing them (transformers' gradient checkpointing; same gradients, less memory, ~1 more forward per step). Correct for every method.")
-    checkpoint_reentrant: bool = setting(False, "With gradient_checkpointing: use torch's reentrant checkpoint (enables input gradients on the embeddings, as PEFT does); false: the non-reentrant one torch recommends.")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = setting("adamw", "Primary optimizer: adamw (torch; fused on CUDA) or bitsandbytes adamw_8bit / paged_adamw_8bit / paged_adamw_32bit (paged falls back to unpaged on CPU). Bi-LoRA's auxiliary ascends on the same optimizer (gradient negated for bitsandbytes, which has no maximize).")
-    length_grouped: bool = setting(False, "Group each batch by example length (seeded, resumable; cuts padding on causal-LM data). Off: uniformly shuffled batches.")
+    gradient_checkpointing: bool = setting(
+        False,
+        "Recompute each decoder layer's activations in backward instead of storing them (transformers' gradient checkpointing; same gradients, less memory, ~1 more forward per step). Correct for every method.",
+    )
+    checkpoint_reentrant: bool = setting(
+        False,
+        "With gradient_checkpointing: use torch's reentrant checkpoint (enables input gradients on the embeddings, as PEFT does); false: the non-reentrant one torch recommends.",
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = setting(
+        "adamw",
+        "Primary optimizer: adamw (torch; fused on CUDA) or bitsandbytes adamw_8bit / paged_adamw_8bit / paged_adamw_32bit (paged falls back to unpaged on CPU). Bi-LoRA's auxiliary ascends on the same optimizer (gradient negated for bitsandbytes, which has no maximize).",
+    )
+    length_grouped: bool = setting(
+        False, "Group each batch by example length (seeded, resumable; cuts padding on causal-LM data). Off: uniformly shuffled batches."
+    )
 
     def steps_per_epoch(self, n_examples: int) -> int:
         micro = math.ceil(n_examples / self.batch_size)
@@ -112,7 +123,9 @@ class FineTuner:
         self.method.prepare(model)
         self.device_type = scale.model_device_type(model)
         self.autocast_dtype = autocast_dtype
-        self.optimizer = scale.build_optimizer(method.param_groups(model, loop.lr, loop.weight_decay), loop.optimizer, lr=loop.lr, min_8bit_size=min_8bit_size)
+        self.optimizer = scale.build_optimizer(
+            method.param_groups(model, loop.lr, loop.weight_decay), loop.optimizer, lr=loop.lr, min_8bit_size=min_8bit_size
+        )
         self._lengths: list[int] | None = None
         self.max_steps = loop.total_steps(self.n_train)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(loop.warmup_ratio * self.max_steps), self.max_steps)
@@ -131,12 +144,16 @@ class FineTuner:
         if w == 1:
             return
         if self.loop.batch_size % w:
-            raise ValueError(f"train.loop.batch_size ({self.loop.batch_size}) is the global micro-batch and must be divisible by the "
-                             f"number of processes ({w}): use a multiple of {w}, or change train.distributed.nproc_per_node")
+            raise ValueError(
+                f"train.loop.batch_size ({self.loop.batch_size}) is the global micro-batch and must be divisible by the "
+                f"number of processes ({w}): use a multiple of {w}, or change train.distributed.nproc_per_node"
+            )
         last = self.n_train % self.loop.batch_size
         if 0 < last < w:
-            raise ValueError(f"the last micro-batch of each epoch has {last} example(s), fewer than the {w} processes: "
-                             f"make the training set size ({self.n_train}) a multiple of train.loop.batch_size ({self.loop.batch_size})")
+            raise ValueError(
+                f"the last micro-batch of each epoch has {last} example(s), fewer than the {w} processes: "
+                f"make the training set size ({self.n_train}) a multiple of train.loop.batch_size ({self.loop.batch_size})"
+            )
 
     # -- data ---------------------------------------------------------------------------
     def _indices(self) -> list[int]:
@@ -184,7 +201,10 @@ class FineTuner:
         pl = [lengths[i] for i in pool]
         order = epoch_order(len(pool), self.seed, 0).tolist()
         grouped = scale.length_grouped_order(order, pl, self.loop.batch_size)
-        return {"shuffled": scale.padding_fraction(order, pl, self.loop.batch_size), "length_grouped": scale.padding_fraction(grouped, pl, self.loop.batch_size)}
+        return {
+            "shuffled": scale.padding_fraction(order, pl, self.loop.batch_size),
+            "length_grouped": scale.padding_fraction(grouped, pl, self.loop.batch_size),
+        }
 
     # -- checkpoints ----------------------------------------------------------------------
     def _ckpt_path(self) -> Path | None:
@@ -201,7 +221,13 @@ class FineTuner:
             "rng": checkpoint.rng_state(),
             "history": self.history,
         }
-        meta = {"step": self.step, "max_steps": self.max_steps, "fingerprint": self.fingerprint, "method": self.method.name, "seed": self.seed}
+        meta = {
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "fingerprint": self.fingerprint,
+            "method": self.method.name,
+            "seed": self.seed,
+        }
         checkpoint.save(path, self.model, state, meta)
 
     def try_resume(self) -> bool:

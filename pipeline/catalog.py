@@ -30,7 +30,11 @@ def _metrics(d: DatasetConfig, opts: dict[str, Any]) -> tuple[str, ...]:
     known before prepare: ('accuracy', 'f1') until :func:`prepared_task` resolves them from stats.json."""
     if d.metrics:
         return tuple(d.metrics)
-    return formats.get(d.format).default_metrics(opts) if d.format != "classification" or opts.get("labels") is not None else ("accuracy", "f1")
+    return (
+        formats.get(d.format).default_metrics(opts)
+        if d.format != "classification" or opts.get("labels") is not None
+        else ("accuracy", "f1")
+    )
 
 
 def declared_task(name: str, d: DatasetConfig) -> TaskSpec:
@@ -39,9 +43,18 @@ def declared_task(name: str, d: DatasetConfig) -> TaskSpec:
     metrics = _metrics(d, opts)
     test_file = describe(d.test) if d.test else f"{describe(d.train)} (test_fraction {d.test_fraction})"  # type: ignore[arg-type]
     return TaskSpec(
-        name=name, kind=fmt.kind, num_labels=_num_labels(d), metrics=metrics, main_metric=d.main_metric or metrics[0],  # type: ignore[arg-type]
-        train_file=describe(d.train) if d.train else "", test_file=test_file,
-        licence_file=d.licence or "", format=d.format, options=opts, declared=True, adapter_from=d.adapter_from,
+        name=name,
+        kind=fmt.kind,
+        num_labels=_num_labels(d),
+        metrics=metrics,
+        main_metric=d.main_metric or metrics[0],  # type: ignore[arg-type]
+        train_file=describe(d.train) if d.train else "",
+        test_file=test_file,
+        licence_file=d.licence or "",
+        format=d.format,
+        options=opts,
+        declared=True,
+        adapter_from=d.adapter_from,
     )
 
 
@@ -75,7 +88,9 @@ def head_labels(task: TaskSpec, data: DataConfig, data_dir: str | Path) -> int:
     """Head size for evaluating ``task``: that of the adapter's task; an eval-only classification set must match it."""
     n = num_labels(get_task(adapter_task(task), data), data_dir)
     if task.adapter_from is not None and task.format == "classification" and task.num_labels != n:
-        raise DataError(f"data.datasets.{task.name}.labels: {task.num_labels} labels, but the adapter of {task.adapter_from!r} has a {n}-class head; declare the same label set")
+        raise DataError(
+            f"data.datasets.{task.name}.labels: {task.num_labels} labels, but the adapter of {task.adapter_from!r} has a {n}-class head; declare the same label set"
+        )
     return n
 
 
@@ -113,7 +128,9 @@ def _normalise(task: TaskSpec, records: list[tuple[str, dict]], opts: dict, skip
         except DataError as e:
             skipped.append(str(e))  # type: ignore[union-attr]
     if records and not out:
-        raise DataError(f"data.datasets.{task.name}: no records left after skip_invalid dropped all {len(records)}; first reason: {skipped[0]}")  # type: ignore[index]
+        raise DataError(
+            f"data.datasets.{task.name}: no records left after skip_invalid dropped all {len(records)}; first reason: {skipped[0]}"
+        )  # type: ignore[index]
     return out
 
 
@@ -147,14 +164,18 @@ def read_splits(task: TaskSpec, data: DataConfig) -> tuple[list[dict], list[dict
         n_test = round(d.test_fraction * n)
         if n_test == 0 or n_test == n:
             empty = "test" if n_test == 0 else "train"
-            raise DataError(f"data.datasets.{task.name}.test_fraction: {d.test_fraction} of {n} records leaves the {empty} split empty; change test_fraction or give a test source")
+            raise DataError(
+                f"data.datasets.{task.name}.test_fraction: {d.test_fraction} of {n} records leaves the {empty} split empty; change test_fraction or give a test source"
+            )
         test, train = [train[i] for i in sorted(perm[:n_test])], [train[i] for i in sorted(perm[n_test:])]
     meta: dict[str, Any] = {}
     if task.format == "classification":
         if opts.get("labels") is None:
             opts["labels"] = _infer_labels(train, opts)
             if d.metrics and "f1" in d.metrics and len(opts["labels"]) > 2:
-                raise DataError(f"data.datasets.{task.name}.metrics: f1 is the binary F1 of class index 1, but train has {len(opts['labels'])} labels {opts['labels']}; use f1_macro")
+                raise DataError(
+                    f"data.datasets.{task.name}.metrics: f1 is the binary F1 of class index 1, but train has {len(opts['labels'])} labels {opts['labels']}; use f1_macro"
+                )
         meta["labels"] = list(opts["labels"]) if not isinstance(opts["labels"], dict) else dict(opts["labels"])
         meta["num_labels"] = len(set(opts["labels"].values())) if isinstance(opts["labels"], dict) else len(opts["labels"])
     skipped: list[str] = []
@@ -193,5 +214,7 @@ def check(data: DataConfig, tracked: str | Path | None = None) -> None:
             root = Path(tracked).resolve()
             for f in source_files(task, data):
                 if not f.resolve().is_relative_to(root):
-                    raise DataError(f"{f}: data.datasets.{name} reads a file outside {tracked}/, which prepare's DVC deps do not cover (DVC would not re-run on edits); copy it under {tracked}/ and point the path there")
+                    raise DataError(
+                        f"{f}: data.datasets.{name} reads a file outside {tracked}/, which prepare's DVC deps do not cover (DVC would not re-run on edits); copy it under {tracked}/ and point the path there"
+                    )
         read_splits(task, data)  # the chat template is checked by prepare (it needs the tokenizer)

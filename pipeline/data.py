@@ -47,7 +47,9 @@ def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDic
     tr, va = split_indices(len(train_rows), cfg)
     eval_only = task.adapter_from is not None  # no train split: empty train and validation, only test is scored
     if not tr and not eval_only:
-        raise DataError(f"{task.train_file}: no training rows left after the validation split; lower data.val_fraction or raise data.train_subset")
+        raise DataError(
+            f"{task.train_file}: no training rows left after the validation split; lower data.val_fraction or raise data.train_subset"
+        )
     parts: dict[str, Dataset] = {}
     split_stats: dict[str, dict] = {}
     for split, rows in (("train", [train_rows[i] for i in tr]), ("validation", [train_rows[i] for i in va]), ("test", test_rows)):
@@ -55,7 +57,9 @@ def prepare_task(task: TaskSpec, cfg: DataConfig, tokenizer) -> tuple[DatasetDic
         parts[split], split_stats[split] = Dataset.from_dict(cols), st
     if fmt.kind == "generation" and not eval_only:
         if len(parts["train"]) == 0:  # every example lost all its target tokens to truncation
-            raise DataError(f"{task.train_file}: data.max_length={cfg.max_length} cuts away the whole target of all {len(tr)} training examples, none is left to train on; raise data.max_length or shorten the prompts")
+            raise DataError(
+                f"{task.train_file}: data.max_length={cfg.max_length} cuts away the whole target of all {len(tr)} training examples, none is left to train on; raise data.max_length or shorten the prompts"
+            )
     dd = DatasetDict(parts)
     stats = {
         "task": task.name,

@@ -55,7 +55,9 @@ def score_splits(model, tokenizer, task, task_name: str, p, tracker, model_id: s
             ds = ds.select(range(min(len(ds), p.eval.train_subset)))
         if len(ds) == 0:
             continue
-        dataset = tracker.log_split(layout.DATA, task_name, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None)
+        dataset = tracker.log_split(
+            layout.DATA, task_name, split, len(ds), "test" if split == "test" else "evaluation", first=len(ds) if split == "train" else None
+        )
         metrics[split], predictions[split] = fmt.score(model, tokenizer, ds, opts, task.metrics, p.eval.batch_size, p.eval.max_new_tokens)
         info(f"{split}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics[split].items()))
         tracker.log_metrics({f"{split}.{k}": v for k, v in metrics[split].items()}, model_id=model_id, dataset=dataset)
@@ -72,10 +74,18 @@ def sharpness(model, task, task_name: str, collate, p) -> SharpnessResult:
     sp, fmt = p.eval.sharpness, formats.get(task.format)
     test = load_split(layout.DATA, task_name, "test")
     objective = Objective.from_dataset(test.select(range(min(len(test), sp.examples))), collate, p.eval.batch_size)
-    eval_fn = None if not fmt.attack_metric else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
-    info(f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve")
+    eval_fn = (
+        None
+        if not fmt.attack_metric
+        else task_eval(test.select(range(min(len(test), sp.metric_examples))), collate, task.metrics, p.eval.batch_size)
+    )
+    info(
+        f"sharpness: spaces {sp.spaces}, radii {sp.radii} x {sp.n_directions} directions, attack alphas {sp.attack_alphas}, {sp.curve_points}-point curve"
+    )
     result = measure(model, objective, sharpness_config(sp), eval_fn)
-    info(f"sharpness measured in {result.cost['total_s']:.1f}s ({result.cost['loss_evals']} loss passes, {result.cost['grad_passes']} gradient passes)")
+    info(
+        f"sharpness measured in {result.cost['total_s']:.1f}s ({result.cost['loss_evals']} loss passes, {result.cost['grad_passes']} gradient passes)"
+    )
     return result
 
 

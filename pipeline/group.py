@@ -45,7 +45,9 @@ def _client(uri: str):
 
 
 def _warn(what: str, uri: str, e: Exception) -> None:
-    warn(f"MLflow parent run at {uri}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the stages run without it.")
+    warn(
+        f"MLflow parent run at {uri}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the stages run without it."
+    )
 
 
 def _experiment_id(client, experiment: str) -> str:
@@ -90,7 +92,12 @@ def _invocation() -> str:
 
 def exp_parent(uri: str, experiment: str, exp_name: str) -> str | None:
     """The parent run of ``dvc exp run``'s experiment ``exp_name`` (this invocation), created by the first stage."""
-    tags = {ROLE_TAG: "exp", "dvc.exp": exp_name, "dvc.exp.baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""), "dvc.exp.invocation": _invocation()}
+    tags = {
+        ROLE_TAG: "exp",
+        "dvc.exp": exp_name,
+        "dvc.exp.baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "dvc.exp.invocation": _invocation(),
+    }
     try:
         client = _client(uri)
         exp_id = _experiment_id(client, experiment)
@@ -126,7 +133,9 @@ def stage_listing(root: str | Path = ".", ran: dict[str, str] | None = None) -> 
     return dict(sorted(out.items()))
 
 
-def close_parent(uri: str, run_id: str, status: str = "FINISHED", root: str | Path = ".", params_file: str | Path | None = None, end: bool = True) -> None:
+def close_parent(
+    uri: str, run_id: str, status: str = "FINISHED", root: str | Path = ".", params_file: str | Path | None = None, end: bool = True
+) -> None:
     """Record on the parent what the workspace now holds (stage listing, params file, summary table,
     headline metrics) and, with ``end``, mark it ``status`` with the end time now."""
     root = Path(root)
@@ -155,7 +164,9 @@ def close_parent(uri: str, run_id: str, status: str = "FINISHED", root: str | Pa
             from pipeline.config import flatten
 
             now = int(__import__("time").time() * 1000)
-            values = [Metric(k, float(v), now, 0) for k, v in flatten(json.loads(headline.read_text())).items() if isinstance(v, (int, float))]
+            values = [
+                Metric(k, float(v), now, 0) for k, v in flatten(json.loads(headline.read_text())).items() if isinstance(v, (int, float))
+            ]
             for i in range(0, len(values), 1000):
                 client.log_batch(run_id, metrics=values[i : i + 1000])
         if end:

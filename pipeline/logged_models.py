@@ -64,10 +64,23 @@ def _signature(input_names: list[str], kind: str, num_labels: int):
     from mlflow.types import Schema, TensorSpec
 
     out = (-1, -1, -1) if kind == "generation" else (-1, num_labels)  # (B, L, V) or (B, num_labels)
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), n) for n in input_names]), outputs=Schema([TensorSpec(np.dtype("float32"), out)]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), n) for n in input_names]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), out)]),
+    )
 
 
-def log_adapter(tracker: Tracker, run: str, adapter_dir: Path, base_dir: Path, settings_path: Path, kind: str, num_labels: int, input_names: list[str], tags: dict[str, Any]) -> str | None:
+def log_adapter(
+    tracker: Tracker,
+    run: str,
+    adapter_dir: Path,
+    base_dir: Path,
+    settings_path: Path,
+    kind: str,
+    num_labels: int,
+    input_names: list[str],
+    tags: dict[str, Any],
+) -> str | None:
     """Log ``adapter_dir`` (on the base in ``base_dir``) as the run's ``adapter-<run>`` model; its id, or None untracked."""
 
     def log() -> str:
@@ -77,18 +90,33 @@ def log_adapter(tracker: Tracker, run: str, adapter_dir: Path, base_dir: Path, s
         with warnings.catch_warnings():  # the signature is given explicitly; an input example would make MLflow load the model
             warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
-                name=f"adapter-{run}", python_model=str(ADAPTER_CODE), artifacts={"adapter": str(adapter_dir)},
+                name=f"adapter-{run}",
+                python_model=str(ADAPTER_CODE),
+                artifacts={"adapter": str(adapter_dir)},
                 model_config={"base_dir": base, "kind": kind, "num_labels": num_labels},
-                signature=_signature(input_names, kind, num_labels), pip_requirements=requirements(),
+                signature=_signature(input_names, kind, num_labels),
+                pip_requirements=requirements(),
                 params=base_params(base_dir) | run_params(settings_path),
-                tags={k: str(v) for k, v in tags.items()} | {"run": run, "base.path": base}, model_type="adapter",
+                tags={k: str(v) for k, v in tags.items()} | {"run": run, "base.path": base},
+                model_type="adapter",
             )
         return info.model_id
 
     return tracker.log_model("adapter", log)
 
 
-def log_merged(tracker: Tracker, run: str, model, tokenizer, base_dir: Path, settings_path: Path, kind: str, merge: dict[str, Any], tags: dict[str, Any], register: str | None) -> str | None:
+def log_merged(
+    tracker: Tracker,
+    run: str,
+    model,
+    tokenizer,
+    base_dir: Path,
+    settings_path: Path,
+    kind: str,
+    merge: dict[str, Any],
+    tags: dict[str, Any],
+    register: str | None,
+) -> str | None:
     """Log the merged ``model`` (a transformers model, in its saved dtype) as ``merged-<run>``; with
     ``register`` a new version of that registered model (``tracker.registered``). Its id, or None."""
 
@@ -96,9 +124,13 @@ def log_merged(tracker: Tracker, run: str, model, tokenizer, base_dir: Path, set
         import mlflow
 
         info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, task=PIPELINE_TASK[kind], name=f"merged-{run}", pip_requirements=requirements(),
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            task=PIPELINE_TASK[kind],
+            name=f"merged-{run}",
+            pip_requirements=requirements(),
             params=base_params(base_dir) | run_params(settings_path) | {f"merge.{k}": str(v) for k, v in merge.items()},
-            tags={k: str(v) for k, v in tags.items()} | {"run": run}, model_type="merged",
+            tags={k: str(v) for k, v in tags.items()} | {"run": run},
+            model_type="merged",
             registered_model_name=register,
         )
         if register:

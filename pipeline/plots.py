@@ -22,7 +22,9 @@ SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
 def render(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dvc = str(Path(sys.executable).parent / "dvc")
-    r = subprocess.run([dvc, "plots", "show", "--html-template", str(VEGA / "offline_template.html"), "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [dvc, "plots", "show", "--html-template", str(VEGA / "offline_template.html"), "-o", str(out)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise UserError(f"dvc plots show failed: {(r.stderr or r.stdout).strip()[:500]} (run the pipeline first: python -m pipeline.run)")
     for f in SCRIPTS:

@@ -88,11 +88,18 @@ def _add_once(logger: logging.Logger, flt: logging.Filter) -> None:
 
 def quiet() -> None:
     """Install the filters above (idempotent; logger filters work whether or not the library is imported yet)."""
-    _add_once(logging.getLogger("bitsandbytes.backends.cpu.ops"), _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    _add_once(
+        logging.getLogger("bitsandbytes.backends.cpu.ops"), _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
     _add_once(logging.getLogger("transformers.modeling_utils"), _HeadOnlyLoadReport())
     _add_once(logging.getLogger("mlflow.store.db.utils"), _DropBelow(logging.WARNING))
-    _add_once(logging.getLogger("mlflow.system_metrics.system_metrics_monitor"), _DropBelow(logging.WARNING))  # "Started/Stopping monitoring", "Skip logging GPU metrics"
-    _add_once(logging.getLogger("mlflow.transformers"), _DropMessage(("The model card could not be retrieved", "Unable to find license information")))
+    _add_once(
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor"), _DropBelow(logging.WARNING)
+    )  # "Started/Stopping monitoring", "Skip logging GPU metrics"
+    _add_once(
+        logging.getLogger("mlflow.transformers"),
+        _DropMessage(("The model card could not be retrieved", "Unable to find license information")),
+    )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers and huggingface_hub at import
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

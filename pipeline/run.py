@@ -125,7 +125,9 @@ def apply_preset(name: str, params_path: str) -> None:
     rt.dump(doc, buf)
     atomic_write_text(params_path, buf.getvalue())
     keys = sorted(flatten_keys(delta))
-    console.print(f"[yellow]preset {name}[/]: merged {len(keys)} key(s) of {preset_path(name).relative_to(PRESETS.parent.parent)} over {params_path}: {', '.join(keys)}")
+    console.print(
+        f"[yellow]preset {name}[/]: merged {len(keys)} key(s) of {preset_path(name).relative_to(PRESETS.parent.parent)} over {params_path}: {', '.join(keys)}"
+    )
 
 
 def flatten_keys(d: dict, prefix: str = "") -> list[str]:
@@ -146,7 +148,9 @@ def summary_table(summary: dict[str, dict]) -> Table:
         table.add_column(col, justify="right", no_wrap=True)
     for key, row in summary.items():
         run = key + (f" (adapter of {row['adapter_from']})" if row.get("adapter_from") else "")
-        table.add_row(run, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}")
+        table.add_row(
+            run, row["main_metric"], f"{row['mean']:.4f}", f"{row['std']:.4f}", str(row["n_seeds"]), f"{row['median_step_time']:.3f}"
+        )
     return table
 
 
@@ -167,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file to validate (dvc reads params.yaml)")
-    ap.add_argument("--preset", default=None, help="merge pipeline/presets/PRESET.yaml (the keys it changes) over params.yaml, validate, write params.yaml, then run (e.g. smollm2_gsm8k_cpu)")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="merge pipeline/presets/PRESET.yaml (the keys it changes) over params.yaml, validate, write params.yaml, then run (e.g. smollm2_gsm8k_cpu)",
+    )
     ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro")
     args = ap.parse_args(argv)
     if args.preset:
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     check_data(params.data, tracked="data")  # before dvc: files exist, parse, columns and labels valid (DataError -> exit 2)
     evals = f" (+ {len(params.data.eval_tasks)} eval-only)" if params.data.eval_tasks else ""
-    console.print(f"[green]params ok[/]: {len(params.data.tasks)} task(s){evals} x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)")
+    console.print(
+        f"[green]params ok[/]: {len(params.data.tasks)} task(s){evals} x {len(params.train.methods)} method(s) x {len(params.train.seeds)} seed(s)"
+    )
     env = pipeline_env()
     if not Path(".dvc").is_dir():
         error("no .dvc folder here: run from the repository root")
@@ -190,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         group.close_parent(tracking_uri(), parent, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml")
         console.print(f"MLflow parent run {parent}: every stage run of this repro is nested under it")
     if rc != 0:
-        error(f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)")
+        error(
+            f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)"
+        )
         sys.exit(rc)
     summary = Path("reports/summary.json")
     if summary.exists():

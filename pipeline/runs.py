@@ -45,10 +45,7 @@ def encode(settings: dict[str, Any]) -> str:
 
 def all_runs(p: Any) -> dict[str, dict[str, Any]]:
     """Run name -> settings for every task x method x seed of the matrix."""
-    return {
-        layout.run_name(t, m, s): run_settings(p, t, m, s)
-        for t in p.data.tasks for m in p.train.methods for s in p.train.seeds
-    }
+    return {layout.run_name(t, m, s): run_settings(p, t, m, s) for t in p.data.tasks for m in p.train.methods for s in p.train.seeds}
 
 
 def write_all(p: Any, out: Path) -> list[str]:
@@ -64,7 +61,9 @@ def load(p: Any, task: str, run: str, seed: int) -> dict[str, Any]:
     """The run's settings file, checked against params.yaml (a stale or missing file is an error)."""
     path = layout.run_settings_path(layout.run_name(task, run, seed))
     if not path.is_file():
-        raise UserError(f"{path}: not found (output of stage 'configure'); run `dvc repro configure` first (the run must be in the data.tasks x train.methods x train.seeds matrix)")
+        raise UserError(
+            f"{path}: not found (output of stage 'configure'); run `dvc repro configure` first (the run must be in the data.tasks x train.methods x train.seeds matrix)"
+        )
     stored = json.loads(path.read_text(encoding="utf-8"))
     expected = json.loads(encode(run_settings(p, task, run, seed)))
     if stored != expected:

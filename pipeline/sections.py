@@ -34,7 +34,9 @@ def _annotation(hint: Any, meta: dict) -> Any:
     return hint
 
 
-def section_model(cls: type[Settings], model_name: str, base: type[BaseModel], extra: dict[str, Any] | None = None, doc: str | None = None) -> type[BaseModel]:
+def section_model(
+    cls: type[Settings], model_name: str, base: type[BaseModel], extra: dict[str, Any] | None = None, doc: str | None = None
+) -> type[BaseModel]:
     """A pydantic model with ``extra`` fields first, then one field per field of ``cls``."""
     hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = dict(extra or {})
@@ -54,7 +56,13 @@ def section_model(cls: type[Settings], model_name: str, base: type[BaseModel], e
             raise SectionProblems(e.problems) from None
         return self
 
-    model = create_model(model_name, __base__=base, __doc__=doc or cls.__doc__, __validators__={"_dataclass_checks": model_validator(mode="after")(_dataclass_checks)}, **fields)
+    model = create_model(
+        model_name,
+        __base__=base,
+        __doc__=doc or cls.__doc__,
+        __validators__={"_dataclass_checks": model_validator(mode="after")(_dataclass_checks)},
+        **fields,
+    )
     model.settings_class = cls  # type: ignore[attr-defined]
     return model
 

@@ -34,13 +34,19 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     head = [str(mlflow_bin)] if mlflow_bin.exists() else [sys.executable, "-m", "mlflow"]
     return [
-        *head, "server",
-        "--backend-store-uri", args.backend_store_uri,
-        "--artifacts-destination", args.artifacts_destination,
+        *head,
+        "server",
+        "--backend-store-uri",
+        args.backend_store_uri,
+        "--artifacts-destination",
+        args.artifacts_destination,
         "--serve-artifacts",
-        "--host", args.host,
-        "--port", str(args.port),
-        "--workers", "1",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
         *extra,
     ]
 
@@ -52,10 +58,20 @@ def server_env() -> dict[str, str]:
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend-store-uri", default="sqlite:///mlflow-server.db", help="where runs/params/metrics live (default: %(default)s)")
-    ap.add_argument("--artifacts-destination", default="./mlartifacts", help="where served artifacts are stored (folder or s3://..., default: %(default)s)")
-    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s; 0.0.0.0 = every interface, unauthenticated)")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backend-store-uri", default="sqlite:///mlflow-server.db", help="where runs/params/metrics live (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--artifacts-destination",
+        default="./mlartifacts",
+        help="where served artifacts are stored (folder or s3://..., default: %(default)s)",
+    )
+    ap.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s; 0.0.0.0 = every interface, unauthenticated)"
+    )
     ap.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -68,7 +84,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse(argv)
     cmd = server_command(args, extra)
-    print(f"MLflow tracking server on http://{args.host}:{args.port} (stages: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port})", file=sys.stderr, flush=True)
+    print(
+        f"MLflow tracking server on http://{args.host}:{args.port} (stages: export MLFLOW_TRACKING_URI=http://{args.host}:{args.port})",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execvpe(cmd[0], cmd, server_env())
 
 

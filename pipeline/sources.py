@@ -45,7 +45,9 @@ def _file_type(path: Path, declared: str | None) -> str:
         return declared
     kind = EXTENSIONS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unsupported extension {path.suffix!r}; use one of {sorted(EXTENSIONS)} or state the file type (type: jsonl|json|csv|tsv|parquet)")
+        raise DataError(
+            f"{path}: unsupported extension {path.suffix!r}; use one of {sorted(EXTENSIONS)} or state the file type (type: jsonl|json|csv|tsv|parquet)"
+        )
     return kind
 
 
@@ -71,7 +73,9 @@ def _delimited(path: Path, delimiter: str) -> Iterator[Record]:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(header):
-                raise DataError(f"{where}: expected {len(header)} columns (header {header}), found {len(row)} (a stray delimiter or an unclosed quote?)")
+                raise DataError(
+                    f"{where}: expected {len(header)} columns (header {header}), found {len(row)} (a stray delimiter or an unclosed quote?)"
+                )
             yield where, dict(zip(header, row))
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
@@ -147,7 +151,9 @@ def column(record: dict, path: str, where: str, role: str, dataset: str, require
     if v is _MISSING:
         if not required:
             return None
-        raise DataError(f"{where}: column {path!r} (role {role!r} of data.datasets.{dataset}) not found; columns found: {sorted(record)}; map it with data.datasets.{dataset}.columns.{role}")
+        raise DataError(
+            f"{where}: column {path!r} (role {role!r} of data.datasets.{dataset}) not found; columns found: {sorted(record)}; map it with data.datasets.{dataset}.columns.{role}"
+        )
     return v
 
 
@@ -176,5 +182,3 @@ def _nest(record: dict, path: str, item: Any) -> dict:
         cur = cur[part]
     cur[parts[-1]] = item
     return out
-
-

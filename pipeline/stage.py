@@ -47,9 +47,24 @@ class Stage:
     def header(self, detail: str = "") -> None:
         header(self.name, detail)
 
-    def track(self, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None, system_metrics: bool = False, enabled: bool = True) -> Tracker:
+    def track(
+        self,
+        params: dict[str, Any],
+        tags: dict[str, Any] | None = None,
+        run_name: str | None = None,
+        system_metrics: bool = False,
+        enabled: bool = True,
+    ) -> Tracker:
         """The stage's MLflow run (``params`` nested, flattened here); ``enabled=False`` on ranks other than 0."""
-        self.tracker = Tracker(self.name, self.params.tracking.experiment, flatten(params), tags=tags, run_name=run_name, system_metrics=system_metrics, enabled=enabled)
+        self.tracker = Tracker(
+            self.name,
+            self.params.tracking.experiment,
+            flatten(params),
+            tags=tags,
+            run_name=run_name,
+            system_metrics=system_metrics,
+            enabled=enabled,
+        )
         return self.tracker
 
     @contextmanager

@@ -93,9 +93,7 @@ def _parse_label(raw: str, kind: str, where: str) -> int | float:
     if kind == "rte":
         if value in _RTE_LABELS:
             return _RTE_LABELS[value]
-        raise DataError(
-            f"{where}: label {raw!r} is not 'entailment' or 'not_entailment' (fix the label in the last column)"
-        )
+        raise DataError(f"{where}: label {raw!r} is not 'entailment' or 'not_entailment' (fix the label in the last column)")
     if kind == "score":
         try:
             score = float(value)
@@ -129,8 +127,7 @@ def _read_tsv(path: Path, fmt: _TsvFormat) -> list[dict]:
         cols = line.split("\t")
         if len(cols) != fmt.ncols:
             raise DataError(
-                f"{where}: expected {fmt.ncols} tab-separated columns, found {len(cols)} "
-                "(check for a stray tab or a truncated line)"
+                f"{where}: expected {fmt.ncols} tab-separated columns, found {len(cols)} (check for a stray tab or a truncated line)"
             )
         texts = [cols[c] for c in fmt.text_cols]
         for c, t in zip(fmt.text_cols, texts):
@@ -307,31 +304,65 @@ TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
         _glue(
-            "mrpc", "classification", 2, ("accuracy", "f1"), "accuracy", "MRPC",
+            "mrpc",
+            "classification",
+            2,
+            ("accuracy", "f1"),
+            "accuracy",
+            "MRPC",
             _TsvFormat(("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), 5, (3, 4), 0, "binary"),
         ),
         _glue(
-            "rte", "classification", 2, ("accuracy",), "accuracy", "RTE",
+            "rte",
+            "classification",
+            2,
+            ("accuracy",),
+            "accuracy",
+            "RTE",
             _TsvFormat(("index", "sentence1", "sentence2", "label"), 4, (1, 2), 3, "rte"),
         ),
         _glue(
-            "cola", "classification", 2, ("mcc", "accuracy"), "mcc", "CoLA",
+            "cola",
+            "classification",
+            2,
+            ("mcc", "accuracy"),
+            "mcc",
+            "CoLA",
             _TsvFormat(None, 4, (3,), 1, "binary"),
         ),
         _glue(
-            "sst2", "classification", 2, ("accuracy",), "accuracy", "SST-2",
+            "sst2",
+            "classification",
+            2,
+            ("accuracy",),
+            "accuracy",
+            "SST-2",
             _TsvFormat(("sentence", "label"), 2, (0,), 1, "binary"),
         ),
         _glue(
-            "stsb", "regression", 1, ("pearson", "spearman"), "pearson", "STS-B",
+            "stsb",
+            "regression",
+            1,
+            ("pearson", "spearman"),
+            "pearson",
+            "STS-B",
             _TsvFormat(
                 ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"),
-                10, (7, 8), 9, "score",
+                10,
+                (7, 8),
+                9,
+                "score",
             ),
         ),
         TaskSpec(
-            name="gsm8k", kind="generation", num_labels=0, metrics=("exact_match",), main_metric="exact_match",
-            train_file="gsm8k/train.jsonl", test_file="gsm8k/test.jsonl", licence_file="gsm8k/README.md",
+            name="gsm8k",
+            kind="generation",
+            num_labels=0,
+            metrics=("exact_match",),
+            main_metric="exact_match",
+            train_file="gsm8k/train.jsonl",
+            test_file="gsm8k/test.jsonl",
+            licence_file="gsm8k/README.md",
             _reader=_read_gsm8k,
             format="prompt_completion",
             options={
@@ -344,8 +375,14 @@ TASKS: dict[str, TaskSpec] = {
             },
         ),
         TaskSpec(
-            name="boolq", kind="generation", num_labels=0, metrics=("accuracy",), main_metric="accuracy",
-            train_file="boolq/train.json", test_file="boolq/test.json", licence_file="boolq/README.md",
+            name="boolq",
+            kind="generation",
+            num_labels=0,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+            train_file="boolq/train.json",
+            test_file="boolq/test.json",
+            licence_file="boolq/README.md",
             _reader=_read_boolq,
             format="multiple_choice",
             options={

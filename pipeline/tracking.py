@@ -90,7 +90,16 @@ def _metadata_dataset(name: str, digest: str, source: str, rows: int):
 class Tracker:
     """A thin, outage-tolerant wrapper around one MLflow run."""
 
-    def __init__(self, stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None, run_name: str | None = None, system_metrics: bool = False, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        stage: str,
+        experiment: str,
+        params: dict[str, Any],
+        tags: dict[str, Any] | None = None,
+        run_name: str | None = None,
+        system_metrics: bool = False,
+        enabled: bool = True,
+    ) -> None:
         """``enabled=False``: no MLflow run at all (every call a no-op; ranks other than 0 under torchrun)."""
         self.stage = stage
         self.run_id: str | None = None
@@ -137,13 +146,17 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never kill a stage
             self.enabled = False
-            warn(f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing without tracking. Results are still in the DVC outputs.")
+            warn(
+                f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing without tracking. Results are still in the DVC outputs."
+            )
             return None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None, dataset=None) -> None:
         """``model_id``: the logged model these metrics score (shown on its page); ``dataset``: the one
         they were computed on (:meth:`log_split`'s return)."""
-        self._guard(lambda: self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id, dataset=dataset))
+        self._guard(
+            lambda: self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id, dataset=dataset)
+        )
 
     def log_model(self, role: str, log: Callable[[], str]) -> str | None:
         """Run ``log`` (an MLflow ``log_model`` call in this run, returning the model id) guarded;
@@ -204,7 +217,9 @@ class Tracker:
             from pipeline import group
 
             self._exp_parent = False  # once
-            group.close_parent(self.uri, self.parent_id, "FAILED" if status == "FAILED" else "FINISHED", repo_root(), repo_root() / "params.yaml")
+            group.close_parent(
+                self.uri, self.parent_id, "FAILED" if status == "FAILED" else "FINISHED", repo_root(), repo_root() / "params.yaml"
+            )
 
     def _stop_system_metrics(self) -> None:
         """Signal MLflow's system-metrics thread of this run to stop, without joining it (it would
@@ -219,7 +234,13 @@ class Tracker:
             pass
 
     def info(self) -> dict[str, Any]:
-        out = {"run_id": self.run_id, "parent_run_id": self.parent_id, "tracking_uri": self.uri, "tracked": self.enabled and self.run_id is not None, "tags": self.tags}
+        out = {
+            "run_id": self.run_id,
+            "parent_run_id": self.parent_id,
+            "tracking_uri": self.uri,
+            "tracked": self.enabled and self.run_id is not None,
+            "tags": self.tags,
+        }
         if self.models:
             out["models"] = dict(self.models)
         if self.registered:

@@ -38,7 +38,9 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        leaf = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
+        leaf = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
+        )
         raise UserError(f"train.lora.target_modules: {missing} not found in the model; linear modules available: {leaf}")
 
 
@@ -46,7 +48,9 @@ def check_inputs(task: str) -> None:
     """The upstream stages' outputs this run reads exist (a clear message instead of a load error)."""
     for need, producer in ((layout.BASE / "model" / "config.json", "load_base"), (layout.DATA / task / "dataset_dict.json", "prepare")):
         if not need.is_file():
-            raise UserError(f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)")
+            raise UserError(
+                f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)"
+            )
 
 
 @dataclass
@@ -71,7 +75,13 @@ def build(run: dict[str, Any], task: Any, seed: int) -> RunModel:
         info(f"{fmt.kind} head freshly initialised ({n_labels} {'output' if n_labels == 1 else 'labels'}, seed {seed})")
     lora = run["lora"]
     check_targets(model, lora["target_modules"])
-    spec = adapters.LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules=tuple(lora["target_modules"]), modules_to_save=fmt.modules_to_save)
+    spec = adapters.LoraSpec(
+        r=lora["r"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        target_modules=tuple(lora["target_modules"]),
+        modules_to_save=fmt.modules_to_save,
+    )
     model = adapters.attach_lora(model, spec, fmt.peft_task_type)
     return RunModel(model, methods.build(run["method_key"], run["method_config"], seed=seed), spec, fmt, n_labels)
 
@@ -79,16 +89,31 @@ def build(run: dict[str, Any], task: Any, seed: int) -> RunModel:
 def stopped(name: str, error: Exception) -> UserError:
     """The user-facing error for a run whose loss or gradient went non-finite: which checkpoint is kept."""
     kept = checkpoint.read_meta(layout.checkpoint_dir(name) / "last")
-    where = f"last good checkpoint (step {kept['step']}) kept in {layout.checkpoint_dir(name) / 'last'}" if kept else "no checkpoint was written yet"
-    return UserError(f"finetune@{name}: training stopped: {error}; {where}.\n"
-                     "  fix: lower train.loop.lr, set train.loop.max_grad_norm, or check the data; rerun resumes from the checkpoint only if the params are unchanged")
+    where = (
+        f"last good checkpoint (step {kept['step']}) kept in {layout.checkpoint_dir(name) / 'last'}"
+        if kept
+        else "no checkpoint was written yet"
+    )
+    return UserError(
+        f"finetune@{name}: training stopped: {error}; {where}.\n"
+        "  fix: lower train.loop.lr, set train.loop.max_grad_norm, or check the data; rerun resumes from the checkpoint only if the params are unchanged"
+    )
 
 
 def write_outputs(out: Path, rm: RunModel, run: dict[str, Any], summary: dict, history: list[dict]) -> None:
     """The PEFT adapter (primary only) with ``bilora_config.json`` beside it, the summary and the history."""
     name_fields = {"method": run["method"], **({"method_key": run["method_key"]} if run["method_key"] != run["method"] else {})}
     rm.method.export(rm.model, out / "adapter")
-    atomic_write_json(out / "adapter" / "bilora_config.json", {**name_fields, "task": run["task"], "seed": run["seed"], "primary": asdict(rm.spec) | {"scaling": rm.spec.scaling}, "method_config": rm.method.config()})
+    atomic_write_json(
+        out / "adapter" / "bilora_config.json",
+        {
+            **name_fields,
+            "task": run["task"],
+            "seed": run["seed"],
+            "primary": asdict(rm.spec) | {"scaling": rm.spec.scaling},
+            "method_config": rm.method.config(),
+        },
+    )
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "history.json", history)
 

@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     check_data(p.data)  # the data sources of every task in data.tasks and data.eval_tasks (DataError -> exit 2)
     n = len(p.data.tasks) * len(p.train.methods) * len(p.train.seeds)
     evals = f" + {len(p.data.eval_tasks) * len(p.train.methods) * len(p.train.seeds)} eval-only evaluation(s)" if p.data.eval_tasks else ""
-    console.print(f"[green]ok[/] {args.params}: {len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s) = {n} fine-tune run(s){evals}")
+    console.print(
+        f"[green]ok[/] {args.params}: {len(p.data.tasks)} task(s) x {len(p.train.methods)} method(s) x {len(p.train.seeds)} seed(s) = {n} fine-tune run(s){evals}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as e:
         raise UserError(f"--task: {e.args[0]}; use a task listed in data.tasks of params.yaml") from None
     if args.method not in methods.available() and args.method not in p.train.variants:
-        raise UserError(f"--method: unknown method {args.method!r}; use one of {methods.available()} or a name of train.variants (and list it in train.methods of params.yaml)")
+        raise UserError(
+            f"--method: unknown method {args.method!r}; use one of {methods.available()} or a name of train.variants (and list it in train.methods of params.yaml)"
+        )
     # This run's settings, as the configure stage resolved them (a variant is its method with
     # overrides); its DVC dep is that file, not the train sections (checked against params.yaml).
     run = runs.load(p, args.task, args.method, args.seed)
@@ -53,21 +55,35 @@ def main(argv: list[str] | None = None) -> None:
     loop = LoopConfig(**run["loop"])
     tags = stage.run_tags | ({"method_key": method_key} if method_key != args.method else {})
     # ranks other than 0: a disabled tracker, no MLflow run (rank 0 logs the mean-over-ranks loss)
-    tracker = stage.track({"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()}, tags=tags, run_name=f"finetune@{name}", system_metrics=True, enabled=main_rank)
+    tracker = stage.track(
+        {"train": p.train.model_dump(), "data": p.data.model_dump(), "base": p.base.model_dump()},
+        tags=tags,
+        run_name=f"finetune@{name}",
+        system_metrics=True,
+        enabled=main_rank,
+    )
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         tracker.log_split(layout.DATA, args.task, "train", len(train_ds), "training")
         tracker.log_split(layout.DATA, args.task, "validation", len(load_split(layout.DATA, args.task, "validation")), "validation")
-        with (progress(f"train {name}", loop.total_steps(len(train_ds))) if main_rank else contextlib.nullcontext(lambda *a, **k: None)) as advance:
+        with (
+            progress(f"train {name}", loop.total_steps(len(train_ds))) if main_rank else contextlib.nullcontext(lambda *a, **k: None)
+        ) as advance:
             ft = FineTuner(
-                model, method, train_ds, collator_for(task, tokenizer), loop,
+                model,
+                method,
+                train_ds,
+                collator_for(task, tokenizer),
+                loop,
                 seed=args.seed,
                 checkpoint_dir=layout.checkpoint_dir(name),
                 fingerprint=training.fingerprint(run),
                 on_log=tracker.log_metrics,
                 on_step=lambda s, t: advance(s, t, extra=f"loss {ft.history[-1]['loss']:.4f}"),
-                autocast_dtype=scale.autocast_dtype(scale.model_device_type(model), p.base.quant.compute_dtype),  # CUDA: bf16; CPU: only if compute_dtype says bfloat16
+                autocast_dtype=scale.autocast_dtype(
+                    scale.model_device_type(model), p.base.quant.compute_dtype
+                ),  # CUDA: bf16; CPU: only if compute_dtype says bfloat16
             )
             ft.try_resume()
             info(ft.resume_note)
@@ -82,12 +98,24 @@ def main(argv: list[str] | None = None) -> None:
         with stage.output(out, kernel=kernel) as tmp:
             training.write_outputs(tmp, rm, run, summary, ft.history)
             # MLflow model of the adapter, on the base by reference; its id goes into run_info.json
-            logged_models.log_adapter(tracker, name, tmp / "adapter", base_dir, layout.run_settings_path(name), rm.fmt.kind, rm.n_labels, tokenizer.model_input_names, tags)
+            logged_models.log_adapter(
+                tracker,
+                name,
+                tmp / "adapter",
+                base_dir,
+                layout.run_settings_path(name),
+                rm.fmt.kind,
+                rm.n_labels,
+                tokenizer.model_input_names,
+                tags,
+            )
         tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
         tracker.log_artifacts(out / "adapter", "adapter")
         tracker.log_artifact(out / "summary.json")
         training.mark_complete(name, summary["steps"])
-        info(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median step {summary['median_step_time']:.3f}s -> {out}")
+        info(
+            f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median step {summary['median_step_time']:.3f}s -> {out}"
+        )
     distributed.shutdown()
 
 

@@ -31,24 +31,37 @@ def main(argv: list[str] | None = None) -> None:
         try:
             model, report = quantize(resolved, q, p.base.revision)
         except (OSError, ValueError, SafetensorError) as e:
-            raise UserError(f"base.source {p.base.source!r} ({resolved.path}): cannot load the model: {str(e).splitlines()[0]}\n"
-                            "  fix: point base.source in params.yaml at a complete Hugging Face model folder of a supported architecture "
-                            "(config.json + *.safetensors; re-copy the folder if a file is truncated)") from None
-        info(f"memory {report['memory_bytes_original'] / 2**20:.1f} MiB -> {report['memory_bytes_quantized'] / 2**20:.1f} MiB; "
-             f"{report.get('n_quantized_layers', 0)} 4-bit layers, mean relative dequantization error {report.get('mean_rel_dequant_error', 0):.4f}")
+            raise UserError(
+                f"base.source {p.base.source!r} ({resolved.path}): cannot load the model: {str(e).splitlines()[0]}\n"
+                "  fix: point base.source in params.yaml at a complete Hugging Face model folder of a supported architecture "
+                "(config.json + *.safetensors; re-copy the folder if a file is truncated)"
+            ) from None
+        info(
+            f"memory {report['memory_bytes_original'] / 2**20:.1f} MiB -> {report['memory_bytes_quantized'] / 2**20:.1f} MiB; "
+            f"{report.get('n_quantized_layers', 0)} 4-bit layers, mean relative dequantization error {report.get('mean_rel_dequant_error', 0):.4f}"
+        )
         report["provenance"] = resolved.provenance
         if is_causal_lm(model.config):
             from transformers import AutoTokenizer
 
             report["quality"] = quality_check(model, AutoTokenizer.from_pretrained(resolved.path))
-            info(f"quality check: perplexity {report['quality']['perplexity']:.2f} on the fixed text; "
-                 f"{QUALITY_PROMPT.splitlines()[0]!r} -> {report['quality']['greedy_answer'].strip()!r}")
+            info(
+                f"quality check: perplexity {report['quality']['perplexity']:.2f} on the fixed text; "
+                f"{QUALITY_PROMPT.splitlines()[0]!r} -> {report['quality']['greedy_answer'].strip()!r}"
+            )
             tracker.log_metrics({"quality.perplexity": report["quality"]["perplexity"]})
             tracker.set_tags({"quality.greedy_answer": report["quality"]["greedy_answer"].strip()[:250]})
-        base_info = {"provenance": resolved.provenance, "quant": asdict(q), "stored_dtype": report["stored_dtype"], "architectures": model.config.architectures}
+        base_info = {
+            "provenance": resolved.provenance,
+            "quant": asdict(q),
+            "stored_dtype": report["stored_dtype"],
+            "architectures": model.config.architectures,
+        }
         save_quantized(model, resolved.path, tmp / "model", base_info)
         atomic_write_json(tmp / "quant_report.json", report)
-        tracker.set_tags({f"base.{k}": v for k, v in resolved.provenance.items()} | {f"kernel.{k}": v for k, v in report.get("kernel", {}).items()})
+        tracker.set_tags(
+            {f"base.{k}": v for k, v in resolved.provenance.items()} | {f"kernel.{k}": v for k, v in report.get("kernel", {}).items()}
+        )
         tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.log_dict(report, "quant_report.json")
 

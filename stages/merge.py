@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         kind, n_labels = fmt.kind, num_labels(task, layout.DATA)
         extra = {"num_labels": n_labels} if fmt.modules_to_save else {}
         adapter_dir = layout.finetune_dir(name) / "adapter"
-        base_info = (layout.BASE / "model" / "bilora_base.json")
+        base_info = layout.BASE / "model" / "bilora_base.json"
 
         stored = json.loads(base_info.read_text())["stored_dtype"]
         dtype = getattr(torch, stored if m.dtype == "auto" else m.dtype)
@@ -58,7 +58,15 @@ def main(argv: list[str] | None = None) -> None:
         kernel = layers.kernel_info(adapted)
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         drift = agreement_drift(adapted, merged, batch)
-        report = {"kernel": kernel, "mode": m.mode, "run": name, "dtype": str(dtype).replace("torch.", ""), "relative_logit_drift": drift, "tolerance": m.tolerance, "check_examples": int(batch["input_ids"].shape[0])}
+        report = {
+            "kernel": kernel,
+            "mode": m.mode,
+            "run": name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "relative_logit_drift": drift,
+            "tolerance": m.tolerance,
+            "check_examples": int(batch["input_ids"].shape[0]),
+        }
         tracker.log_metrics({"relative_logit_drift": drift})
         info(f"relative logit drift merged vs adapter-on-4-bit: {drift:.2e} (tolerance {m.tolerance:g}, enforced for nf4_roundtrip)")
         if (warning := check_agreement(m.mode, drift, m.tolerance)) is not None:
@@ -66,11 +74,26 @@ def main(argv: list[str] | None = None) -> None:
         merged.to(dtype).save_pretrained(tmp / "model")
         tokenizer = tokenizer_for(layout.BASE / "model")
         tokenizer.save_pretrained(tmp / "model")
-        report["reload_max_abs_diff"] = reload_max_abs_diff(task_model_class(kind), tmp / "model", merged, batch, dtype)  # plain transformers loads it
+        report["reload_max_abs_diff"] = reload_max_abs_diff(
+            task_model_class(kind), tmp / "model", merged, batch, dtype
+        )  # plain transformers loads it
         atomic_write_json(tmp / "merge_report.json", report)
         tracker.log_dict(report, "merge_report.json")
-        tags = {"task": m.task, "method": m.method, "seed": m.seed} | ({"adapter_model_id": a} if (a := logged_models.adapter_id(layout.finetune_dir(name), tracker)) else {})
-        logged_models.log_merged(tracker, name, merged, tokenizer, layout.BASE / "model", layout.run_settings_path(name), kind, m.model_dump(), tags, p.tracking.register_model)
+        tags = {"task": m.task, "method": m.method, "seed": m.seed} | (
+            {"adapter_model_id": a} if (a := logged_models.adapter_id(layout.finetune_dir(name), tracker)) else {}
+        )
+        logged_models.log_merged(
+            tracker,
+            name,
+            merged,
+            tokenizer,
+            layout.BASE / "model",
+            layout.run_settings_path(name),
+            kind,
+            m.model_dump(),
+            tags,
+            p.tracking.register_model,
+        )
     console.print(f"[green]merged[/] {name} -> {layout.MERGED / 'model'}")
 
 

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
             all_stats[name] = stats
             info(f"{name}: " + ", ".join(f"{k}={v}" for k, v in stats["rows"].items()))
             if any(stats.get("target_truncated", {}).values()) or any(stats.get("dropped", {}).values()):
-                info(f"{name}: targets cut by data.max_length={p.data.max_length}: {stats['target_truncated']}; examples dropped (no target token left): {stats['dropped']}")
+                info(
+                    f"{name}: targets cut by data.max_length={p.data.max_length}: {stats['target_truncated']}; examples dropped (no target token left): {stats['dropped']}"
+                )
             tracker.log_metrics({f"{name}.{k}_rows": v for k, v in stats["rows"].items()})
         atomic_write_json(tmp / "stats.json", all_stats)
         tracker.log_dict(all_stats, "data_stats.json")

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     stage = Stage("report", __doc__, argv)
     p = stage.params
     stage.header()
-    tracker = stage.track({"data.tasks": p.data.tasks, "data.eval_tasks": p.data.eval_tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds})
+    tracker = stage.track(
+        {"data.tasks": p.data.tasks, "data.eval_tasks": p.data.eval_tasks, "train.methods": p.train.methods, "train.seeds": p.train.seeds}
+    )
     with tracker, stage.output(layout.REPORT_RUN):  # artifacts/report/run_info.json: this run's id, for dvc.lock
         written = write_report(p, layout.REPORTS)
         for f in written.files:

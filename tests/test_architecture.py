@@ -27,8 +27,10 @@ def test_no_forbidden_imports_in_source():
 def test_importing_every_bilora_module_loads_no_pipeline_code():
     mods = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "bilora").rglob("*.py")]
     mods = [m.removesuffix(".__init__") for m in mods]
-    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) + (
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in %r)\nprint(bad)\nsys.exit(1 if bad else 0)\n" % (FORBIDDEN,)
+    code = (
+        "import importlib, sys\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in mods)
+        + ("bad = sorted(m for m in sys.modules if m.split('.')[0] in %r)\nprint(bad)\nsys.exit(1 if bad else 0)\n" % (FORBIDDEN,))
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

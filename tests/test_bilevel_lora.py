@@ -34,7 +34,16 @@ class Recorder:
 
 
 def make_tuner(model, cfg: dict, *, steps: int = 6, seed: int = 0, weight_decay: float = 0.0, recorder=None, **kw) -> FineTuner:
-    loop = LoopConfig(batch_size=4, grad_accum=1, max_steps=steps, lr=2e-2, weight_decay=weight_decay, warmup_ratio=0.0, log_every=100, **kw.pop("loop", {}))
+    loop = LoopConfig(
+        batch_size=4,
+        grad_accum=1,
+        max_steps=steps,
+        lr=2e-2,
+        weight_decay=weight_decay,
+        warmup_ratio=0.0,
+        log_every=100,
+        **kw.pop("loop", {}),
+    )
     method = build("bilevel_lora", cfg, seed=seed)
     return FineTuner(model, method, examples(), recorder or collate, loop, seed=seed, **kw)
 
@@ -152,7 +161,9 @@ def test_orthogonality_penalty_against_hand_computation():
     # at PEFT's init (B = 0) the P-term is exactly r per layer
     fresh = peft_bert()
     layers = adapters.lora_layers(fresh)
-    q_terms = sum(float(((l.lora_A["default"].weight.detach() @ l.lora_A["default"].weight.detach().T - torch.eye(4)) ** 2).sum()) for _, l in layers)
+    q_terms = sum(
+        float(((l.lora_A["default"].weight.detach() @ l.lora_A["default"].weight.detach().T - torch.eye(4)) ** 2).sum()) for _, l in layers
+    )
     # both sides float32, the Q-term summed in another order; the P-term is exactly r per layer: a few ulp of ~70
     # (observed 2e-8 relative); rel 1e-6 ≈ 16 ulp.
     assert float(orthogonality_penalty(fresh).detach()) == pytest.approx(4 * len(layers) + q_terms, rel=1e-6)
@@ -173,7 +184,12 @@ def test_export_folds_lambda_and_reloads_with_plain_peft(tmp_path):
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) or "classifier" in k for k in saved)
     name, layer = adapters.lora_layers(model)[0]
     # exact: the export folds Λ with the same float32 elementwise product P * Λ[None, :] (fold_into_saved)
-    torch.testing.assert_close(saved[f"{name}.lora_B.weight"], layer.lora_B["default"].weight.detach() * tuner.method.lambdas()[name].detach()[None, :], rtol=0, atol=0)
+    torch.testing.assert_close(
+        saved[f"{name}.lora_B.weight"],
+        layer.lora_B["default"].weight.detach() * tuner.method.lambdas()[name].detach()[None, :],
+        rtol=0,
+        atol=0,
+    )
 
     batch = collate(cls_examples(6, seed=9))
     batch.pop("labels")

@@ -107,7 +107,14 @@ def test_aux_step_ascends_and_primary_step_descends():
 
 def test_exactly_one_forward_and_one_backward_per_step():
     model = tiny.peft_bert(0)
-    ft = FineTuner(model, methods.build("bilora", {"rho": 0.05}, seed=0), tiny.cls_examples(32), tiny.collate, LoopConfig(max_steps=3, batch_size=8), seed=0)
+    ft = FineTuner(
+        model,
+        methods.build("bilora", {"rho": 0.05}, seed=0),
+        tiny.cls_examples(32),
+        tiny.collate,
+        LoopConfig(max_steps=3, batch_size=8),
+        seed=0,
+    )
     calls = {"fwd": 0, "bwd": 0}
     model.register_forward_hook(lambda *a: calls.__setitem__("fwd", calls["fwd"] + 1))
     model.base_model.model.classifier.register_full_backward_hook(lambda *a: calls.__setitem__("bwd", calls["bwd"] + 1))
@@ -118,7 +125,14 @@ def test_exactly_one_forward_and_one_backward_per_step():
 
 def _train(name, cfg, seed=0, steps=12):
     model = tiny.peft_bert(seed)
-    ft = FineTuner(model, methods.build(name, cfg, seed=seed), tiny.cls_examples(64), tiny.collate, LoopConfig(max_steps=steps, batch_size=8, lr=1e-2), seed=seed)
+    ft = FineTuner(
+        model,
+        methods.build(name, cfg, seed=seed),
+        tiny.cls_examples(64),
+        tiny.collate,
+        LoopConfig(max_steps=steps, batch_size=8, lr=1e-2),
+        seed=seed,
+    )
     ft.train()
     return model, ft
 
@@ -202,7 +216,14 @@ def test_bilora_trains_on_nf4_base(tmp_path):
     layer = dict(adapters.lora_layers(model))
     assert any("Linear4bit" in type(m.get_base_layer()).__name__ for m in layer.values())
     data = tiny.cls_examples(16)
-    ft = FineTuner(model, methods.build("bilora", {"rho": 0.05, "aux_rank": 4, "aux_alpha": 8}, seed=0), data, tiny.collate, LoopConfig(max_steps=15, batch_size=16, lr=2e-2, warmup_ratio=0.0), seed=0)
+    ft = FineTuner(
+        model,
+        methods.build("bilora", {"rho": 0.05, "aux_rank": 4, "aux_alpha": 8}, seed=0),
+        data,
+        tiny.collate,
+        LoopConfig(max_steps=15, batch_size=16, lr=2e-2, warmup_ratio=0.0),
+        seed=0,
+    )
     batch = tiny.collate(data)
     model.train()
     before = _loss(model, batch)

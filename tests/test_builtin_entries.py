@@ -19,7 +19,11 @@ from pipeline.tasks import TASKS
 ROOT = Path(__file__).resolve().parents[1]
 
 # md5 of artifacts/data/sst2/<split>/data-00000-of-00001.arrow written by the pre-formats prepare stage
-SST2_ARROW_MD5 = {"train": "d205b3f167aeb5fa72c30b7b84ecf4dc", "validation": "ca827203c266810d68b005f0691eabc2", "test": "a59d5deb105020a55f93bc971a02d500"}
+SST2_ARROW_MD5 = {
+    "train": "d205b3f167aeb5fa72c30b7b84ecf4dc",
+    "validation": "ca827203c266810d68b005f0691eabc2",
+    "test": "a59d5deb105020a55f93bc971a02d500",
+}
 
 
 def test_default_sst2_prepared_data_is_byte_identical(tmp_path):
@@ -44,7 +48,12 @@ def test_every_builtin_is_a_format_entry(name):
     task = TASKS[name]
     fmt = formats.get(task.format)
     assert fmt.kind == task.kind
-    assert set(task.metrics) <= set(fmt.default_metrics(task.options | {"labels": task.options.get("labels", ["0", "1"])})) | {"mcc", "accuracy", "f1", "exact_match"}
+    assert set(task.metrics) <= set(fmt.default_metrics(task.options | {"labels": task.options.get("labels", ["0", "1"])})) | {
+        "mcc",
+        "accuracy",
+        "f1",
+        "exact_match",
+    }
 
 
 def test_no_task_name_or_kind_branches_in_stages_or_library():

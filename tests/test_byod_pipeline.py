@@ -22,8 +22,19 @@ def rows(tag: str, n: int = 12) -> str:
 def test_dvc_repro_on_declared_jsonl_datasets(tmp_path):
     base = tiny_llama_folder(tmp_path / "tiny-llama")
     params = causal_params(base)
-    decl = {"format": "prompt_completion", "test_fraction": 0.25, "columns": {"prompt": "q", "completion": "a"}, "prompt_template": "Q: {prompt}\nA:", "extraction": "final_number", "stop": ["\nQ:"]}
-    params["data"].update(tasks=["alpha", "beta"], datasets={"alpha": decl | {"train": "data/mine/alpha.jsonl"}, "beta": decl | {"train": "data/mine/beta.jsonl"}}, test_subset=None)
+    decl = {
+        "format": "prompt_completion",
+        "test_fraction": 0.25,
+        "columns": {"prompt": "q", "completion": "a"},
+        "prompt_template": "Q: {prompt}\nA:",
+        "extraction": "final_number",
+        "stop": ["\nQ:"],
+    }
+    params["data"].update(
+        tasks=["alpha", "beta"],
+        datasets={"alpha": decl | {"train": "data/mine/alpha.jsonl"}, "beta": decl | {"train": "data/mine/beta.jsonl"}},
+        test_subset=None,
+    )
     params["train"].update(methods=["lora"])
     params["eval"]["sharpness"]["enabled"] = False
     params["eval"].update(max_new_tokens=4)
@@ -34,7 +45,17 @@ def test_dvc_repro_on_declared_jsonl_datasets(tmp_path):
     (repo / "data" / "mine" / "beta.jsonl").write_text(rows("beta"))
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=run_env(repo))
     ran = repro(repo)
-    assert set(ran) == {"prepare", "load_base", "configure", "finetune@alpha-lora-0", "finetune@beta-lora-0", "evaluate@alpha-lora-0", "evaluate@beta-lora-0", "merge", "report"}
+    assert set(ran) == {
+        "prepare",
+        "load_base",
+        "configure",
+        "finetune@alpha-lora-0",
+        "finetune@beta-lora-0",
+        "evaluate@alpha-lora-0",
+        "evaluate@beta-lora-0",
+        "merge",
+        "report",
+    }
     stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
     assert stats["alpha"]["rows"] == {"train": 9, "validation": 0, "test": 3} and stats["alpha"]["format"] == "prompt_completion"
     m = json.loads((repo / "metrics" / "alpha-lora-0.json").read_text())

@@ -130,7 +130,9 @@ def test_prompt_never_ends_with_eos_even_if_tokenizer_appends_one():
     t._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
     assert t("ab")["input_ids"][-1] == t.eos_token_id
     ex = tokenize_sft(t, "ab", "c", max_length=16)
-    assert ex["input_ids"] == t("ab", add_special_tokens=False)["input_ids"] + t("c", add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+    assert ex["input_ids"] == t("ab", add_special_tokens=False)["input_ids"] + t("c", add_special_tokens=False)["input_ids"] + [
+        t.eos_token_id
+    ]
 
 
 def test_target_truncated_from_the_right(tok):
@@ -263,7 +265,9 @@ def test_generate_cuts_at_stop_string(tok):
 
 
 def test_generate_on_peft_model(tok):
-    model = adapters.attach_lora(tiny_llama(seed=3), adapters.LoraSpec(r=2, alpha=4, target_modules=causal.LLAMA_TARGET_MODULES), "CAUSAL_LM")
+    model = adapters.attach_lora(
+        tiny_llama(seed=3), adapters.LoraSpec(r=2, alpha=4, target_modules=causal.LLAMA_TARGET_MODULES), "CAUSAL_LM"
+    )
     want = [_greedy_unpadded(model, tok, p, 4) for p in PROMPTS]  # B = 0: same as the base
     assert causal.generate_answers(model, tok, PROMPTS, max_new_tokens=4, batch_size=4) == want
 
@@ -306,7 +310,10 @@ def test_evaluate_gsm8k_and_boolq_shapes(tok, monkeypatch):
 
 
 def _sft_data(tok) -> list[dict]:
-    pairs = [(causal.gsm8k_prompt(f"{a}+{b}?"), causal.gsm8k_target(f"{a}+{b}={a + b}\n#### {a + b}")) for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    pairs = [
+        (causal.gsm8k_prompt(f"{a}+{b}?"), causal.gsm8k_target(f"{a}+{b}={a + b}\n#### {a + b}"))
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]
+    ]
     return causal.sft_dataset(tok, pairs, max_length=48)
 
 

@@ -30,7 +30,12 @@ def tiny_bpe_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        lines,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
@@ -40,9 +45,18 @@ def tiny_llama_folder(out: Path) -> Path:
 
     hf_tok = tiny_bpe_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                      tie_word_embeddings=True)  # tied like SmolLM2 (merge must rebuild lm_head)
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=True,
+    )  # tied like SmolLM2 (merge must rebuild lm_head)
     LlamaForCausalLM(cfg).save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
@@ -57,7 +71,9 @@ def causal_params(base: Path) -> dict:
     raw["train"].update(methods=["lora", "bilora"], seeds=[0])
     raw["train"]["loop"].update(max_steps=2, batch_size=4, checkpoint_every=1, log_every=1)
     raw["eval"].update(batch_size=4, train_subset=2, max_new_tokens=8)
-    raw["eval"]["sharpness"].update(enabled=True, examples=4, spaces=["lora"], radii=[0.05], n_directions=1, attack_alphas=[0.0, 1.0], curve_points=3)
+    raw["eval"]["sharpness"].update(
+        enabled=True, examples=4, spaces=["lora"], radii=[0.05], n_directions=1, attack_alphas=[0.0, 1.0], curve_points=3
+    )
     raw["merge"].update(task="gsm8k", method="bilora", seed=0, check_examples=2)
     raw["tracking"]["experiment"] = "causal-test"
     return raw
@@ -73,7 +89,15 @@ def make_causal_repo(tmp: Path, params: dict) -> Path:
         shutil.copy(ROOT / f, repo / f)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = run_env(repo)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"], [dvc_bin(), "init", "-q"], [dvc_bin(), "config", "core.analytics", "false"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@t"],
+        ["git", "config", "user.name", "t"],
+        [dvc_bin(), "init", "-q"],
+        [dvc_bin(), "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
     return repo
 

@@ -53,7 +53,18 @@ def test_quality_check_on_tiny_llama(tok):
     from bilora.causal import QUALITY_TEXT, quality_check
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     q = quality_check(model, tok, max_new_tokens=4)
     ids = tok(QUALITY_TEXT, return_tensors="pt")["input_ids"]  # (1, T)
     with torch.no_grad():
@@ -73,9 +84,25 @@ def test_evaluate_generation_gsm8k_and_boolq(tok):
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     model = adapters.attach_lora(model, adapters.LoraSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj")), "CAUSAL_LM")
-    ds = Dataset.from_dict({"prompt": ["Question: What is 1+1?\nAnswer:", "Question: What is 2+2?\nAnswer:"], "reference": [" 1+1=2\n#### 2", " 2+2=4\n#### 4"]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": ["Question: What is 1+1?\nAnswer:", "Question: What is 2+2?\nAnswer:"],
+            "reference": [" 1+1=2\n#### 2", " 2+2=4\n#### 4"],
+        }
+    )
     m, preds = evaluate_generation(model, tok, "gsm8k", ds, batch_size=2, max_new_tokens=3)
     assert set(m) == {"exact_match", "n", "no_answer"} and m["n"] == 2 and len(preds) == 2
     ds = Dataset.from_dict({"prompt": ["is the sky blue\nAnswer:", "is fire cold\nAnswer:"], "answer": [0, 1]})

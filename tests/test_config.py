@@ -23,7 +23,9 @@ def test_repo_params_are_valid_and_match_defaults_schema():
 def test_every_field_is_documented():
     def walk(model):
         for name, f in model.model_fields.items():
-            assert f.description or name in {"data", "base", "train", "eval", "merge", "tracking"}, f"{model.__name__}.{name} lacks a description"
+            assert f.description or name in {"data", "base", "train", "eval", "merge", "tracking"}, (
+                f"{model.__name__}.{name} lacks a description"
+            )
             ann = f.annotation
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
@@ -117,12 +119,23 @@ def test_non_finite_numbers_are_rejected_by_dotted_path(value):
     with pytest.raises(ConfigError) as e:
         validate_dict(raw)
     locs = {loc for loc, _ in e.value.problems}
-    assert locs == {"train.bilora.rho", "train.loop.epochs", "train.loop.max_grad_norm", "data.split_seed", "eval.sharpness.radii.1", "eval.sharpness.attack_alphas.0"}
+    assert locs == {
+        "train.bilora.rho",
+        "train.loop.epochs",
+        "train.loop.max_grad_norm",
+        "data.split_seed",
+        "eval.sharpness.radii.1",
+        "eval.sharpness.attack_alphas.0",
+    }
     assert all("finite" in msg for _, msg in e.value.problems), e.value.problems
 
 
 def _non_finite_text() -> str:
-    return _params_text().replace("    rho: 0.05\n    aux_rank", "    rho: .inf\n    aux_rank").replace("radii: [0.01, 0.05]", "radii: [0.01, .NaN]")
+    return (
+        _params_text()
+        .replace("    rho: 0.05\n    aux_rank", "    rho: .inf\n    aux_rank")
+        .replace("radii: [0.01, 0.05]", "radii: [0.01, .NaN]")
+    )
 
 
 def test_non_finite_yaml_spellings_are_rejected(tmp_path):
@@ -197,10 +210,27 @@ def _dup_key_text() -> str:
 
 
 RUN_CASES = [
-    ("mixed-mistakes", lambda: yaml.safe_dump(_bad_params()), ["train.bilora.rho", "train.loop.learning_rate", "train.loop.batch_size", "train.methods", "train.lora.r", "data.tasks"]),
+    (
+        "mixed-mistakes",
+        lambda: yaml.safe_dump(_bad_params()),
+        ["train.bilora.rho", "train.loop.learning_rate", "train.loop.batch_size", "train.methods", "train.lora.r", "data.tasks"],
+    ),
     ("non-finite", _non_finite_text, ["train.bilora.rho", "eval.sharpness.radii.1", "finite"]),
-    ("batch-vs-nproc", lambda: _params_text().replace("nproc_per_node: 1 ", "nproc_per_node: 3 "), ["train.distributed.nproc_per_node", "divisible"]),
-    ("duplicate-key", _dup_key_text, ["train.bilora.rho", f"line {_line_of(_params_text(), '    rho: 0.05')},", f"line {_line_of(_params_text(), '    rho: 0.05') + 1}", "duplicate key"]),
+    (
+        "batch-vs-nproc",
+        lambda: _params_text().replace("nproc_per_node: 1 ", "nproc_per_node: 3 "),
+        ["train.distributed.nproc_per_node", "divisible"],
+    ),
+    (
+        "duplicate-key",
+        _dup_key_text,
+        [
+            "train.bilora.rho",
+            f"line {_line_of(_params_text(), '    rho: 0.05')},",
+            f"line {_line_of(_params_text(), '    rho: 0.05') + 1}",
+            "duplicate key",
+        ],
+    ),
 ]
 
 

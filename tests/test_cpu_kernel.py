@@ -21,13 +21,24 @@ from bilora.merge import dequantize
 pytest.importorskip("bitsandbytes")
 
 HAS_BF16 = layers.cpu_has_avx512_bf16()
-needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX512-BF16 (lscpu | grep -o avx512_bf16): bitsandbytes' packed bf16 kernel cannot run")
+needs_bf16 = pytest.mark.skipif(
+    not HAS_BF16, reason="this CPU has no AVX512-BF16 (lscpu | grep -o avx512_bf16): bitsandbytes' packed bf16 kernel cannot run"
+)
 
 
 def _saved_base(tmp_path, cpu_kernel: str = "fp32"):
     """Quantize a packable tiny BERT with the library (as load_base does) and save it."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertForSequenceClassification(cfg).save_pretrained(tmp_path / "fp32")
     q = base.QuantSpec(compute_dtype="float32", cpu_kernel=cpu_kernel)
     model, report = base.quantize(base.ResolvedBase(str(tmp_path / "fp32")), q)
@@ -138,7 +149,9 @@ def test_sharpness_on_packed_model_leaves_it_bit_identical(tmp_path):
     torch.manual_seed(0)
     model = base.load_for_task(out, "classification", 2)
     torch.manual_seed(1)
-    model = adapters.attach_lora(model, adapters.LoraSpec(r=4, alpha=8, target_modules=("query", "value"), modules_to_save=("classifier",)), "SEQ_CLS").eval()
+    model = adapters.attach_lora(
+        model, adapters.LoraSpec(r=4, alpha=8, target_modules=("query", "value"), modules_to_save=("classifier",)), "SEQ_CLS"
+    ).eval()
     batch = _batch()
     with torch.no_grad():
         model(**batch)  # packs

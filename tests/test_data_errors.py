@@ -55,7 +55,13 @@ def test_missing_column_lists_found_columns(tmp_path):
 
 def test_label_outside_declared_set(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\ngood,pos\nbad,neg\nmeh,neutral\n", encoding="utf-8")
-    fails(cfg(format="classification", train=str(tmp_path / "d.csv"), labels=["neg", "pos"]), f"{tmp_path / 'd.csv'}:4:", "'label'", "'neutral'", "['neg', 'pos']")
+    fails(
+        cfg(format="classification", train=str(tmp_path / "d.csv"), labels=["neg", "pos"]),
+        f"{tmp_path / 'd.csv'}:4:",
+        "'label'",
+        "'neutral'",
+        "['neg', 'pos']",
+    )
 
 
 def test_test_label_not_seen_in_train(tmp_path):
@@ -75,12 +81,18 @@ def test_empty_or_non_string_text(tmp_path, value, word):
 CHAT = {"format": "chat", "columns": {"messages": "conversations", "role": "from", "content": "value"}}
 
 
-@pytest.mark.parametrize("conv, needles", [
-    ([{"from": "human", "value": "hi"}], ("no assistant turn",)),
-    ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}], ("roles out of order at message 0", "expected 'user'")),
-    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}], ("roles out of order at message 1",)),
-    ([{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}], ("unknown role 'robot'", "role_map")),
-])
+@pytest.mark.parametrize(
+    "conv, needles",
+    [
+        ([{"from": "human", "value": "hi"}], ("no assistant turn",)),
+        ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}], ("roles out of order at message 0", "expected 'user'")),
+        (
+            [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}],
+            ("roles out of order at message 1",),
+        ),
+        ([{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}], ("unknown role 'robot'", "role_map")),
+    ],
+)
 def test_bad_chats(tmp_path, conv, needles):
     ok = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     f = jsonl(tmp_path / "c.jsonl", [ok, {"conversations": conv}, ok])
@@ -137,7 +149,12 @@ def test_missing_file(tmp_path):
 
 def test_hub_source_offline_names_hf_hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails(cfg(format="alpaca", train="hf:tatsu-lab/alpaca"), "hf:tatsu-lab/alpaca", "HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE=0 python -m pipeline.run")
+    fails(
+        cfg(format="alpaca", train="hf:tatsu-lab/alpaca"),
+        "hf:tatsu-lab/alpaca",
+        "HF_HUB_OFFLINE=1",
+        "HF_HUB_OFFLINE=0 python -m pipeline.run",
+    )
 
 
 def test_multiple_choice_answer_not_a_choice(tmp_path):
@@ -154,11 +171,31 @@ def _config_problems(raw: dict) -> str:
 
 
 def test_schema_errors_listed_by_path():
-    msg = _config_problems({"data": {"tasks": ["mine"], "datasets": {"mine": {"format": "alpaca", "train": "x.jsonl", "extraction": "regex"}, "other": {"format": "chat", "train": {"path": "a", "hf": "b"}, "test_fraction": 0.1}}}, "merge": {"mode": "none"}})
-    for n in ("data.datasets.mine.test: give a test source or test_fraction", "data.datasets.mine.regex: extraction: regex needs", "data.datasets.other.train.path: give exactly one of path"):
+    msg = _config_problems(
+        {
+            "data": {
+                "tasks": ["mine"],
+                "datasets": {
+                    "mine": {"format": "alpaca", "train": "x.jsonl", "extraction": "regex"},
+                    "other": {"format": "chat", "train": {"path": "a", "hf": "b"}, "test_fraction": 0.1},
+                },
+            },
+            "merge": {"mode": "none"},
+        }
+    )
+    for n in (
+        "data.datasets.mine.test: give a test source or test_fraction",
+        "data.datasets.mine.regex: extraction: regex needs",
+        "data.datasets.other.train.path: give exactly one of path",
+    ):
         assert n in msg, msg
     # names (checked once every dataset entry is valid)
-    msg = _config_problems({"data": {"tasks": ["mine", "nope"], "datasets": {"sst2": {"format": "alpaca", "train": "y", "test_fraction": 0.1}}}, "merge": {"mode": "none"}})
+    msg = _config_problems(
+        {
+            "data": {"tasks": ["mine", "nope"], "datasets": {"sst2": {"format": "alpaca", "train": "y", "test_fraction": 0.1}}},
+            "merge": {"mode": "none"},
+        }
+    )
     assert "data.datasets.sst2: 'sst2' is a built-in task" in msg and "data.tasks: unknown task(s) ['mine', 'nope']" in msg, msg
 
 

@@ -157,8 +157,15 @@ def test_folder_deps_ignore_bytecode():
 def test_closure_follows_submodules_relative_and_stage_imports():
     # Guards the walk itself: what the issue found missing must be in the closure.
     finetune = closure(entry_modules("finetune", load_stages()["finetune"]))
-    assert {"stages/finetune.py", "stages/launch.py", "bilora/fused.py", "pipeline/config.py", "bilora/methods/flat_lora.py",
-            "bilora/__init__.py", "bilora/methods/__init__.py"} <= finetune
+    assert {
+        "stages/finetune.py",
+        "stages/launch.py",
+        "bilora/fused.py",
+        "pipeline/config.py",
+        "bilora/methods/flat_lora.py",
+        "bilora/__init__.py",
+        "bilora/methods/__init__.py",
+    } <= finetune
     evaluate = closure(["stages.evaluate"])
     assert {"bilora/sharpness.py", "bilora/layers.py", "bilora/base.py"} <= evaluate
     # sharpness takes its 4-bit helpers from bilora/layers.py, not from a method file

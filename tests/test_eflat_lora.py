@@ -91,7 +91,9 @@ def test_factored_estimate_matches_dense(second):
 # -- one step against an independent computation ------------------------------------------------------
 def _ctx(model, optimizer, batches, *, step: int, max_steps: int) -> StepContext:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return StepContext(model=model, optimizer=optimizer, scheduler=sched, micro_batches=batches, step=step, max_steps=max_steps, max_grad_norm=None)
+    return StepContext(
+        model=model, optimizer=optimizer, scheduler=sched, micro_batches=batches, step=step, max_steps=max_steps, max_grad_norm=None
+    )
 
 
 def _record_optimizer(model, optimizer) -> dict:
@@ -131,7 +133,10 @@ def _manual_e_b(layers, params, grads, b_at_grad, rho_t, *, two_terms: bool):
             g = 0.5 * (g + Bp @ torch.linalg.inv(Bp.T @ Bp) @ gA / s)
         g_hat[name] = g
     norm = math.sqrt(sum(float((g**2).sum()) for g in g_hat.values()))
-    return {name: (rho_t * g_hat[name] / norm) @ (params[an].double().T @ torch.linalg.inv(params[an].double() @ params[an].double().T)) / s for name, (an, _, s) in layers.items()}
+    return {
+        name: (rho_t * g_hat[name] / norm) @ (params[an].double().T @ torch.linalg.inv(params[an].double() @ params[an].double().T)) / s
+        for name, (an, _, s) in layers.items()
+    }
 
 
 def _rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -232,7 +237,9 @@ def test_bad_settings_rejected():
 def _tuner(seed: int = 0, steps: int = 4, grad_accum: int = 1, **kw) -> FineTuner:
     model = peft_bert()
     method = build("eflat_lora", {"rho": RHO}, seed=seed)
-    loop = LoopConfig(batch_size=4, grad_accum=grad_accum, max_steps=steps, lr=LR, warmup_ratio=0.0, checkpoint_every=kw.pop("checkpoint_every", 0))
+    loop = LoopConfig(
+        batch_size=4, grad_accum=grad_accum, max_steps=steps, lr=LR, warmup_ratio=0.0, checkpoint_every=kw.pop("checkpoint_every", 0)
+    )
     return FineTuner(model, method, cls_examples(16), collate, loop, seed=seed, **kw)
 
 

@@ -26,8 +26,14 @@ from pipeline.data import prepare_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ARC = "data/raw/llm_adapters/ARC-Easy/test.json"
-ARC_DECL = {"format": "multiple_choice", "test": ARC, "columns": {"prompt": "instruction"}, "choices": [f"answer{i}" for i in range(1, 6)],
-            "prompt_template": "{prompt}\nAnswer:", "adapter_from": "boolq"}
+ARC_DECL = {
+    "format": "multiple_choice",
+    "test": ARC,
+    "columns": {"prompt": "instruction"},
+    "choices": [f"answer{i}" for i in range(1, 6)],
+    "prompt_template": "{prompt}\nAnswer:",
+    "adapter_from": "boolq",
+}
 
 
 def problems(data: dict, **sections) -> list[tuple[str, str]]:
@@ -48,22 +54,38 @@ def test_eval_only_schema_accepts_and_lists_it():
 
 def test_eval_only_schema_errors_name_the_dotted_key():
     cls = {"format": "classification", "test": "data/x.csv", "labels": ["a", "b", "c"], "adapter_from": "sst2"}
-    got = dict(problems({"tasks": ["sst2"], "eval_tasks": ["arc", "gsm8k", "nope", "cls"], "datasets": {"arc": ARC_DECL | {"adapter_from": "sst2"}, "cls": cls}}))
+    got = dict(
+        problems(
+            {
+                "tasks": ["sst2"],
+                "eval_tasks": ["arc", "gsm8k", "nope", "cls"],
+                "datasets": {"arc": ARC_DECL | {"adapter_from": "sst2"}, "cls": cls},
+            }
+        )
+    )
     assert set(got) == {"data.eval_tasks.1", "data.eval_tasks.2", "data.datasets.arc.adapter_from", "data.datasets.cls.adapter_from"}
     assert "built-in" in got["data.eval_tasks.1"] and "not declared" in got["data.eval_tasks.2"]
     assert "classification head" in got["data.datasets.arc.adapter_from"] and "generation head" in got["data.datasets.arc.adapter_from"]
     assert "2 labels" in got["data.datasets.cls.adapter_from"] and "declares 3" in got["data.datasets.cls.adapter_from"]
     # the adapter's task must be trained (in data.tasks); an eval-only set may not be trained itself
-    assert "not in data.tasks" in dict(problems({"tasks": ["gsm8k"], "eval_tasks": ["arc"], "datasets": {"arc": ARC_DECL}}))["data.datasets.arc.adapter_from"]
+    assert (
+        "not in data.tasks"
+        in dict(problems({"tasks": ["gsm8k"], "eval_tasks": ["arc"], "datasets": {"arc": ARC_DECL}}))["data.datasets.arc.adapter_from"]
+    )
     assert keys({"tasks": ["arc"], "datasets": {"arc": ARC_DECL}}) == ["data.tasks.0"]
     assert keys({"tasks": ["boolq"], "eval_tasks": ["boolq"]}) == ["data.eval_tasks.0"]
     # a dataset with a train split is not eval-only without adapter_from, and vice versa
     mc = {k: v for k, v in ARC_DECL.items() if k != "adapter_from"}
-    assert "not declared without adapter_from" not in str(problems({"tasks": ["boolq"], "eval_tasks": ["mc"], "datasets": {"mc": mc | {"train": ARC, "test_fraction": None}}}))
+    assert "not declared without adapter_from" not in str(
+        problems({"tasks": ["boolq"], "eval_tasks": ["mc"], "datasets": {"mc": mc | {"train": ARC, "test_fraction": None}}})
+    )
     assert keys({"tasks": ["boolq"], "eval_tasks": ["mc"], "datasets": {"mc": mc | {"train": ARC}}}) == ["data.eval_tasks.0"]
     assert keys({"tasks": ["boolq"], "datasets": {"mc": mc}}) == ["data.datasets.mc.train"]
     assert set(keys({"tasks": ["boolq"], "datasets": {"arc": ARC_DECL | {"train": ARC, "test": None, "test_fraction": 0.5}}})) == {
-        "data.datasets.arc.train", "data.datasets.arc.test", "data.datasets.arc.test_fraction"}
+        "data.datasets.arc.train",
+        "data.datasets.arc.test",
+        "data.datasets.arc.test_fraction",
+    }
     # eval-only classification: no train split to infer the labels from
     assert keys({"tasks": ["sst2"], "datasets": {"cls": cls | {"labels": None}}}) == ["data.datasets.cls.labels"]
 
@@ -72,7 +94,7 @@ def test_readme_eval_only_example_validates_and_reads(monkeypatch):
     import re
 
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("**Eval-only datasets**"):]
+    section = text[text.index("**Eval-only datasets**") :]
     raw = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     p = validate_dict({"data": raw["data"], "merge": {"task": "boolq"}})
     monkeypatch.chdir(ROOT)
@@ -114,7 +136,12 @@ def test_shipped_commonsense_sets_load_as_eval_only_through_the_preset(monkeypat
     p = run.load_preset("smollm2_boolq_commonsense_cpu", str(ROOT / "params.yaml"))[2]
     rows = {t: read_splits(get_task(t, p.data), p.data) for t in p.data.eval_tasks}
     assert {t: (len(tr), len(te)) for t, (tr, te, _) in rows.items()} == {  # the row counts of data/raw/llm_adapters/*/README.md
-        "arc_easy": (0, 2376), "piqa": (0, 1838), "siqa": (0, 1954), "winogrande": (0, 1267), "obqa": (0, 500)}
+        "arc_easy": (0, 2376),
+        "piqa": (0, 1838),
+        "siqa": (0, 1954),
+        "winogrande": (0, 1267),
+        "obqa": (0, 500),
+    }
     assert {r["answer"] for r in rows["siqa"][1]} == {0, 1, 2} and {r["answer"] for r in rows["winogrande"][1]} == {0, 1}
 
 
@@ -154,7 +181,9 @@ def test_macro_f1_hand_computed():
     preds, gold = [0, 1, 2, 2, 1, 0], [0, 1, 1, 2, 2, 2]
     # class 0: TP 1 FP 1 FN 0 -> 2/3; class 1: TP 1 FP 1 FN 1 -> 1/2; class 2: TP 1 FP 1 FN 2 -> 2/5
     assert M.f1_macro(preds, gold) == pytest.approx((2 / 3 + 1 / 2 + 2 / 5) / 3, abs=1e-15)  # 0.52222...
-    assert M.compute(("f1_macro",), ["b", "a"], ["a", "a"])["f1_macro"] == pytest.approx((2 / 3 + 0) / 2)  # a class only predicted counts, with F1 0
+    assert M.compute(("f1_macro",), ["b", "a"], ["a", "a"])["f1_macro"] == pytest.approx(
+        (2 / 3 + 0) / 2
+    )  # a class only predicted counts, with F1 0
     assert M.f1_macro([1, 0, 1], [1, 0, 0]) == pytest.approx((2 / 3 + 2 / 3) / 2)  # two classes: the mean of both classes' F1
 
 
@@ -170,7 +199,12 @@ def test_inferred_labels_default_metrics_follow_the_label_count(tmp_path, tok):
     from bilora.metrics import compute
 
     three = [("great", "5"), ("fine", "3"), ("awful", "1"), ("superb", "5"), ("ok", "3"), ("bad", "1")]
-    decl = {"format": "classification", "train": _csv(tmp_path / "r3.csv", three), "test": _csv(tmp_path / "t3.csv", three), "columns": {"text": "review", "label": "stars"}}
+    decl = {
+        "format": "classification",
+        "train": _csv(tmp_path / "r3.csv", three),
+        "test": _csv(tmp_path / "t3.csv", three),
+        "columns": {"text": "review", "label": "stars"},
+    }
     data = DataConfig(tasks=["r3"], datasets={"r3": decl}, train_subset=None, val_fraction=0.0)
     assert get_task("r3", data).metrics == ("accuracy", "f1")  # before prepare the label count is unknown
     _, stats = prepare_task(get_task("r3", data), data, tok)
@@ -186,7 +220,9 @@ def test_inferred_labels_default_metrics_follow_the_label_count(tmp_path, tok):
     (tmp_path / "stats.json").write_text(json.dumps({"r2": prepare_task(get_task("r2", data2), data2, tok)[1]}))
     assert prepared_task("r2", data2, tmp_path).metrics == ("accuracy", "f1")  # binary: F1 of class index 1 ('pos')
     # an explicit binary f1 with more than two labels is refused: by the schema when declared, by the data check when inferred
-    assert keys({"tasks": ["r3"], "datasets": {"r3": decl | {"labels": ["1", "3", "5"], "metrics": ["f1"]}}}) == ["data.datasets.r3.metrics"]
+    assert keys({"tasks": ["r3"], "datasets": {"r3": decl | {"labels": ["1", "3", "5"], "metrics": ["f1"]}}}) == [
+        "data.datasets.r3.metrics"
+    ]
     from pipeline.tasks import DataError
 
     bad = DataConfig(tasks=["r3"], datasets={"r3": decl | {"metrics": ["accuracy", "f1"]}})
@@ -196,7 +232,10 @@ def test_inferred_labels_default_metrics_follow_the_label_count(tmp_path, tok):
 
 def _mc_rows(n: int) -> str:
     base = "Please choose the correct answer to the question: {q}\n\nAnswer1: yes Answer2: no\n\nAnswer format: answer1/answer2"
-    return "".join(json.dumps({"instruction": base.format(q=f"is {i} even?"), "input": "", "output": "", "answer": f"answer{1 + i % 2}"}) + "\n" for i in range(n))
+    return "".join(
+        json.dumps({"instruction": base.format(q=f"is {i} even?"), "input": "", "output": "", "answer": f"answer{1 + i % 2}"}) + "\n"
+        for i in range(n)
+    )
 
 
 @pytest.mark.slow
@@ -212,8 +251,17 @@ def test_stages_train_one_task_and_evaluate_the_eval_only_set_with_its_adapter(t
     arc.parent.mkdir(parents=True)
     shutil.copy(ROOT / ARC, arc)
     params = causal_params(base)
-    mc = {"format": "multiple_choice", "train": "data/mine/mc.jsonl", "test_fraction": 0.25, "columns": {"prompt": "instruction"}, "choices": ["answer1", "answer2"], "prompt_template": "{prompt}\nAnswer:"}
-    params["data"].update(tasks=["mc"], eval_tasks=["arc"], datasets={"mc": mc, "arc": ARC_DECL | {"adapter_from": "mc"}}, test_subset=5, max_length=192)
+    mc = {
+        "format": "multiple_choice",
+        "train": "data/mine/mc.jsonl",
+        "test_fraction": 0.25,
+        "columns": {"prompt": "instruction"},
+        "choices": ["answer1", "answer2"],
+        "prompt_template": "{prompt}\nAnswer:",
+    }
+    params["data"].update(
+        tasks=["mc"], eval_tasks=["arc"], datasets={"mc": mc, "arc": ARC_DECL | {"adapter_from": "mc"}}, test_subset=5, max_length=192
+    )
     params["train"].update(methods=["lora"])
     params["eval"]["sharpness"]["enabled"] = False
     params["merge"].update(task="mc", method="lora", mode="none")

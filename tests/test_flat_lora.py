@@ -97,7 +97,7 @@ def test_empirical_row_std_matches_formula_on_a_large_layer():
     sigma_t = 0.6 * 0.05
     expected = hand_std(layer, sigma_t)
     with flat_noise(model, sigma_t, run_seed=3, step=7) as info:
-        (seed, std_rows), = info
+        ((seed, std_rows),) = info
     eps = layer_noise(seed, std_rows, 4096).double()
     # float32 row norms of W0 + s·BA over 4096 columns (blocked sums: error ~log2(n)·2^-24 ≈ 1e-6, not n·2^-24) and
     # one float32 scaling, against float64 (observed 1.2e-7); rtol 1e-5 is 10x that
@@ -166,7 +166,7 @@ def test_forward_and_gradients_match_an_explicit_reference():
     g = torch.randn(5, 7, 40)
 
     with flat_noise(model, 0.3, run_seed=1, step=4) as info:
-        (seed, std_rows), = info
+        ((seed, std_rows),) = info
         out = model(x)
         (out * g).sum().backward()
     grads = {"x": x.grad.clone(), "A": a.grad.clone(), "B": b.grad.clone()}
@@ -188,7 +188,12 @@ def test_forward_and_gradients_match_an_explicit_reference():
     xa, aa, ba = (t.detach().double().abs().requires_grad_(True) for t in (x, a, b))
     terms = F.linear(xa, (base.weight.detach().double() + eps).abs(), base.bias.detach().double().abs()) + s * (xa @ aa.T) @ ba.T
     (terms * g.double().abs()).sum().backward()
-    for name, got, want, bound in (("out", out, ref, terms), ("x", grads["x"], x64.grad, xa.grad), ("A", grads["A"], a64.grad, aa.grad), ("B", grads["B"], b64.grad, ba.grad)):
+    for name, got, want, bound in (
+        ("out", out, ref, terms),
+        ("x", grads["x"], x64.grad, xa.grad),
+        ("A", grads["A"], a64.grad, aa.grad),
+        ("B", grads["B"], b64.grad, ba.grad),
+    ):
         err = (got.detach().double() - want.detach()).abs()
         assert bool((err <= 5e-6 * bound.detach()).all()), f"{name}: max error / terms {float((err / bound.detach()).max()):.2e}"
     assert not torch.allclose(eps, torch.zeros_like(eps))  # the noise is there (std ~0.3 x row norm / sqrt(48))

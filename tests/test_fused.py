@@ -172,7 +172,9 @@ def _train(cfg, steps=12, base=None, data=None, batch_size=8, lr=1e-2, dtype=tor
         torch.manual_seed(1)
         model = adapters.attach_lora(base, tiny.SPEC, "SEQ_CLS")
     data = data or tiny.cls_examples(64)
-    ft = FineTuner(model, methods.build("bilora", cfg, seed=0), data, tiny.collate, LoopConfig(max_steps=steps, batch_size=batch_size, lr=lr), seed=0)
+    ft = FineTuner(
+        model, methods.build("bilora", cfg, seed=0), data, tiny.collate, LoopConfig(max_steps=steps, batch_size=batch_size, lr=lr), seed=0
+    )
     ft.train()
     return model, ft
 
@@ -232,7 +234,9 @@ def test_fused_on_nf4_base(tmp_path):
     data = tiny.cls_examples(32)
     m_u, ft_u = _train({"rho": 0.05, "aux_rank": 4, "aux_alpha": 8}, steps=6, base=_nf4_base(tmp_path), data=data)
     m_f, ft_f = _train({"rho": 0.05, "aux_rank": 4, "aux_alpha": 8, "fused": True}, steps=6, base=_nf4_base(tmp_path), data=data)
-    assert all(any(p.detach().abs().sum() > 0 for k, p in m.named_parameters() if "lora_B.default" in k) for m in (m_u, m_f))  # trained: B left 0
+    assert all(
+        any(p.detach().abs().sum() > 0 for k, p in m.named_parameters() if "lora_B.default" in k) for m in (m_u, m_f)
+    )  # trained: B left 0
     held_out = tiny.collate(tiny.cls_examples(16, seed=9))
     held_out.pop("labels")
     with torch.no_grad():

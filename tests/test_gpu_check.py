@@ -30,7 +30,15 @@ print("FORBIDDEN", bad)
 @pytest.mark.slow
 def test_gpu_check_cpu_rehearsal(tmp_path):
     before = (ROOT / "reports" / "gpu.md").exists()
-    r = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", RUN, str(tmp_path)],
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FORBIDDEN []" in r.stdout, r.stdout[-500:]
     data = json.loads((tmp_path / "gpu.json").read_text())

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 # A stage: one Tracker run (tags dvc.stage from DVC), its run_info.json in its out folder; the finetune
 # stand-in also writes what the report would, reports/summary.json and the headline reports/metrics.json.
 # Three stages (tracked, untracked, tracked) keep each repro short: every stage process imports MLflow.
-STAGE = '''
+STAGE = """
 import json, sys
 from pathlib import Path
 import yaml
@@ -36,14 +36,27 @@ with Tracker("probe", "bilora", {"lr": lr}) as t:
         Path("reports").mkdir(exist_ok=True)
         Path("reports/summary.json").write_text(json.dumps({"sst2.lora": {"main_metric": "accuracy", "mean": 0.5 + lr, "std": 0.0, "n_seeds": 1, "median_step_time": 0.1}}))
         Path("reports/metrics.json").write_text(json.dumps({"sst2-lora-0": {"test": 0.5 + lr}}))
-'''
+"""
 DVC_YAML = {
     "stages": {
-        "prepare": {"cmd": "python stage.py artifacts/data", "deps": ["stage.py"], "params": ["data.train_subset"], "outs": ["artifacts/data"]},
-        "configure": {"cmd": "python -c \"import pathlib; pathlib.Path('artifacts/runs').mkdir(parents=True, exist_ok=True); pathlib.Path('artifacts/runs/x.json').write_text('{}')\"",
-                      "params": ["train.loop.lr"], "outs": ["artifacts/runs"]},
-        "finetune": {"cmd": "python stage.py artifacts/finetune report", "deps": ["stage.py", "artifacts/data", "artifacts/runs"], "params": ["train.loop.lr"],
-                     "outs": ["artifacts/finetune", {"reports/summary.json": {"cache": False}}], "metrics": [{"reports/metrics.json": {"cache": False}}]},
+        "prepare": {
+            "cmd": "python stage.py artifacts/data",
+            "deps": ["stage.py"],
+            "params": ["data.train_subset"],
+            "outs": ["artifacts/data"],
+        },
+        "configure": {
+            "cmd": "python -c \"import pathlib; pathlib.Path('artifacts/runs').mkdir(parents=True, exist_ok=True); pathlib.Path('artifacts/runs/x.json').write_text('{}')\"",
+            "params": ["train.loop.lr"],
+            "outs": ["artifacts/runs"],
+        },
+        "finetune": {
+            "cmd": "python stage.py artifacts/finetune report",
+            "deps": ["stage.py", "artifacts/data", "artifacts/runs"],
+            "params": ["train.loop.lr"],
+            "outs": ["artifacts/finetune", {"reports/summary.json": {"cache": False}}],
+            "metrics": [{"reports/metrics.json": {"cache": False}}],
+        },
     }
 }
 TRACKED = {"prepare", "finetune"}
@@ -60,8 +73,15 @@ def make_repo(tmp: Path) -> Path:
     (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     (repo / ".dvcignore").write_text("mlflow.db\nmlruns/\n")
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"], [dvc(), "init", "-q"], [dvc(), "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@t"],
+        ["git", "config", "user.name", "t"],
+        [dvc(), "init", "-q"],
+        [dvc(), "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, env=env(), capture_output=True)
     return repo
 
@@ -157,7 +177,10 @@ def test_dvc_exp_run_gets_one_parent_per_experiment(tmp_path):
     first = children(repo, p1.info.run_id)
     assert set(first) == TRACKED  # the first stage made the parent, the others found it
     assert all(r.data.tags["dvc.exp"] == name for r in runs(repo) if r.info.run_id in first.values())
-    assert listing(repo, p1.info.run_id) == {**{s: {"status": "ran", "run_id": first[s]} for s in TRACKED}, "configure": {"status": "untracked", "run_id": None}}
+    assert listing(repo, p1.info.run_id) == {
+        **{s: {"status": "ran", "run_id": first[s]} for s in TRACKED},
+        "configure": {"status": "untracked", "run_id": None},
+    }
     assert "params.yaml" in {a.path for a in client(repo).list_artifacts(p1.info.run_id)}
 
     # A second experiment: its own parent; prepare is cached and listed with the first experiment's run id.

@@ -38,7 +38,7 @@ def test_every_direct_dependency_but_torch_is_pinned():
 def test_readme_commands_and_ci_install_with_the_constraints():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    assert "-c constraints.txt -e \".[test]\"" in ci
+    assert '-c constraints.txt -e ".[test]"' in ci
     setups = [line for line in readme.splitlines() if "python3 -m venv .venv" in line]
     assert len(setups) >= 2 and all("-c constraints.txt" in line for line in setups)
 
@@ -46,7 +46,20 @@ def test_readme_commands_and_ci_install_with_the_constraints():
 def test_this_environment_is_the_pinned_one():
     pins = _pins()
     wrong = {}
-    for name in ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "dvc", "mlflow", "pydantic", "tokenizers", "huggingface-hub", "numpy", "safetensors"):
+    for name in (
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "accelerate",
+        "dvc",
+        "mlflow",
+        "pydantic",
+        "tokenizers",
+        "huggingface-hub",
+        "numpy",
+        "safetensors",
+    ):
         got = importlib.metadata.version(name)
         if got != pins[name]:
             wrong[name] = (got, pins[name])

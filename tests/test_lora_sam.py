@@ -40,7 +40,9 @@ def _randomise_b(model: torch.nn.Module, seed: int = 3) -> None:
 
 def _ctx(model, optimizer, batches, *, step: int = 0, max_steps: int = 10) -> StepContext:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return StepContext(model=model, optimizer=optimizer, scheduler=sched, micro_batches=batches, step=step, max_steps=max_steps, max_grad_norm=None)
+    return StepContext(
+        model=model, optimizer=optimizer, scheduler=sched, micro_batches=batches, step=step, max_steps=max_steps, max_grad_norm=None
+    )
 
 
 def _record_optimizer(model, optimizer) -> dict:
@@ -92,7 +94,9 @@ def test_step_equals_manual_sam(n_micro):
     lora = {n: p for n, p in adapters.trainable_named_parameters(model) if ".lora_" in n}
     calls: list[tuple[bool, bool]] = []
     hook = model.register_forward_pre_hook(
-        lambda *_: calls.append((all(torch.equal(p, before[n]) for n, p in head.items()), all(torch.equal(p, before[n]) for n, p in lora.items())))
+        lambda *_: calls.append(
+            (all(torch.equal(p, before[n]) for n, p in head.items()), all(torch.equal(p, before[n]) for n, p in lora.items()))
+        )
     )
     ctx = _ctx(model, opt, batches)
     metrics = method.step(ctx)

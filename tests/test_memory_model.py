@@ -36,7 +36,9 @@ def test_activation_count_matches_saved_tensors():
     cfg = dict(SMOLLM2_CONFIG, num_hidden_layers=2)
     shape = memory.LlamaShape.from_config(cfg)
     torch.manual_seed(0)
-    model = adapters.attach_lora(LlamaForCausalLM(LlamaConfig(**cfg)).train(), adapters.LoraSpec(r=8, alpha=16, target_modules=memory.LLAMA_TARGETS), "CAUSAL_LM")
+    model = adapters.attach_lora(
+        LlamaForCausalLM(LlamaConfig(**cfg)).train(), adapters.LoraSpec(r=8, alpha=16, target_modules=memory.LLAMA_TARGETS), "CAUSAL_LM"
+    )
     ids = torch.randint(3, shape.vocab, (2, 64))
     saved = activation_bytes(model, lambda: model(input_ids=ids, labels=ids).loss.backward())
     run = memory.RunShape(seq=64, batch=2, act_bytes=4, param_bytes=4, quantized=False)

@@ -76,7 +76,9 @@ def test_reload_max_abs_diff_reloads_what_was_saved(tmp_path):
     # a saved model that differs: the check sees it
     with torch.no_grad():
         merged.classifier.bias.add_(0.5)
-    assert reload_max_abs_diff(task_model_class("classification"), tmp_path / "m32", merged, batch, torch.float32) == pytest.approx(0.5, abs=1e-6)
+    assert reload_max_abs_diff(task_model_class("classification"), tmp_path / "m32", merged, batch, torch.float32) == pytest.approx(
+        0.5, abs=1e-6
+    )
 
 
 def test_task_model_class_maps_each_kind_once():

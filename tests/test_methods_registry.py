@@ -79,7 +79,10 @@ def test_schema_defaults_and_help_come_from_the_dataclasses():
     assert p.train.method_config("lora") == {}  # the lora method adds nothing to train.lora
 
 
-@pytest.mark.parametrize("key, value, path", [("bilevel_lora", {"upper_steps": 0}, "train.bilevel_lora.upper_steps"), ("eflat_lora", {"beta": 0.0}, "train.eflat_lora.beta")])
+@pytest.mark.parametrize(
+    "key, value, path",
+    [("bilevel_lora", {"upper_steps": 0}, "train.bilevel_lora.upper_steps"), ("eflat_lora", {"beta": 0.0}, "train.eflat_lora.beta")],
+)
 def test_bounds_agree_between_constructor_and_schema(key, value, path):
     with pytest.raises(ValueError, match=path):
         methods.build(key, value)
@@ -114,7 +117,14 @@ def test_variant_mistakes_reported_together_by_dotted_path():
     with pytest.raises(ConfigError) as e:
         validate_dict(raw)
     locs = [loc for loc, _ in e.value.problems]
-    assert set(locs) >= {"train.variants.bilora", "train.variants.x1.method", "train.variants.x2.rhoo", "train.variants.x3.rho", "train.methods.1", "train.loop.lr"}, locs
+    assert set(locs) >= {
+        "train.variants.bilora",
+        "train.variants.x1.method",
+        "train.variants.x2.rhoo",
+        "train.variants.x3.rho",
+        "train.methods.1",
+        "train.loop.lr",
+    }, locs
 
 
 def test_finetune_depends_on_its_run_file_and_configure_on_the_train_section():
@@ -146,7 +156,9 @@ def test_run_files_change_only_for_the_runs_a_setting_determines(tmp_path):
         return {f.stem for f in out.iterdir() if f.read_bytes() != (tmp_path / "a" / f.name).read_bytes()}
 
     assert changed(lambda r: r["train"]["flat_lora"].update(sigma=0.1)) == {"sst2-flat_lora-0", "sst2-flat_lora-1"}
-    assert changed(lambda r: r["train"]["bilora"].update(aux_rank=4)) == {f"sst2-{m}-{s}" for m in ("bilora", "bilora_rho0.2") for s in (0, 1)}
+    assert changed(lambda r: r["train"]["bilora"].update(aux_rank=4)) == {
+        f"sst2-{m}-{s}" for m in ("bilora", "bilora_rho0.2") for s in (0, 1)
+    }
     assert changed(lambda r: r["train"]["bilora"].update(rho=0.1)) == {"sst2-bilora-0", "sst2-bilora-1"}  # the variant sets its own rho
     assert changed(lambda r: r["train"]["variants"]["bilora_rho0.2"].update(rho=0.3)) == {"sst2-bilora_rho0.2-0", "sst2-bilora_rho0.2-1"}
     assert changed(lambda r: r["train"]["lora_sam"].update(rho=0.5)) == set()  # not in the matrix

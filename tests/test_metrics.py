@@ -181,7 +181,13 @@ def test_committed_figures_are_rounded_to_significant_digits():
     assert rounded(3.805860420533731e-05) == 3.806e-05
     assert rounded(-2.7721405029296875) == -2.772
     assert rounded(1234567.0) == 1235000.0
-    assert rounded({"a": [0.33359843, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}) == {"a": [0.3336, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}
+    assert rounded({"a": [0.33359843, 7], "n": 872, "ok": True, "s": "x", "z": 0.0}) == {
+        "a": [0.3336, 7],
+        "n": 872,
+        "ok": True,
+        "s": "x",
+        "z": 0.0,
+    }
     assert math.isnan(rounded(float("nan"))) and rounded(float("inf")) == float("inf")
     # a spread is written to its mean's decimal place: mean 1.701e-3 -> 1e-6 resolution -> std 7e-6
     flat = {"r0.01.mean": 0.0017014294862747192, "r0.01.std": 7.156e-06, "n": 2}

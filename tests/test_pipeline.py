@@ -38,7 +38,15 @@ def make_repo(tmp: Path, params: dict) -> Path:
         shutil.copy(ROOT / f, repo / f)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = run_env(repo)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"], [dvc_bin(), "init", "-q"], [dvc_bin(), "config", "core.analytics", "false"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@t"],
+        ["git", "config", "user.name", "t"],
+        [dvc_bin(), "init", "-q"],
+        [dvc_bin(), "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
     return repo
 
@@ -76,7 +84,17 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
     params = tiny_params()
     repo = make_repo(tmp_path, params)
     ran = repro(repo)
-    expected = {"prepare", "load_base", "configure", "finetune@sst2-lora-0", "finetune@sst2-bilora-0", "evaluate@sst2-lora-0", "evaluate@sst2-bilora-0", "merge", "report"}
+    expected = {
+        "prepare",
+        "load_base",
+        "configure",
+        "finetune@sst2-lora-0",
+        "finetune@sst2-bilora-0",
+        "evaluate@sst2-lora-0",
+        "evaluate@sst2-bilora-0",
+        "merge",
+        "report",
+    }
     assert set(ran) == expected
 
     # Outputs of every stage.
@@ -112,7 +130,11 @@ def test_dvc_repro_end_to_end_and_granular_invalidation(tmp_path):
     params["eval"]["batch_size"] = 16
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = repro(repo)
-    assert set(ran) == {"evaluate@sst2-lora-0", "evaluate@sst2-bilora-0"} or set(ran) == {"evaluate@sst2-lora-0", "evaluate@sst2-bilora-0", "report"}
+    assert set(ran) == {"evaluate@sst2-lora-0", "evaluate@sst2-bilora-0"} or set(ran) == {
+        "evaluate@sst2-lora-0",
+        "evaluate@sst2-bilora-0",
+        "report",
+    }
 
     # A training parameter retrains but neither re-prepares data nor re-quantizes the base.
     params["train"]["loop"]["lr"] = 2e-3

@@ -34,7 +34,14 @@ def render(tmp_path: Path, pngs: bool = False) -> Path:
     dvc = str(Path(sys.executable).parent / "dvc")
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "pipeline.plots", "-o", "out"], cwd=repo, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.plots", "-o", "out"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return repo / "out" / "index.html"
 

@@ -95,7 +95,9 @@ def test_apply_preset_writes_only_its_keys_and_keeps_comments(tmp_path):
         run.apply_preset("no_such_preset", str(target))
 
 
-@pytest.mark.parametrize("name", ["smollm2_code_alpaca_cpu", "smollm2_code_alpaca_chat_cpu", "minilm_reviews_csv", "smollm2_boolq_commonsense_cpu"])
+@pytest.mark.parametrize(
+    "name", ["smollm2_code_alpaca_cpu", "smollm2_code_alpaca_chat_cpu", "minilm_reviews_csv", "smollm2_boolq_commonsense_cpu"]
+)
 def test_worked_example_presets_pass_the_data_check(name):
     """The worked examples' declared datasets read cleanly (what pipeline.run checks before dvc repro)."""
     from pipeline.catalog import check, get_task
@@ -126,5 +128,10 @@ def test_llama8b_gpu_preset_turns_on_the_scale_switches_and_fits_24gb():
     assert p.base.quant.compute_dtype == "auto" and scale.autocast_dtype("cuda", p.base.quant.compute_dtype) is not None
     assert (loop.batch_size * loop.grad_accum, p.data.max_length, p.train.lora.r, p.train.lora.alpha) == (32, 1024, 8, 16)
     for method in p.train.methods:
-        pred = memory.predict(memory.SHAPES["llama-8b"], memory.RunShape(seq=p.data.max_length, batch=loop.batch_size, method=method, gradient_checkpointing=True, optimizer=loop.optimizer))
+        pred = memory.predict(
+            memory.SHAPES["llama-8b"],
+            memory.RunShape(
+                seq=p.data.max_length, batch=loop.batch_size, method=method, gradient_checkpointing=True, optimizer=loop.optimizer
+            ),
+        )
         assert pred["total"] < 24 * memory.GIB, (method, pred["total"] / memory.GIB)

@@ -54,7 +54,14 @@ def _record(opt: torch.optim.Optimizer, log: list[dict[str, torch.Tensor]], tag:
     """Record the gradients ``opt.step`` sees (the methods zero them right after), keyed by position."""
 
     def hook(o, args, kwargs):
-        log.append({f"{tag}{gi}.{pi}": p.grad.detach().clone() for gi, g in enumerate(o.param_groups) for pi, p in enumerate(g["params"]) if p.grad is not None})
+        log.append(
+            {
+                f"{tag}{gi}.{pi}": p.grad.detach().clone()
+                for gi, g in enumerate(o.param_groups)
+                for pi, p in enumerate(g["params"])
+                if p.grad is not None
+            }
+        )
 
     opt.register_step_pre_hook(hook)
 
@@ -122,7 +129,13 @@ def _nf4_llama(folder):
     path = folder / "llama"
     if not path.exists():
         tiny_llama(seed=0).save_pretrained(path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["lm_head"],
+    )
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
     layers.set_cpu_kernel(model, "fp32")
     return model.train()
@@ -131,10 +144,13 @@ def _nf4_llama(folder):
 NF4_TOL = 1e-5  # fp32: recomputation reorders nothing, but fp32 summation in sdpa/matmul may differ by a few ulps
 
 
-@pytest.mark.parametrize(("method", "cfg"), [METHODS[1], METHODS[3], METHODS[4], METHODS[6]], ids=["bilora_fused", "lora_sam", "flat_lora", "bilevel_lora"])
+@pytest.mark.parametrize(
+    ("method", "cfg"), [METHODS[1], METHODS[3], METHODS[4], METHODS[6]], ids=["bilora_fused", "lora_sam", "flat_lora", "bilevel_lora"]
+)
 def test_checkpointing_on_nf4_base_fp32(tmp_path, method, cfg):
     """nf4 base, fp32 compute: with = without checkpointing to 1e-5 relative; the 4-bit weights
     get no gradient and are bit-identical before and after training."""
+
     def fn():
         return _nf4_llama(tmp_path)
 
@@ -144,7 +160,9 @@ def test_checkpointing_on_nf4_base_fp32(tmp_path, method, cfg):
     got = run(fn, method, cfg, dtype=None, gradient_checkpointing=True, checkpoint_reentrant=True)
     _assert_same(ref, got, NF4_TOL)
     model = got[0]
-    after = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    after = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in model.named_parameters() if p.dtype == torch.uint8
+    }
     assert after.keys() == before.keys()
     for n, p in after.items():
         assert p.grad is None and not p.requires_grad
@@ -160,9 +178,13 @@ def test_prepare_kbit_dtypes(tmp_path):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     tiny_llama(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "m")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"]
+    )
+
     def load():
         return LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
+
     model = load()
     assert model.model.norm.weight.dtype == torch.bfloat16  # as loaded
     done = scale.prepare_kbit(model, gradient_checkpointing=True, use_reentrant=True)
@@ -219,7 +241,9 @@ def test_bilora_ball_projection_stays_fp32_under_autocast():
     model, ft = _autocast_run("bilora", {"rho": rho, "fused": True})
     assert all(h["aux_clipped"] == 1.0 for h in ft.history)
     # independent reference: the dense perturbation s2 * B2 @ A2 in float64
-    c = math.sqrt(sum(float(((s * b.detach().double() @ a.detach().double()) ** 2).sum()) for a, b, s in adapters.lora_factors(model, adapters.AUX)))
+    c = math.sqrt(
+        sum(float(((s * b.detach().double() @ a.detach().double()) ** 2).sum()) for a, b, s in adapters.lora_factors(model, adapters.AUX))
+    )
     assert abs(c - rho) / rho < 1e-6  # a bf16 norm would be off by ~1e-3
 
 
@@ -289,8 +313,10 @@ def test_8bit_adamw_close_to_32bit_and_paged_falls_back_on_cpu():
     _, p32, _ = _train_lora("paged_adamw_32bit")
     _, p8, ft8 = _train_lora("adamw_8bit")
     _, pp8, ftp8 = _train_lora("paged_adamw_8bit")
+
     def upd(p):
         return torch.cat([(p[n] - init[n]).flatten() for n in init])
+
     u_ref, u32, u8 = upd(ref), upd(p32), upd(p8)
     assert float((u32 - u_ref).norm() / u_ref.norm()) < 1e-5  # measured 8e-7: bitsandbytes' 32-bit AdamW = torch AdamW
     rel8 = float((u8 - u_ref).norm() / u_ref.norm())
@@ -337,7 +363,17 @@ def test_length_grouped_batches_seeded_resumable_and_in_summary():
     for step in (0, 5, 7):  # a fresh tuner (a resumed run) sees the same batches, epoch 2 included
         for x, y in zip(a.micro_batches(step), b.micro_batches(step)):
             assert torch.equal(x["input_ids"], y["input_ids"])
-    seen = sorted(i for s in range(6) for i in range(len(ex)) if any(torch.equal(torch.tensor(ex[i]["input_ids"]), r[: len(ex[i]["input_ids"])]) and int(mb["attention_mask"][k].sum()) == len(ex[i]["input_ids"]) for mb in a.micro_batches(s) for k, r in enumerate(mb["input_ids"])))
+    seen = sorted(
+        i
+        for s in range(6)
+        for i in range(len(ex))
+        if any(
+            torch.equal(torch.tensor(ex[i]["input_ids"]), r[: len(ex[i]["input_ids"])])
+            and int(mb["attention_mask"][k].sum()) == len(ex[i]["input_ids"])
+            for mb in a.micro_batches(s)
+            for k, r in enumerate(mb["input_ids"])
+        )
+    )
     assert sorted(set(seen)) == list(range(len(ex)))  # one epoch covers every example
     pf = a.padding_fractions()
     assert pf["length_grouped"] < pf["shuffled"]

@@ -43,7 +43,9 @@ def test_report_writes_the_same_bytes_as_before_the_split(case, tmp_path, monkey
     params = load_params(write_inputs(tmp_path, case, ROOT))
     monkeypatch.chdir(tmp_path)
     written = write_report(params, Path("reports"))
-    got = {str(f.relative_to("reports")): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path("reports").rglob("*")) if f.is_file()}
+    got = {
+        str(f.relative_to("reports")): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path("reports").rglob("*")) if f.is_file()
+    }
     assert set(written.files) <= set(got)
     got.pop("metrics.json")  # the headline file came after the split (test_headline_metrics_file)
     assert got == DIGESTS[case]

@@ -32,7 +32,13 @@ def env() -> dict[str, str]:
 
 
 def run_worker(method: str, ckpt: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(WORKER), method, str(ckpt), str(out), "--steps", str(STEPS), *extra], env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(WORKER), method, str(ckpt), str(out), "--steps", str(STEPS), *extra],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -40,7 +46,12 @@ def run_worker(method: str, ckpt: Path, out: Path, *extra: str, check: bool = Tr
 
 def kill_after_checkpoint(method: str, ckpt: Path, out: Path, k: int) -> int:
     """Start a slow worker, SIGKILL it once a checkpoint at step >= k exists; return that step."""
-    p = subprocess.Popen([sys.executable, str(WORKER), method, str(ckpt), str(out), "--steps", str(STEPS), "--sleep", "0.4"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, str(WORKER), method, str(ckpt), str(out), "--steps", str(STEPS), "--sleep", "0.4"],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     meta = ckpt / "last" / "meta.json"
     deadline = time.monotonic() + 240
     try:

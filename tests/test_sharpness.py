@@ -278,7 +278,11 @@ def state(model) -> dict[str, object]:
         out[f"fwd:{n}"] = "forward" in vars(m)
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
-            out[f"qs:{n}"] = (qs.absmax.clone(), None if qs.state2 is None else qs.state2.absmax.clone(), getattr(qs, "packing_format_for_cpu", False))
+            out[f"qs:{n}"] = (
+                qs.absmax.clone(),
+                None if qs.state2 is None else qs.state2.absmax.clone(),
+                getattr(qs, "packing_format_for_cpu", False),
+            )
     out["active"] = list(model.base_model.active_adapters)
     return out
 
@@ -472,7 +476,9 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
         w = [v for r in want["spaces"][space]["random"]["radii"] for v in r["values"]]
         # loss differences ~1e-3 computed from float64 losses ~0.7: absolute error ~1e-15
         assert g == pytest.approx(w, rel=0, abs=1e-12)
-        assert got["spaces"][space]["attack"]["points"][1]["loss"] == pytest.approx(want["spaces"][space]["attack"]["points"][1]["loss"], rel=1e-12)
+        assert got["spaces"][space]["attack"]["points"][1]["loss"] == pytest.approx(
+            want["spaces"][space]["attack"]["points"][1]["loss"], rel=1e-12
+        )
     # float32 on the 4-bit model computes the same function: the losses agree to float32 rounding
     # (~1e-7 relative of a mean over 8 examples), so 1e-5 bounds it and the float64 figure is a refinement
     f32 = sharpness.measure(model, objective, SMALL, None).to_dict()

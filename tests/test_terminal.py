@@ -50,7 +50,9 @@ def _env() -> dict[str, str]:
 def test_validate_bad_params_prints_our_one_message_and_imports_no_ml_stack(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data:\n  tasks: [nope]\n")
-    r = subprocess.run([sys.executable, "-m", "pipeline.validate", str(bad)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.validate", str(bad)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
     assert "kernels-community" not in out and "Traceback" not in out and "Warning" not in out, out
@@ -58,8 +60,10 @@ def test_validate_bad_params_prints_our_one_message_and_imports_no_ml_stack(tmp_
     assert KNOWN in out, out  # not hard-wrapped at 80 columns: the message is one line per problem
     # The schema is derived from the method registry (bilora/methods), so checking params imports torch,
     # peft and bitsandbytes; the noise filters are installed before that import (pipeline/validate.py).
-    probe = ("import sys\nfrom pipeline.validate import main\ntry:\n    main([sys.argv[1]])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
-             "print('heavy', sorted(m for m in ('torch', 'peft', 'bitsandbytes') if m in sys.modules))")
+    probe = (
+        "import sys\nfrom pipeline.validate import main\ntry:\n    main([sys.argv[1]])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('heavy', sorted(m for m in ('torch', 'peft', 'bitsandbytes') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", probe, str(bad)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert "exit 2" in r.stdout and "kernels-community" not in r.stdout + r.stderr, r.stdout + r.stderr
 
@@ -68,7 +72,10 @@ def test_bitsandbytes_kernels_notice_is_dropped_other_warnings_kept():
     quiet()
     logger, rec = _capture("bitsandbytes.backends.cpu.ops")
     try:
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`", "No module named 'kernels'")
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`",
+            "No module named 'kernels'",
+        )
         logger.warning("some other bitsandbytes problem")
     finally:
         logger.removeHandler(rec)
@@ -83,7 +90,9 @@ def test_load_report_dropped_for_a_fresh_head_only(tmp_path):
     from bilora.base import load_for_task
 
     quiet()
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+    )
     BertModel(cfg).save_pretrained(tmp_path / "full")
     BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "no_pooler")
     logger, rec = _capture("transformers.modeling_utils")
@@ -97,13 +106,19 @@ def test_load_report_dropped_for_a_fresh_head_only(tmp_path):
     assert len(reports) == 1 and "pooler" in reports[0] and "classifier" in reports[0], rec.messages
 
 
-@pytest.mark.parametrize(("report", "head_only"), [
-    ("X LOAD REPORT from: p\nKey | Status | \n--+--\nclassifier.weight | MISSING | \nscore.bias | \x1b[31mMISSING\x1b[0m | \n\nNotes:", True),
-    ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | MISSING | \nbert.pooler.dense.weight | MISSING | ", False),
-    ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | MISMATCH | Reinit due to size mismatch", False),
-    ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | UNEXPECTED | ", False),
-    ("X LOAD REPORT from: p\n(a format we cannot read)", False),
-])
+@pytest.mark.parametrize(
+    ("report", "head_only"),
+    [
+        (
+            "X LOAD REPORT from: p\nKey | Status | \n--+--\nclassifier.weight | MISSING | \nscore.bias | \x1b[31mMISSING\x1b[0m | \n\nNotes:",
+            True,
+        ),
+        ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | MISSING | \nbert.pooler.dense.weight | MISSING | ", False),
+        ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | MISMATCH | Reinit due to size mismatch", False),
+        ("X LOAD REPORT from: p\nKey | Status | \nclassifier.weight | UNEXPECTED | ", False),
+        ("X LOAD REPORT from: p\n(a format we cannot read)", False),
+    ],
+)
 def test_only_head_missing(report, head_only):
     assert only_head_missing(report) is head_only
 
@@ -111,7 +126,13 @@ def test_only_head_missing(report, head_only):
 def _longest_summary() -> dict:
     s = json.loads((ROOT / "reports" / "comparison" / "summary.json").read_text())
     s |= json.loads((ROOT / "reports" / "summary.json").read_text())
-    s["gsm8k.bilevel_lora"] = {"main_metric": "exact_match", "mean": 0.0123456, "std": 0.0067891, "n_seeds": 10, "median_step_time": 123.4567}
+    s["gsm8k.bilevel_lora"] = {
+        "main_metric": "exact_match",
+        "mean": 0.0123456,
+        "std": 0.0067891,
+        "n_seeds": 10,
+        "median_step_time": 123.4567,
+    }
     return s
 
 
@@ -130,16 +151,51 @@ def test_report_stage_table_fits_80_columns_uncut():
     from pipeline.report.tables import terminal_table
 
     rows = [
-        {"task": "sst2", "method": "lora", "main": "accuracy", "seeds": 3, "mean": 0.7943, "std": 0.0078, "gap": "+0.0976",
-         "sharpness": "full 0.0058\nlora 0.0008", "attack": "full 0.5117\nlora 0.5130", "step_time": 0.665},
-        {"task": "gsm8k", "method": "bilevel_lora", "main": "exact_match", "seeds": 1, "mean": 0.02, "std": 0.0, "gap": "n/a",
-         "sharpness": "-", "attack": "lora 0.0100", "step_time": 123.456},
+        {
+            "task": "sst2",
+            "method": "lora",
+            "main": "accuracy",
+            "seeds": 3,
+            "mean": 0.7943,
+            "std": 0.0078,
+            "gap": "+0.0976",
+            "sharpness": "full 0.0058\nlora 0.0008",
+            "attack": "full 0.5117\nlora 0.5130",
+            "step_time": 0.665,
+        },
+        {
+            "task": "gsm8k",
+            "method": "bilevel_lora",
+            "main": "exact_match",
+            "seeds": 1,
+            "mean": 0.02,
+            "std": 0.0,
+            "gap": "n/a",
+            "sharpness": "-",
+            "attack": "lora 0.0100",
+            "step_time": 123.456,
+        },
     ]
     text = _render(terminal_table(rows))
     assert "…" not in text, text
     assert max(map(len, text.splitlines())) <= 80
-    for v in ("sst2.lora", "gsm8k.bilevel_lora", "accuracy, n=3", "exact_match, n=1", "0.7943", "±0.0078", "+0.0976",
-              "full 0.0058", "lora 0.0008", "full 0.5117", "lora 0.5130", "0.665", "lora 0.0100", "123.456", "reports/report.md"):
+    for v in (
+        "sst2.lora",
+        "gsm8k.bilevel_lora",
+        "accuracy, n=3",
+        "exact_match, n=1",
+        "0.7943",
+        "±0.0078",
+        "+0.0976",
+        "full 0.0058",
+        "lora 0.0008",
+        "full 0.5117",
+        "lora 0.5130",
+        "0.665",
+        "lora 0.0100",
+        "123.456",
+        "reports/report.md",
+    ):
         assert v in text, v
 
 

@@ -98,7 +98,9 @@ class BilevelLoraConfig(Settings):
     """
 
     section: ClassVar[str] = "train.bilevel_lora"
-    split_ratio: float = setting(0.8, "Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.", gt=0, lt=1)
+    split_ratio: float = setting(
+        0.8, "Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.", gt=0, lt=1
+    )
     lower_steps: int = setting(4, "Lower-level (P, Q) steps per cycle. Our choice.", ge=1)
     upper_steps: int = setting(1, "Upper-level (Lambda) steps per cycle. Our choice.", ge=1)
     gamma1: float = setting(0.1, "Weight of the orthogonality regulariser on P, Q. Our choice.", ge=0)
@@ -263,7 +265,14 @@ class BilevelLoRA(Method):
         ctx.scheduler.step()  # keep the lower level's lr a function of the global step
         self.upper_done += 1
         lam_all = torch.cat([lam.detach().float() for lam in self._lambdas])
-        return {"loss": loss, "grad_norm": float(norm), "reg_r2": r2, "upper": 1.0, "lambda_mean": float(lam_all.mean()), "lambda_min": float(lam_all.min())}
+        return {
+            "loss": loss,
+            "grad_norm": float(norm),
+            "reg_r2": r2,
+            "upper": 1.0,
+            "lambda_mean": float(lam_all.mean()),
+            "lambda_min": float(lam_all.min()),
+        }
 
     # -- state, config, export --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -90,7 +90,10 @@ class BiLoRAConfig(Settings):
     aux_rank: int = setting(8, "Rank r2 of the auxiliary adapter.", ge=1)
     aux_alpha: float = setting(16.0, "Alpha of the auxiliary adapter (s2 = aux_alpha / aux_rank).", gt=0)
     aux_lr: float | None = setting(None, "Learning rate of the auxiliary ascent (null: same as train.loop.lr).", gt=0)
-    fused: bool = setting(False, "Compute primary and auxiliary in one matmul pair per layer (A=[A1;A2], B=[s1*B1, s2*B2]); same result up to float32 rounding (<=1e-6 relative), each part keeps its own optimizer direction, the auxiliary is still dropped at export.")
+    fused: bool = setting(
+        False,
+        "Compute primary and auxiliary in one matmul pair per layer (A=[A1;A2], B=[s1*B1, s2*B2]); same result up to float32 rounding (<=1e-6 relative), each part keeps its own optimizer direction, the auxiliary is still dropped at export.",
+    )
 
 
 @register("bilora", config=BiLoRAConfig)
@@ -159,4 +162,12 @@ class BiLoRA(Method):
         self.last_norm = float(state.get("last_norm", 0.0))
 
     def config(self) -> dict[str, Any]:
-        return {"rho": self.rho, "aux_rank": self.aux_rank, "aux_alpha": self.aux_alpha, "aux_scaling": self.aux_alpha / self.aux_rank, "aux_lr": self.aux_lr, "projection": "global", "fused": self.fused}
+        return {
+            "rho": self.rho,
+            "aux_rank": self.aux_rank,
+            "aux_alpha": self.aux_alpha,
+            "aux_scaling": self.aux_alpha / self.aux_rank,
+            "aux_lr": self.aux_lr,
+            "projection": "global",
+            "fused": self.fused,
+        }

@@ -61,7 +61,9 @@ ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first te
 EPS = 1e-12
 
 
-def full_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, *, second_term: bool = True) -> torch.Tensor:
+def full_grad_estimate(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, *, second_term: bool = True
+) -> torch.Tensor:
     """Dense G_hat (m, n) = 0.5 [(1/s) gB pinv(A^T) + (1/s) pinv(B^T) gA] (first term alone if not ``second_term``).
 
     A: (r, n), B: (m, r), gA = dL/dA, gB = dL/dB taken at (B, A). Computed in at least fp32.
@@ -74,7 +76,9 @@ def full_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: t
     return 0.5 * (first + torch.linalg.pinv(B.T) @ gA / s)
 
 
-def factored_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, *, second_term: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def factored_estimate(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, *, second_term: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(||G_hat||_F^2, G_hat pinv(A)) without forming the (m, n) G_hat: O((m + n) r^2) work, no m x n tensor.
 
     With Ai = pinv(A) (n, r) and Bi = pinv(B) (r, m), G_hat = U V with U = [gB, Bi^T] (m, 2r) and
@@ -119,7 +123,6 @@ class EFlatLoraConfig(Settings):
 class EFlatLoRA(Method):
     """EFMLoRA: one gradient per step at (B + E_ema, A); E_ema tracks the full-space SAM perturbation moved onto B."""
 
-
     cfg: EFlatLoraConfig
     rho: float
     beta: float
@@ -140,7 +143,10 @@ class EFlatLoRA(Method):
     @staticmethod
     def _layers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
         k = adapters.PRIMARY
-        return [(name, layer.lora_A[k].weight, layer.lora_B[k].weight, float(layer.scaling[k])) for name, layer in adapters.adapter_layers(model, k)]
+        return [
+            (name, layer.lora_A[k].weight, layer.lora_B[k].weight, float(layer.scaling[k]))
+            for name, layer in adapters.adapter_layers(model, k)
+        ]
 
     @torch.no_grad()
     def _restore(self, model: torch.nn.Module) -> None:

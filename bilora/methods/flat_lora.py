@@ -40,7 +40,16 @@ import torch
 from peft import PeftModel
 
 from bilora import adapters
-from bilora.layers import base_linear, check_base, compute_dtype, dequantized_weight, forwards_replaced, layer_noise, merged_row_norms, stream_seed
+from bilora.layers import (
+    base_linear,
+    check_base,
+    compute_dtype,
+    dequantized_weight,
+    forwards_replaced,
+    layer_noise,
+    merged_row_norms,
+    stream_seed,
+)
 from bilora.methods.method import Method, StepContext, register
 from bilora.settings import Settings, setting
 
@@ -73,7 +82,9 @@ class NoisyLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, std_rows: torch.Tensor, seed: int, base: torch.nn.Module) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, std_rows: torch.Tensor, seed: int, base: torch.nn.Module
+    ) -> torch.Tensor:
         cd = compute_dtype(base, x.dtype)
         w_eff = effective_weight(base, std_rows, seed, cd)  # (m, n_in), temporary
         out = base_linear(base, x, w_eff, bias)  # (..., n_in) -> (..., m), one matmul, in x's dtype
@@ -111,7 +122,9 @@ def noisy_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> lis
 
 
 @contextmanager
-def flat_noise(model: torch.nn.Module, sigma_t: float, run_seed: int, step: int, adapter: str = adapters.PRIMARY) -> Iterator[list[tuple[int, torch.Tensor]]]:
+def flat_noise(
+    model: torch.nn.Module, sigma_t: float, run_seed: int, step: int, adapter: str = adapters.PRIMARY
+) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Install the step's noise on every adapted layer's base for the duration of the block.
 
     ``sigma_t`` is the scheduled sigma (f_t * sigma). Yields [(seed, std_rows)] per layer (for tests

@@ -25,7 +25,9 @@ class LoraConfig(Settings):
     r: int = setting(8, "Rank of the primary adapter (every method).", ge=1)
     alpha: float = setting(16.0, "LoRA alpha; scaling s = alpha / r.", gt=0)
     dropout: float = setting(0.0, "Dropout on the adapter input.", ge=0, lt=1)
-    target_modules: tuple[str, ...] = setting(("query", "key", "value", "dense"), "Module name suffixes that get adapters (MiniLM: query, key, value, dense).", min_len=1)
+    target_modules: tuple[str, ...] = setting(
+        ("query", "key", "value", "dense"), "Module name suffixes that get adapters (MiniLM: query, key, value, dense).", min_len=1
+    )
 
 
 @register("lora")

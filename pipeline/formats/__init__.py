@@ -38,7 +38,9 @@ class Format:
     def render(self, rows: list[dict], tokenizer, opts: dict[str, Any], max_length: int) -> tuple[dict[str, list], dict[str, Any]]:
         raise NotImplementedError
 
-    def score(self, model, tokenizer, ds, opts: dict[str, Any], metrics: tuple[str, ...], batch_size: int, max_new_tokens: int) -> tuple[dict, list]:
+    def score(
+        self, model, tokenizer, ds, opts: dict[str, Any], metrics: tuple[str, ...], batch_size: int, max_new_tokens: int
+    ) -> tuple[dict, list]:
         raise NotImplementedError
 
     def collator(self, tokenizer):

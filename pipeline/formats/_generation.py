@@ -31,7 +31,13 @@ def sft_rows(pairs: list[tuple[str, str]], tokenizer, max_length: int, train_on_
         kept = sum(t != IGNORE for t in row["labels"])
         cut += kept < full
         labels = list(row["input_ids"]) if train_on_prompt else row["labels"]
-        for k, v in (("input_ids", row["input_ids"]), ("attention_mask", row["attention_mask"]), ("labels", labels), ("prompt", prompt), ("reference", target)):
+        for k, v in (
+            ("input_ids", row["input_ids"]),
+            ("attention_mask", row["attention_mask"]),
+            ("labels", labels),
+            ("prompt", prompt),
+            ("reference", target),
+        ):
             cols[k].append(v)
     return cols, {"target_truncated": cut, "truncated": sum(len(x) >= max_length for x in cols["input_ids"])}
 
@@ -61,7 +67,9 @@ def heldout_loss(model, ds, collate, batch_size: int) -> float:
         batch = {k: v.to(dev) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         tgt = batch["labels"][:, 1:]
-        lp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        lp = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         total += float(lp)
         count += int((tgt != IGNORE).sum())
     return total / max(1, count)
@@ -89,7 +97,14 @@ class Generation(Format):
         preds: list = []
         with adapters.primary_only(model):
             if "exact_match" in metrics:
-                gens = generate_answers(model, tokenizer, list(ds["prompt"]), opts.get("max_new_tokens") or max_new_tokens, batch_size, stop=tuple(opts.get("stop") or ()))
+                gens = generate_answers(
+                    model,
+                    tokenizer,
+                    list(ds["prompt"]),
+                    opts.get("max_new_tokens") or max_new_tokens,
+                    batch_size,
+                    stop=tuple(opts.get("stop") or ()),
+                )
                 got = [extract(g, opts) for g in gens]
                 gold = [extract(r, opts) for r in ds["reference"]]
                 out["exact_match"] = sum(g is not None and g == y for g, y in zip(got, gold)) / len(gold)
@@ -107,4 +122,6 @@ class Generation(Format):
 
 def require_targets(stats: dict[str, Any], n: int, where: str) -> None:
     if n and stats["target_truncated"] == n:
-        raise DataError(f"{where}: the target of every one of the {n} examples was cut by data.max_length; raise data.max_length or shorten the prompts")
+        raise DataError(
+            f"{where}: the target of every one of the {n} examples was cut by data.max_length; raise data.max_length or shorten the prompts"
+        )

@@ -31,7 +31,9 @@ class Alpaca(Generation):
 
     def pair(self, row, opts):
         tpl = opts.get("prompt_template") or (WITH_INPUT if row["input"].strip() else NO_INPUT)
-        return fill(tpl, {"instruction": row["instruction"], "input": row["input"]}), fill(opts.get("completion_template") or "{completion}", {"completion": row["output"]})
+        return fill(tpl, {"instruction": row["instruction"], "input": row["input"]}), fill(
+            opts.get("completion_template") or "{completion}", {"completion": row["output"]}
+        )
 
 
 FORMAT = Alpaca()

@@ -60,12 +60,14 @@ def segments(tokenizer, template: str, messages: list[dict]) -> list[tuple[str, 
         before = render_text(tokenizer, template, messages[:i], True)
         upto = render_text(tokenizer, template, messages[: i + 1], False)
         if not before.startswith(done) or not upto.startswith(before):
-            raise ChatTemplateError("the chat template does not render conversations as growing prefixes; the assistant-only mask cannot be derived from it")
-        out += [(before[len(done):], False), (upto[len(before):], True)]
+            raise ChatTemplateError(
+                "the chat template does not render conversations as growing prefixes; the assistant-only mask cannot be derived from it"
+            )
+        out += [(before[len(done) :], False), (upto[len(before) :], True)]
         done = upto
     full = render_text(tokenizer, template, messages, False)
     if len(full) > len(done):
-        out.append((full[len(done):], False))
+        out.append((full[len(done) :], False))
     return [(t, a) for t, a in out if t]
 
 
@@ -76,14 +78,18 @@ class Chat(Generation):
         name = opts.get("name", "?")
         msgs = column(record, col(opts, "messages"), where, "messages", name)
         if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: column {col(opts, 'messages')!r} (messages) must be a non-empty list of messages, found {msgs!r:.60}")
+            raise DataError(
+                f"{where}: column {col(opts, 'messages')!r} (messages) must be a non-empty list of messages, found {msgs!r:.60}"
+            )
         rk, ck = col(opts, "role"), col(opts, "content")
         role_map = opts.get("role_map") or {}
         out = []
         for k, m in enumerate(msgs):
             at = f"{where}: message {k}"
             if not isinstance(m, dict) or rk not in m or ck not in m:
-                raise DataError(f"{at}: needs keys {rk!r} and {ck!r} (map them with columns.role / columns.content), found {sorted(m) if isinstance(m, dict) else type(m).__name__}")
+                raise DataError(
+                    f"{at}: needs keys {rk!r} and {ck!r} (map them with columns.role / columns.content), found {sorted(m) if isinstance(m, dict) else type(m).__name__}"
+                )
             role = role_map.get(m[rk], m[rk])
             if role not in ROLES:
                 raise DataError(f"{at}: unknown role {m[rk]!r}; roles are {list(ROLES)} (rename others with data.datasets.{name}.role_map)")
@@ -94,7 +100,9 @@ class Chat(Generation):
         for k, m in enumerate(body):
             want = "user" if k % 2 == 0 else "assistant"
             if m["role"] != want:
-                raise DataError(f"{where}: roles out of order at message {k + len(out) - len(body)}: expected {want!r}, found {m['role']!r} (optional system first, then user and assistant alternating)")
+                raise DataError(
+                    f"{where}: roles out of order at message {k + len(out) - len(body)}: expected {want!r}, found {m['role']!r} (optional system first, then user and assistant alternating)"
+                )
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: the conversation has no assistant turn (nothing to train on)")
         return {"messages": out}

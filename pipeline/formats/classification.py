@@ -19,7 +19,9 @@ def label_index(labels: list[str] | dict[str, int]) -> dict[str, int]:
     key = tuple(labels.items()) if isinstance(labels, dict) else tuple(labels)
     found = _INDEX.get(key)
     if found is None:  # built once per label set, not once per record
-        found = _INDEX[key] = {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {str(v): i for i, v in enumerate(labels)}
+        found = _INDEX[key] = (
+            {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {str(v): i for i, v in enumerate(labels)}
+        )
     return found
 
 
@@ -54,7 +56,9 @@ class Classification(Format):
         idx = label_index(opts["labels"])
         key = raw_label(v)
         if v is None or key not in idx:
-            raise DataError(f"{where}: column {col(opts, 'label')!r} (label) is {v!r}, not in the label set {list(idx)} (fix the record or data.datasets.{opts.get('name', '?')}.labels)")
+            raise DataError(
+                f"{where}: column {col(opts, 'label')!r} (label) is {v!r}, not in the label set {list(idx)} (fix the record or data.datasets.{opts.get('name', '?')}.labels)"
+            )
         return {"text_a": a, "text_b": b, "label": idx[key]}
 
     def render(self, rows, tokenizer, opts, max_length):

@@ -19,7 +19,9 @@ class PromptCompletion(Generation):
 
     def pair(self, row, opts):
         comp = row["completion"].strip() if opts.get("strip_completion") else row["completion"]
-        return fill(opts.get("prompt_template") or "{prompt}", {"prompt": row["prompt"]}), fill(opts.get("completion_template") or "{completion}", {"completion": comp})
+        return fill(opts.get("prompt_template") or "{prompt}", {"prompt": row["prompt"]}), fill(
+            opts.get("completion_template") or "{completion}", {"completion": comp}
+        )
 
 
 FORMAT = PromptCompletion()

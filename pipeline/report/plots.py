@@ -45,7 +45,13 @@ def plot_losses(p: Params, histories: dict, path: Path) -> None:
             mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
             line = ax.plot(steps, mean, label=f"{method} (mean of {len(curves)} seed(s))")[0]
             if len(curves) > 1:
-                ax.fill_between(steps, [min(c[1][i] for c in curves) for i in range(n)], [max(c[1][i] for c in curves) for i in range(n)], color=line.get_color(), alpha=0.15)
+                ax.fill_between(
+                    steps,
+                    [min(c[1][i] for c in curves) for i in range(n)],
+                    [max(c[1][i] for c in curves) for i in range(n)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
         ax.set_title(f"{task}: training loss (moving average)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
@@ -80,7 +86,10 @@ def _attack_curves(p: Params, sharpness: dict[str, SharpnessResult], spaces: lis
                 if not runs:
                     continue
                 alphas = [pt.alpha for pt in runs[0].spaces[space].attack.points]
-                vals = [statistics.fmean(r.spaces[space].attack.points[k].metrics.get(main, float("nan")) for r in runs) for k in range(len(alphas))]
+                vals = [
+                    statistics.fmean(r.spaces[space].attack.points[k].metrics.get(main, float("nan")) for r in runs)
+                    for k in range(len(alphas))
+                ]
                 ax.plot(alphas, vals, marker="o", label=method)
             ax.set_title(f"{task}: worst-case attack, {space} space")
             ax.set_xlabel("alpha (step along grad/||grad||)")

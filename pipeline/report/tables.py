@@ -26,7 +26,11 @@ def split_note(tasks: list[str], test_subset: int | None, data=None) -> str:
     files = ", ".join(f"{t}: `{get_task(t, data).test_file}`" for t in tasks)
     subset = f" (first {test_subset} rows)" if test_subset else ""
     glue = any(get_task(t, data).test_file.startswith("glue/") for t in tasks)
-    note = f"Test split{subset}: {files}" + (" (GLUE test labels are private, so GLUE tasks use dev)" if glue else "") + ". Metrics are fractions."
+    note = (
+        f"Test split{subset}: {files}"
+        + (" (GLUE test labels are private, so GLUE tasks use dev)" if glue else "")
+        + ". Metrics are fractions."
+    )
     if any(t in PAPER_T5 for t in tasks):
         note += " Paper anchors are **from the papers (T5-base, %; Bi-LoRA Table A2, Flat-LoRA Table 1)**, for context only: another model, full data and many more steps, not comparable in absolute terms."
     return note
@@ -68,18 +72,29 @@ def terminal_table(rows: list[dict]) -> Table:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         via = f", adapter of {r['adapter_from']}" if r.get("adapter_from") else ""
-        table.add_row(f"{r['task']}.{r['method']}\n[dim]{r['main']}, n={r['seeds']}{via}[/]", f"{r['mean']:.4f}\n±{r['std']:.4f}", r["gap"],
-                      r["sharpness"], r["attack"], f"{r['step_time']:.3f}")
+        table.add_row(
+            f"{r['task']}.{r['method']}\n[dim]{r['main']}, n={r['seeds']}{via}[/]",
+            f"{r['mean']:.4f}\n±{r['std']:.4f}",
+            r["gap"],
+            r["sharpness"],
+            r["attack"],
+            f"{r['step_time']:.3f}",
+        )
     return table
 
 
 def _paired(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
     """Each method minus LoRA, paired by seed: main test metric and random sharpness at the largest radius."""
-    md = ["## Each method minus LoRA, paired by seed", "",
-          "Differences of the main test metric and of the random sharpness (largest radius) against the LoRA run with the same seed "
-          "(same data order, same initialisation of the shared parts). "
-          f"With {len(p.train.seeds)} seed(s), a mean difference smaller than its std is not evidence either way.", "",
-          "| task | method | Δ main metric | seeds better | Δ sharpness full | Δ sharpness lora |", "|---|---|---|---|---|---|"]
+    md = [
+        "## Each method minus LoRA, paired by seed",
+        "",
+        "Differences of the main test metric and of the random sharpness (largest radius) against the LoRA run with the same seed "
+        "(same data order, same initialisation of the shared parts). "
+        f"With {len(p.train.seeds)} seed(s), a mean difference smaller than its std is not evidence either way.",
+        "",
+        "| task | method | Δ main metric | seeds better | Δ sharpness full | Δ sharpness lora |",
+        "|---|---|---|---|---|---|",
+    ]
     for task in p.data.evaluated:
         main = get_task(task, p.data).main_metric
         base = groups.get((task, "lora"))
@@ -105,7 +120,10 @@ def _paired(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
 def detail_tables(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
     """Markdown: each method minus LoRA paired by seed; attack metric at every alpha; random sharpness at every radius."""
     md: list[str] = _paired(p, groups) if "lora" in p.train.methods else []
-    for kind, title in (("attack", "Worst-case attack: main test metric at each alpha (mean ± std over seeds)"), ("random", "Random filter-normalised sharpness: mean loss increase at each radius (mean ± std over seeds)")):
+    for kind, title in (
+        ("attack", "Worst-case attack: main test metric at each alpha (mean ± std over seeds)"),
+        ("random", "Random filter-normalised sharpness: mean loss increase at each radius (mean ± std over seeds)"),
+    ):
         for space in SPACES:
             for task in p.data.evaluated:
                 main = get_task(task, p.data).main_metric
@@ -119,7 +137,12 @@ def detail_tables(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
                 if not cols:
                     continue
                 label = "alpha" if kind == "attack" else "radius"
-                md += [f"### {title}: {task}, {space} space", "", "| method | " + " | ".join(f"{label} {x:g}" for x in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                md += [
+                    f"### {title}: {task}, {space} space",
+                    "",
+                    "| method | " + " | ".join(f"{label} {x:g}" for x in cols) + " |",
+                    "|---" * (len(cols) + 1) + "|",
+                ]
                 for method in p.train.methods:
                     values = by_x(groups.get((task, method)))
                     md.append(f"| {method} | " + " | ".join("{:.4f} ± {:.4f}".format(*mean_std(values.get(x, []))) for x in cols) + " |")
@@ -156,10 +179,27 @@ def main_table(p: Params, data: Collected) -> tuple[list[str], list[dict], dict[
         sharp_s = " \\| ".join(_fmt(g, "random", space) for space in SPACES)
         attack_s = " \\| ".join(_fmt(g, "attack", space, main) for space in SPACES)
         label = f"{task} (adapter of {g.adapter_from})" if g.adapter_from else task
-        md.append(f"| {label} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |")
-        rows.append({"task": task, "method": method, "main": main, "seeds": n, "mean": mm, "std": ms, "gap": gap_s, "adapter_from": g.adapter_from,
-                     "sharpness": _by_space(g, "random"), "attack": _by_space(g, "attack", main), "step_time": st})
-        summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st} | ({"adapter_from": g.adapter_from} if g.adapter_from else {})
+        md.append(
+            f"| {label} | {method} | {n} | {main} {mm:.4f} ± {ms:.4f} | {others} | {gap_s} | {sharp_s} | {attack_s} | {st:.3f} | {paper_s} |"
+        )
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "main": main,
+                "seeds": n,
+                "mean": mm,
+                "std": ms,
+                "gap": gap_s,
+                "adapter_from": g.adapter_from,
+                "sharpness": _by_space(g, "random"),
+                "attack": _by_space(g, "attack", main),
+                "step_time": st,
+            }
+        )
+        summary[f"{task}.{method}"] = {"main_metric": main, "mean": mm, "std": ms, "n_seeds": n, "median_step_time": st} | (
+            {"adapter_from": g.adapter_from} if g.adapter_from else {}
+        )
     return md, rows, summary
 
 

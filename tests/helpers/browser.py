@@ -48,8 +48,19 @@ RESULT = """(async () => {
   return JSON.stringify({embeds, images});
 })()"""
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps", "--metrics-recording-only")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--metrics-recording-only",
+)
 
 
 def chromium() -> str | None:
@@ -94,11 +105,19 @@ async def _drive(ws_url: str, url: str, timeout: float) -> dict[str, Any]:
         reader.cancel()
     out = json.loads(r["result"]["value"])
     out["requests"] = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
-    out["errors"] = [" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"]) for e in events
-                     if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")]
-    out["errors"] += [e["params"]["exceptionDetails"].get("exception", {}).get("description") or e["params"]["exceptionDetails"]["text"]
-                      for e in events if e["method"] == "Runtime.exceptionThrown"]
-    out["errors"] += [e["params"]["entry"]["text"] for e in events if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
+    out["errors"] = [
+        " ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
+        for e in events
+        if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+    ]
+    out["errors"] += [
+        e["params"]["exceptionDetails"].get("exception", {}).get("description") or e["params"]["exceptionDetails"]["text"]
+        for e in events
+        if e["method"] == "Runtime.exceptionThrown"
+    ]
+    out["errors"] += [
+        e["params"]["entry"]["text"] for e in events if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+    ]
     return out
 
 
@@ -107,8 +126,11 @@ def open_page(page: Path, timeout: float = 60.0) -> dict[str, Any]:
     exe = chromium()
     assert exe, "no chromium on PATH"
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        proc = subprocess.Popen([exe, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [exe, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + timeout
             while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):

@@ -35,13 +35,28 @@ def _sharpness(rng: random.Random, main: str, with_metric: bool) -> dict:
             mean = sum(values) / 3
             std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
             radii.append({"radius": t, "mean": mean, "std": std, "min": min(values), "max": max(values), "values": values})
-        points = [{"alpha": a, "loss": 0.3 + a * rng.uniform(0.5, 1.0), "metrics": {main: 0.8 - a * rng.uniform(0.05, 0.1)} if with_metric else {}} for a in ALPHAS]
+        points = [
+            {
+                "alpha": a,
+                "loss": 0.3 + a * rng.uniform(0.5, 1.0),
+                "metrics": {main: 0.8 - a * rng.uniform(0.05, 0.1)} if with_metric else {},
+            }
+            for a in ALPHAS
+        ]
         curve = [[c * 0.05, 0.3 + c * c * rng.uniform(0.1, 0.3)] for c in (-1.0, -0.5, 0.0, 0.5, 1.0)]
-        spaces[space] = {"dim": 1000 if space == "full" else 100, "random": {"base_loss": 0.3, "radii": radii},
-                         "attack": {"grad_norm": rng.uniform(0.1, 1.0), "base_loss": 0.3, "points": points}, "curve": curve,
-                         "cost": {"random_s": 1.0, "attack_s": 1.0, "curve_s": 1.0, "loss_evals": 10, "grad_passes": 1, "metric_evals": 3}}
-    return {"config": {"radii": list(RADII), "spaces": ["full", "lora"]}, "spaces": spaces, "base": {"loss": 0.3, "metrics": {}},
-            "cost": {"total_s": 3.0, "loss_evals": 20, "grad_passes": 2, "metric_evals": 6}}
+        spaces[space] = {
+            "dim": 1000 if space == "full" else 100,
+            "random": {"base_loss": 0.3, "radii": radii},
+            "attack": {"grad_norm": rng.uniform(0.1, 1.0), "base_loss": 0.3, "points": points},
+            "curve": curve,
+            "cost": {"random_s": 1.0, "attack_s": 1.0, "curve_s": 1.0, "loss_evals": 10, "grad_passes": 1, "metric_evals": 3},
+        }
+    return {
+        "config": {"radii": list(RADII), "spaces": ["full", "lora"]},
+        "spaces": spaces,
+        "base": {"loss": 0.3, "metrics": {}},
+        "cost": {"total_s": 3.0, "loss_evals": 20, "grad_passes": 2, "metric_evals": 6},
+    }
 
 
 def _flat_headline(result: dict, main: str) -> dict[str, float]:
@@ -81,8 +96,12 @@ def write_inputs(root: Path, case: str, repo: Path) -> Path:
                 fin = root / "artifacts" / "finetune" / name
                 fin.mkdir(parents=True)
                 steps = 30 + 7 * seed
-                (fin / "history.json").write_text(json.dumps([{"step": i + 1, "loss": 0.7 / (1 + 0.1 * i) + rng.uniform(0, 0.05), "lr": 1e-3} for i in range(steps)]))
-                (fin / "summary.json").write_text(json.dumps({"median_step_time": rng.uniform(0.1, 0.3), "final_loss": rng.uniform(0.2, 0.4)}))
+                (fin / "history.json").write_text(
+                    json.dumps([{"step": i + 1, "loss": 0.7 / (1 + 0.1 * i) + rng.uniform(0, 0.05), "lr": 1e-3} for i in range(steps)])
+                )
+                (fin / "summary.json").write_text(
+                    json.dumps({"median_step_time": rng.uniform(0.1, 0.3), "final_loss": rng.uniform(0.2, 0.4)})
+                )
                 if spec["sharpness"]:
                     sharp = _sharpness(rng, main, with_metric=task == "sst2")
                     metrics["sharpness"] = _flat_headline(sharp, main)

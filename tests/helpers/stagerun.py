@@ -41,14 +41,23 @@ def write_params(wd: Path, params: dict) -> None:
 
 def stage_env(wd: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{wd / 'mlflow.db'}", TOKENIZERS_PARALLELISM="false", COLUMNS="2000")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{wd / 'mlflow.db'}",
+        TOKENIZERS_PARALLELISM="false",
+        COLUMNS="2000",
+    )
     env.update(extra)
     return env
 
 
 def run_stage(wd: Path, stage: str, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=wd, env=stage_env(wd, **env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args], cwd=wd, env=stage_env(wd, **env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def snapshot(path: Path) -> dict[str, bytes] | None:

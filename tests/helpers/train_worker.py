@@ -53,12 +53,16 @@ def main() -> None:
         if a.sleep:
             time.sleep(a.sleep)
 
-    ft = FineTuner(model, method, cls_examples(40), collate, loop, seed=0, checkpoint_dir=a.ckpt_dir, fingerprint=a.fingerprint, on_step=on_step)
+    ft = FineTuner(
+        model, method, cls_examples(40), collate, loop, seed=0, checkpoint_dir=a.ckpt_dir, fingerprint=a.fingerprint, on_step=on_step
+    )
     if a.nan_at:
+
         def poison(module, args, output):  # NaN logits from optimizer step nan_at on
             if ft.step + 1 >= a.nan_at:
                 output.logits = output.logits * float("nan")
             return output
+
         model.register_forward_hook(poison)
     ft.try_resume()
     print(f"RESUME: {ft.resume_note}", flush=True)
