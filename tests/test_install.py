@@ -71,5 +71,11 @@ def test_readme_test_command_and_ci_install_chromium_or_fail():
     step = "&& { command -v chromium >/dev/null || { $(command -v sudo) apt-get update -qq && $(command -v sudo) apt-get install -y -qq chromium; }; } && .venv/bin/python -m pytest"
     ci = (ROOT / ".ci" / "run").read_text()
     readme = [line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("python -m pytest")]
-    assert len(readme) == 1 and readme[0].startswith("python3 -m venv .venv") and readme[0].endswith(step) and step in ci and "export CI=1" in ci
+    assert (
+        len(readme) == 1
+        and readme[0].startswith("python3 -m venv .venv")
+        and readme[0].endswith(step)
+        and step in ci
+        and "export CI=1" in ci
+    )
     assert readme[0] in ci  # CI runs the README's test command

@@ -8,6 +8,7 @@ The fast tests log tiny models in-process; the one slow test runs the real stage
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -176,7 +177,6 @@ def test_merged_model_is_registered_a_new_version_per_run_and_loads_through_the_
 
 
 def test_a_failing_model_log_warns_once_and_the_stage_goes_on(store, run_files, monkeypatch):
-    import mlflow
 
     base, adapter, settings = run_files
     warnings: list[str] = []
@@ -185,7 +185,9 @@ def test_a_failing_model_log_warns_once_and_the_stage_goes_on(store, run_files, 
     def boom(*a, **k):
         raise ConnectionError("server went away")
 
-    monkeypatch.setattr(mlflow.pyfunc, "log_model", boom)
+    # the real module: `mlflow.pyfunc` may be MLflow's lazy-import proxy, and setting an attribute on
+    # the proxy would not reach the module that logged_models' call resolves to
+    monkeypatch.setattr(importlib.import_module("mlflow.pyfunc"), "log_model", boom)
     with Tracker("finetune", "models", {"a": 1}) as t:
         assert logged_models.log_adapter(t, "sst2-lora-0", adapter, base, settings, "classification", 2, ["input_ids"], TAGS) is None
         t.log_metrics({"final_loss": 0.5}, model_id=None)  # a no-op now
