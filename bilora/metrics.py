@@ -140,6 +140,14 @@ METRICS: dict[str, Callable[..., float]] = {
 }
 
 
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "base_loss"})  # held-out LM loss metrics of the generation formats
+
+
+def improvement(name: str, new: float, old: float) -> float:
+    """How much ``new`` improves on ``old`` for metric ``name``: new − old, negated where lower is better."""
+    return (old - new) if name in LOWER_IS_BETTER else (new - old)
+
+
 def compute(names: Sequence[str], preds, labels) -> dict[str, float]:
     """Each named metric of (preds, labels), in the order given; unknown names -> ValueError."""
     if isinstance(names, str):

@@ -94,6 +94,19 @@ class SharpnessConfig(Settings):
     )
     curve_points: int = setting(7, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
     curve_radius: float = setting(0.1, "Half-width of the 1-D loss curve along a random filter-normalised direction.", gt=0)
+    ball_radii: tuple[float, ...] = setting(
+        (),
+        "Global radii r of the ball measurements (bilora.ball): the absolute norm sqrt(sum_l ||eps_l||_F^2) over the space's tensors, the scale of Bi-LoRA's and SAM's rho. Per r: one-step attack r*g/||g||, projected multi-step attack, random directions of global norm r (empty: skip).",
+        items={"ge": 0},
+    )
+    ball_steps: int = setting(10, "Gradient steps per restart of the projected attack in the ball.", ge=1)
+    ball_restarts: int = setting(
+        1,
+        "Restarts of the projected attack: the first starts at the one-step point, the others at seeded random points on the sphere.",
+        ge=1,
+    )
+    ball_step_size: float = setting(0.25, "Projected-attack step eta as a fraction of the radius: eps <- proj(eps + eta*r*g/||g||).", gt=0)
+    ball_directions: int = setting(0, "Random directions of global norm r per ball radius (0: none).", ge=0)
     seed: int = setting(0, "Seed of the random directions (same seed => same numbers).")
     dtype: Literal["float64", "model"] = setting(
         "float64",
@@ -503,7 +516,8 @@ def measure(
 
     Its ``to_dict()`` (JSON-serialisable) is {"config": cfg, "base": {"loss", "metrics"},
      "spaces": {space: {"dim", "random": random_sharpness(...), "attack": attack_curve(...),
-                        "curve": [[t, loss], ...], "cost": {"random_s", "attack_s", "curve_s",
+                        "curve": [[t, loss], ...], "ball": bilora.ball.ball_sharpness(...) (only with ball_radii),
+                        "cost": {"random_s", "attack_s", "curve_s", "ball_s" (with ball_radii),
                         "loss_evals", "grad_passes", "metric_evals"}}},
      "cost": {"total_s", "loss_evals", "grad_passes", "metric_evals"}}
     A "loss_eval" is one pass of the model over the batch set; a "grad_pass" a forward+backward pass.
@@ -543,6 +557,23 @@ def measure(
             )  # type: ignore[arg-type]
             res["curve"] = [[p, v] for p, v in curve]
             cost["curve_s"] = time.perf_counter() - t
+            if cfg.ball_radii:
+                from bilora import ball  # bilora.ball builds on this module
+
+                t = time.perf_counter()
+                res["ball"] = ball.ball_sharpness(
+                    model,
+                    counted,
+                    space,
+                    cfg.ball_radii,
+                    cfg.ball_steps,
+                    cfg.ball_restarts,
+                    cfg.ball_step_size,
+                    cfg.ball_directions,
+                    cfg.seed,
+                    l0,
+                )  # type: ignore[arg-type]
+                cost["ball_s"] = time.perf_counter() - t
             cost["loss_evals"] = counted.values - before[0]
             cost["grad_passes"] = counted.grads - before[1]
             cost["metric_evals"] = metric_evals - before[2]

@@ -66,6 +66,50 @@ class AttackResult:
 
 
 @dataclass(frozen=True)
+class BallPoint:
+    """Loss increases at one global radius r (bilora.ball): one-step attack, projected attack, random directions."""
+
+    radius: float
+    one_step: float
+    pgd: float  # max over restarts and iterates, and at least one_step
+    pgd_restarts: list[float]
+    random: RadiusStats | None  # None without ball_directions
+
+    def to_dict(self) -> dict[str, Any]:
+        rnd = None if self.random is None else {k: v for k, v in self.random.to_dict().items() if k != "radius"}
+        return {"radius": self.radius, "one_step": self.one_step, "pgd": self.pgd, "pgd_restarts": list(self.pgd_restarts), "random": rnd}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BallPoint":
+        rnd = d.get("random")
+        return cls(d["radius"], d["one_step"], d["pgd"], list(d["pgd_restarts"]), RadiusStats(d["radius"], **rnd) if rnd else None)
+
+
+@dataclass(frozen=True)
+class BallResult:
+    base_loss: float
+    grad_norm: float
+    steps: int
+    restarts: int
+    step_size: float
+    radii: list[BallPoint]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_loss": self.base_loss,
+            "grad_norm": self.grad_norm,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "step_size": self.step_size,
+            "radii": [r.to_dict() for r in self.radii],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BallResult":
+        return cls(d["base_loss"], d["grad_norm"], d["steps"], d["restarts"], d["step_size"], [BallPoint.from_dict(r) for r in d["radii"]])
+
+
+@dataclass(frozen=True)
 class SpaceResult:
     """All measurements in one weight space ("full" or "lora")."""
 
@@ -73,7 +117,8 @@ class SpaceResult:
     random: RandomResult
     attack: AttackResult | None  # None when no alphas were configured
     curve: list[list[float]]  # [[t, loss(W + t·d_0)], ...]
-    cost: dict[str, float]  # random_s, attack_s, curve_s, loss_evals, grad_passes, metric_evals
+    cost: dict[str, float]  # random_s, attack_s, curve_s, (ball_s,) loss_evals, grad_passes, metric_evals
+    ball: BallResult | None = None  # None without ball_radii
 
     def headline(self, space: str, main_metric: str) -> dict[str, float]:
         """Mean and std of random sharpness per radius; attack loss (and main metric, if measured) per alpha."""
@@ -85,6 +130,11 @@ class SpaceResult:
             if main_metric in pt.metrics:
                 out[f"{space}.attack.a{pt.alpha:g}.{main_metric}"] = pt.metrics[main_metric]
             out[f"{space}.attack.a{pt.alpha:g}.loss"] = pt.loss
+        for b in self.ball.radii if self.ball else []:
+            out[f"{space}.ball.r{b.radius:g}.pgd"] = b.pgd
+            out[f"{space}.ball.r{b.radius:g}.one_step"] = b.one_step
+            if b.random is not None:
+                out[f"{space}.ball.r{b.radius:g}.random"] = b.random.mean
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +144,7 @@ class SpaceResult:
             "attack": self.attack.to_dict() if self.attack else None,
             "curve": [list(c) for c in self.curve],
             "cost": dict(self.cost),
-        }
+        } | ({"ball": self.ball.to_dict()} if self.ball else {})
 
 
 @dataclass(frozen=True)
@@ -110,7 +160,7 @@ class SharpnessResult:
 
     def headline(self, main_metric: str) -> dict[str, float]:
         """The flat DVC metrics: ``<space>.random.r<t>.mean|std`` per radius and
-        ``<space>.attack.a<α>.<main_metric>|loss`` per alpha. Timings stay out (they are in ``cost``)."""
+        ``<space>.attack.a<α>.<main_metric>|loss`` per alpha, ``<space>.ball.r<r>.pgd|one_step|random`` per ball radius. Timings stay out (they are in ``cost``)."""
         out: dict[str, float] = {}
         for space, res in self.spaces.items():
             out |= res.headline(space, main_metric)
@@ -132,5 +182,12 @@ class SharpnessResult:
             rnd = RandomResult(s["random"]["base_loss"], [RadiusStats(**r) for r in s["random"]["radii"]])
             att = s.get("attack")
             attack = AttackResult(att["grad_norm"], att["base_loss"], [AttackPoint(**p) for p in att["points"]]) if att else None
-            spaces[name] = SpaceResult(s["dim"], rnd, attack, [list(c) for c in s["curve"]], dict(s.get("cost", {})))
+            spaces[name] = SpaceResult(
+                s["dim"],
+                rnd,
+                attack,
+                [list(c) for c in s["curve"]],
+                dict(s.get("cost", {})),
+                BallResult.from_dict(s["ball"]) if s.get("ball") else None,
+            )
         return cls(dict(d.get("config", {})), spaces, dict(d["base"]), dict(d.get("cost", {})))

@@ -198,3 +198,11 @@ def test_committed_figures_are_rounded_to_significant_digits():
     assert rounded({"x.mean": 0.001701, "x.std": 7.153e-06}) == rounded({"x.mean": 0.001701, "x.std": 7.156e-06})
     # two float32 runs that differ in the last bits (cross-CPU summation order) record the same figure
     assert rounded(0.6977776885032654) == rounded(0.6977777481079102) == 0.6978
+
+
+def test_improvement_respects_the_metric_direction():
+    # the report's "seeds better" counts: a lower held-out loss is an improvement, a lower accuracy is not
+    assert metrics.improvement("accuracy", 0.81, 0.80) == pytest.approx(0.01)
+    assert metrics.improvement("loss", 0.9266, 0.9249) == pytest.approx(-0.0017)
+    assert metrics.improvement("perplexity", 2.5, 2.6) == pytest.approx(0.1)
+    assert metrics.improvement("base_loss", 1.0, 1.0) == 0.0

@@ -16,10 +16,11 @@ PRESETS = sorted(run.PRESETS.glob("*.yaml"))
 PARAMS = str(ROOT / "params.yaml")
 
 
-def leaves(d: dict, prefix: str = "") -> dict:
+def leaves(d: dict, prefix: tuple = ()) -> dict:
+    """Leaf path (a tuple of keys: names such as bilora_rho0.5 hold dots) -> value."""
     out = {}
     for k, v in d.items():
-        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        out.update(leaves(v, (*prefix, k)) if isinstance(v, dict) and v else {(*prefix, k): v})
     return out
 
 
@@ -33,7 +34,7 @@ def test_preset_merges_over_params_and_validates(path: Path):
     assert p.model_dump() == validate_dict(merged).model_dump()
     for key, value in leaves(delta).items():  # the preset's values win
         node = p.model_dump()
-        for part in key.split("."):
+        for part in key:
             node = node[part]
         if isinstance(node, dict) and not isinstance(value, dict):  # a shorthand the schema expands (a source path)
             assert value in node.values(), key

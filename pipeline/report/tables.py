@@ -10,6 +10,7 @@ from pipeline import layout
 from pipeline.config import Params
 from pipeline.report.collect import SPACES, Collected, Group, mean_std
 from pipeline.catalog import get_task
+from bilora.metrics import improvement
 
 # Paper anchors for context only (GLUE dev, %; MRPC and SST-2 accuracy, CoLA MCC). LoRA, LoRA-SAM and
 # Bi-LoRA: Bi-LoRA paper Table A2 (T5-base). Flat-LoRA: Flat-LoRA paper Table 1 (T5-base, r 8; its
@@ -113,7 +114,9 @@ def _paired(p: Params, groups: dict[tuple[str, str], Group]) -> list[str]:
                     cells.append(f"{dm:+.4f} ± {ds:.4f}")
                 else:
                     cells.append("-")
-            md.append(f"| {task} | {method} | {m:+.4f} ± {sd:.4f} | {sum(x > 0 for x in d)} / {len(d)} | {cells[0]} | {cells[1]} |")
+            md.append(
+                f"| {task} | {method} | {m:+.4f} ± {sd:.4f} | {sum(improvement(main, a, b) > 0 for a, b in zip(g.test[main], base.test[main]))} / {len(d)} | {cells[0]} | {cells[1]} |"
+            )
     return md + [""]
 
 

@@ -1,0 +1,203 @@
+"""reports/science/report.md and results.json, rebuilt from the committed run summaries alone.
+
+Everything here reads ``reports/science/runs/*.json`` (written by :mod:`pipeline.science.sweep`);
+nothing needs the workspace, DVC or MLflow. The analysis is the one PROTOCOL.md fixes: per task and
+compared run, the primary test metric's mean ± std over seeds and its paired difference against
+LoRA (same seed) with a 95 % Student-t interval; a difference is called real when that interval
+excludes 0. The same for the flatness figures (loss increase under the projected attack, the
+one-step attack and random directions, at each global radius), train–test gaps and step times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bilora.io import atomic_write_json, atomic_write_text
+from pipeline.science import protocol
+from pipeline.science.stats import paired
+
+PAPER_DIRECTION = (
+    "The paper's direction (docs/methods.md, T5-base): Bi-LoRA above LoRA by +0.82 points on MRPC (Table A2, 89.38 vs 88.56) "
+    "and +0.51 on RTE (Table A3, 83.61 vs 83.10), with LoRA-SAM in between; no flatness numbers at a stated radius."
+)
+KINDS = ("pgd", "one_step", "random")
+
+
+def load(runs_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(runs_dir.glob("*.json"))]
+
+
+def ball(s: dict[str, Any]) -> dict[float, dict[str, float]]:
+    """radius -> {pgd, one_step, random} loss increases of one run (full space)."""
+    part = ((s.get("sharpness") or {}).get("spaces") or {}).get("full", {}).get("ball")
+    if not part:
+        return {}
+    return {
+        p["radius"]: {"pgd": p["pgd"], "one_step": p["one_step"], "random": (p["random"] or {}).get("mean", math.nan)}
+        for p in part["radii"]
+    }
+
+
+def by_seed(runs: list[dict], task: str, method: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in runs if r["phase"] == "sweep" and r["task"] == task and r["method"] == method}
+
+
+def _fmt(x: float, scale: float = 100.0, nd: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{nd}f}"
+
+
+def _pair_cell(p, scale: float = 100.0, nd: int = 2) -> str:
+    if p.n < 2:
+        return f"{p.mean * scale:+.{nd}f} (n=1)"
+    flag = " **real**" if p.excludes_zero else ""
+    return f"{p.mean * scale:+.{nd}f} [{p.low * scale:+.{nd}f}, {p.high * scale:+.{nd}f}]{flag}"
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = math.fsum(xs) / n
+    return m, (math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+def analyse(runs: list[dict]) -> dict[str, Any]:
+    """The numbers of the report as one JSON-able mapping (results.json)."""
+    out: dict[str, Any] = {"tasks": {}, "tuning": {}, "runs": {r["name"]: r["hash"] for r in runs}}
+    for r in runs:
+        if r["phase"] == "tune":
+            cell = out["tuning"].setdefault(f"{r['lr']:g}", {})
+            cell[r["task"]] = {k: r["metrics"][k][protocol.PRIMARY[r["task"]]] for k in ("validation", "test")}
+    for task in protocol.TASKS:
+        main = protocol.PRIMARY[task]
+        lora = by_seed(runs, task, "lora")
+        t: dict[str, Any] = {"primary": main, "majority": protocol.MAJORITY[task], "methods": {}}
+        for method in protocol.SEEDS:
+            mine = by_seed(runs, task, method)
+            if not mine:
+                continue
+            seeds = sorted(mine)
+            test = [mine[s]["metrics"]["test"][main] for s in seeds]
+            train = [mine[s]["metrics"].get("train", {}).get(main, math.nan) for s in seeds]
+            m: dict[str, Any] = {
+                "seeds": seeds,
+                "test": _mean_std(test),
+                "gap": _mean_std([a - b for a, b in zip(train, test)]),
+                "step_time": {},
+                "ball": {},
+            }
+            for s in seeds:
+                cls = mine[s]["cpu"]["class"]
+                m["step_time"].setdefault(cls, []).append(mine[s]["finetune"]["median_step_time"])
+            radii = sorted(ball(mine[seeds[0]]))
+            for rad in radii:
+                m["ball"][rad] = {k: _mean_std([ball(mine[s])[rad][k] for s in seeds]) for k in KINDS}
+            common = [s for s in seeds if s in lora]
+            if method != "lora" and len(common) >= 1:
+                m["vs_lora"] = {
+                    "seeds": common,
+                    "test": paired(
+                        [mine[s]["metrics"]["test"][main] for s in common], [lora[s]["metrics"]["test"][main] for s in common]
+                    ).to_dict(),
+                }
+                m["vs_lora"]["ball"] = {
+                    rad: {
+                        k: paired([ball(mine[s])[rad][k] for s in common], [ball(lora[s])[rad][k] for s in common]).to_dict() for k in KINDS
+                    }
+                    for rad in radii
+                    if all(rad in ball(lora[s]) for s in common)
+                }
+            t["methods"][method] = m
+        out["tasks"][task] = t
+    return out
+
+
+def _paired_from(d: dict) -> Any:
+    from pipeline.science.stats import Paired
+
+    return Paired(**d)
+
+
+def markdown(res: dict[str, Any], runs: list[dict]) -> str:
+    expected = len(protocol.sweep_runs()) + len(protocol.tune_runs())
+    commits = sorted({r["code"]["commit"][:10] for r in runs})
+    cpus = sorted({f"{r['cpu']['model']} ({r['cpu']['class']}, {r['cpu']['cores']} cores)" for r in runs})
+    md = [
+        "# Where Bi-LoRA should win: the pre-registered comparison",
+        "",
+        "Built by `python -m pipeline.science.sweep report` from `reports/science/runs/*.json` alone; the protocol is "
+        "[PROTOCOL.md](PROTOCOL.md). Metric values are in points (%), loss increases ×100.",
+        "",
+        f"- runs summarised: **{len(runs)} of {expected}** (tuning {sum(r['phase'] == 'tune' for r in runs)} of {len(protocol.tune_runs())})",
+        f"- code revision(s): {', '.join(commits) or '-'}; CPU(s): {'; '.join(cpus) or '-'}",
+        f"- wall time of the summarised runs: {sum(r['wall_s'] for r in runs) / 3600:.2f} h",
+        "",
+    ]
+    if len(runs) < expected:
+        md += ["**The sweep is incomplete: no verdict is drawn from these numbers yet.**", ""]
+    if res["tuning"]:
+        md += [
+            "## Learning-rate tuning (LoRA, seed 0; chosen on validation, mean over tasks)",
+            "",
+            "| lr | " + " | ".join(f"{t} val | {t} test" for t in protocol.TASKS) + " |",
+            "|---|" + "---|---|" * len(protocol.TASKS),
+        ]
+        for lr, cell in sorted(res["tuning"].items(), key=lambda kv: float(kv[0])):
+            md.append(
+                f"| {lr} | "
+                + " | ".join(f"{_fmt(cell[t]['validation'])} | {_fmt(cell[t]['test'])}" if t in cell else "- | -" for t in protocol.TASKS)
+                + " |"
+            )
+        md.append("")
+    for task, t in res["tasks"].items():
+        if not t["methods"]:
+            continue
+        md += [f"## {task.upper()} (primary: test {t['primary']}; majority class {_fmt(t['majority'])})", ""]
+        lora = t["methods"].get("lora")
+        if lora:
+            margin = lora["test"][0] - t["majority"]
+            md += [f"LoRA is {margin * 100:+.2f} points above the majority class (the protocol requires ≥ +5).", ""]
+        md += ["| run | seeds | test | Δ vs LoRA [95 % CI] | train − test gap | median s/step |", "|---|---|---|---|---|---|"]
+        for method, m in t["methods"].items():
+            vs = _pair_cell(_paired_from(m["vs_lora"]["test"])) if "vs_lora" in m else "-"
+            st = "; ".join(f"{cls}: {sum(v) / len(v):.3f}" for cls, v in m["step_time"].items())
+            md.append(
+                f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])} | {st} |"
+            )
+        md.append("")
+        radii = sorted({rad for m in t["methods"].values() for rad in m["ball"]})
+        if radii:
+            md += [
+                "Flatness: loss increase ×100 within the global Frobenius ball of radius r over the adapted layers' merged weights "
+                "(projected attack = worst found; one-step = r·g/‖g‖; random = mean over random directions of norm r), mean ± std over seeds, "
+                "and the paired difference against LoRA.",
+                "",
+                "| run | r | projected | one-step | random | Δ projected vs LoRA [95 % CI] |",
+                "|---|---|---|---|---|---|",
+            ]
+            for method, m in t["methods"].items():
+                for rad in radii:
+                    if rad not in m["ball"]:
+                        continue
+                    b = m["ball"][rad]
+                    vs = m.get("vs_lora", {}).get("ball", {}).get(rad)
+                    cell = _pair_cell(_paired_from(vs["pgd"]), nd=3) if vs else "-"
+                    md.append(
+                        f"| {method} | {rad:g} | "
+                        + " | ".join(f"{_fmt(b[k][0], nd=3)} ± {_fmt(b[k][1], nd=3)}" for k in KINDS)
+                        + f" | {cell} |"
+                    )
+            md.append("")
+    md += ["## Paper", "", PAPER_DIRECTION, ""]
+    return "\n".join(md)
+
+
+def write(runs_dir: Path, out_dir: Path) -> list[Path]:
+    """Write report.md and results.json into ``out_dir``; returns their paths."""
+    runs = load(runs_dir)
+    res = analyse(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res, default=str)))
+    atomic_write_text(out_dir / "report.md", markdown(res, runs))
+    return [out_dir / "results.json", out_dir / "report.md"]

@@ -1,0 +1,266 @@
+"""The resumable sweep of reports/science/PROTOCOL.md.
+
+    python -m pipeline.science.sweep tune   [--rev science-v1] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep run    [--rev science-v1] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep status
+    python -m pipeline.science.sweep report
+
+Every run executes in a git worktree of one tagged revision (``--rev``), outside this checkout, whose
+``params.yaml`` is the revision's own with ``pipeline/presets/science.yaml`` merged over it: this
+checkout's ``params.yaml``, ``dvc.lock`` and ``metrics/`` are never touched. A run is
+``dvc repro finetune@<run> evaluate@<run>`` there (through ``pipeline.run``, so data are checked and
+MLflow runs are grouped), then its summary (metrics, history, sharpness, CPU, hash) is written to
+``reports/science/runs/<name>.json`` here, and with ``--commit`` committed at once. The hash covers the
+run's resolved settings, the data, base and eval sections, and the revision's code and data trees, so a
+run whose file holds the same hash is skipped: the sweep continues on a fresh clone from git alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bilora.io import atomic_write_json
+from pipeline.config import validate_dict
+from pipeline.console import console, error
+from pipeline.errors import UserError, cli
+from pipeline.run import merge, pipeline_env, preset_path
+from pipeline.runs import run_settings
+from pipeline.science import protocol
+from pipeline.science.protocol import Run
+
+ROOT = Path("reports/science")
+RUNS = ROOT / "runs"
+ADAPTERS = ROOT / "adapters"
+CODE = ("bilora", "pipeline", "stages", "data", "dvc.yaml", "pyproject.toml", "constraints.txt")
+NOT_CODE = ("pipeline/science/", "pipeline/presets/")  # the sweep itself and the presets (their keys enter as params)
+
+
+def git(*args: str, cwd: str | Path = ".") -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def code_identity(rev: str) -> dict[str, str]:
+    """The commit of ``rev`` and one digest of every code and data file in it (blob ids, so content only)."""
+    listing = [
+        line for line in git("ls-tree", "-r", rev, "--", *CODE).splitlines() if not line.split("\t", 1)[1].startswith(NOT_CODE)
+    ]  # "<mode> blob <sha>\t<path>"
+    return {"commit": git("rev-parse", f"{rev}^{{commit}}"), "tree": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
+
+
+def run_params(default: dict, run: Run) -> dict:
+    """The workspace's params.yaml as a mapping: the revision's params.yaml + the preset (+ a tuning run's lr)."""
+    from pipeline.config import read_yaml
+
+    p = merge(default, read_yaml(preset_path(protocol.PRESET)) or {})
+    if run.phase == "tune":
+        p = merge(
+            p, {"train": {"methods": ["lora"], "seeds": [run.seed], "loop": {"lr": run.lr}}, "merge": {"method": "lora", "seed": run.seed}}
+        )
+    return p
+
+
+def run_hash(run: Run, params: Any, code: dict[str, str]) -> str:
+    """sha256 of what determines the run's numbers: its resolved settings, data/base/eval sections, the code."""
+    data = params.data.model_dump(mode="json")
+    data.pop("tasks"), data.pop("eval_tasks")
+    key = {
+        "run": run_settings(params, run.task, run.method, run.seed),
+        "data": data,
+        "base": params.base.model_dump(mode="json"),
+        "eval": params.eval.model_dump(mode="json"),
+        "code_tree": code["tree"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def done(run: Run, h: str) -> bool:
+    f = RUNS / f"{run.name}.json"
+    return f.is_file() and json.loads(f.read_text(encoding="utf-8")).get("hash") == h
+
+
+def cpu() -> dict[str, Any]:
+    """Model name, core count and the flags that decide the CPU class (avx512_bf16 or avx2-only)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), platform.processor())
+    flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
+    has = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    return {"model": model, "cores": os.cpu_count(), "flags": has, "class": "avx512_bf16" if "avx512_bf16" in flags else "avx2"}
+
+
+def workspace(path: Path, rev: str) -> Path:
+    """A detached worktree of ``rev`` at ``path`` (created once; an existing one must be at ``rev``)."""
+    want = git("rev-parse", f"{rev}^{{commit}}")
+    if not path.exists():
+        git("worktree", "add", "--detach", str(path), want)
+    elif git("rev-parse", "HEAD", cwd=path) != want:
+        raise UserError(
+            f"{path}: a worktree at another commit than {rev} ({want[:10]}); remove it (git worktree remove {path}) or pass --workspace"
+        )
+    return path
+
+
+def execute(run: Run, ws: Path, params: dict) -> float:
+    """``dvc repro`` of the run's finetune and evaluate stages in the workspace; returns the wall time."""
+    import yaml
+
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    stem = f"{run.task}-{run.method}-{run.seed}"
+    start = time.perf_counter()
+    rc = subprocess.call([sys.executable, "-m", "pipeline.run", f"finetune@{stem}", f"evaluate@{stem}"], cwd=ws, env=pipeline_env())
+    if rc != 0:
+        raise UserError(
+            f"{run.name}: dvc repro failed in {ws} (exit {rc}); see its output above. Finished runs are kept; run the sweep again to continue"
+        )
+    return time.perf_counter() - start
+
+
+def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float) -> dict[str, Any]:
+    stem = f"{run.task}-{run.method}-{run.seed}"
+
+    def read(rel: str) -> Any:
+        return json.loads((ws / rel).read_text(encoding="utf-8"))
+
+    return {
+        "name": run.name,
+        "phase": run.phase,
+        "task": run.task,
+        "method": run.method,
+        "seed": run.seed,
+        "lr": run.lr,
+        "hash": h,
+        "code": code,
+        "cpu": cpu(),
+        "wall_s": wall,
+        "metrics": read(f"artifacts/eval/{stem}/metrics.json"),  # full precision, every split
+        "sharpness": read(f"artifacts/eval/{stem}/sharpness.json") if (ws / f"artifacts/eval/{stem}/sharpness.json").is_file() else None,
+        "finetune": read(f"artifacts/finetune/{stem}/summary.json"),
+        "history": read(f"artifacts/finetune/{stem}/history.json"),
+        "data_stats": read("artifacts/data/stats.json").get(run.task),
+    }
+
+
+def save_adapter(run: Run, ws: Path) -> Path:
+    """The primary adapter in PEFT's format, its tensors cast to bf16 (reports/science/adapters/<run>/)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = ws / f"artifacts/finetune/{run.task}-{run.method}-{run.seed}/adapter"
+    out = ADAPTERS / run.name
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(src / "adapter_model.safetensors").items()}
+    save_file(
+        tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt", "dtype": "bfloat16 (cast from the float32 adapter)"}
+    )
+    shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
+    return out
+
+
+def tuned_lr() -> float | None:
+    """The learning rate with the best validation primary metric averaged over the tasks (ties: the smaller);
+    None until every tuning run is summarised."""
+    scores: dict[float, list[float]] = {}
+    for run in protocol.tune_runs():
+        f = RUNS / f"{run.name}.json"
+        if not f.is_file():
+            return None
+        s = json.loads(f.read_text(encoding="utf-8"))
+        scores.setdefault(run.lr, []).append(s["metrics"]["validation"][protocol.PRIMARY[run.task]])
+    return max(sorted(scores), key=lambda lr: sum(scores[lr]) / len(scores[lr]))  # max keeps the first (smallest) of ties
+
+
+def pending(runs: list[Run], default: dict, code: dict[str, str]) -> list[tuple[Run, dict, str]]:
+    out = []
+    for run in runs:
+        merged = run_params(default, run)
+        h = run_hash(run, validate_dict(merged, f"{preset_path(protocol.PRESET)} (merged)"), code)
+        if not done(run, h):
+            out.append((run, merged, h))
+    return out
+
+
+def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -> None:
+    import yaml
+
+    code = code_identity(rev)
+    default = yaml.safe_load(git("show", f"{rev}:params.yaml"))
+    runs = protocol.tune_runs() if phase == "tune" else protocol.sweep_runs()
+    if phase == "run":
+        lr, preset_lr = tuned_lr(), run_params(default, runs[0])["train"]["loop"]["lr"]
+        if lr is None:
+            raise UserError("the learning rate is not tuned yet: run `python -m pipeline.science.sweep tune` first")
+        if lr != preset_lr:
+            raise UserError(
+                f"pipeline/presets/science.yaml: train.loop.lr is {preset_lr:g}, the tuning chose {lr:g}; set it and tag a revision with it"
+            )
+    todo = pending(runs, default, code)
+    console.print(f"[bold]science {phase}[/]: {len(runs) - len(todo)} of {len(runs)} runs done at {code['commit'][:10]}; {len(todo)} to go")
+    if not todo:
+        return
+    ws = workspace(ws_path, rev)
+    start = time.perf_counter()
+    for run, merged, h in todo:
+        if time.perf_counter() - start > max_hours * 3600:
+            console.print(f"[yellow]--max-hours {max_hours:g} reached[/]: stopping before {run.name}; run again to continue")
+            return
+        console.rule(f"science {run.name}")
+        wall = execute(run, ws, merged)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(RUNS / f"{run.name}.json", summarise(run, ws, h, code, wall))
+        paths = [str(RUNS / f"{run.name}.json")]
+        if run.phase == "sweep" and run.task == "mrpc" and run.method in protocol.ADAPTERS:
+            paths.append(str(save_adapter(run, ws)))
+        from pipeline.science import report
+
+        paths += [str(p) for p in report.write(RUNS, ROOT)]
+        if commit:
+            git("add", "--", *paths)
+            git("commit", "-q", "-m", f"science: {run.name} ({wall / 60:.1f} min, {code['commit'][:10]})", "--", *paths)
+        console.print(f"[green]{run.name}[/]: {wall / 60:.1f} min")
+
+
+def status() -> None:
+    for phase, runs in (("tune", protocol.tune_runs()), ("sweep", protocol.sweep_runs())):
+        have = [r for r in runs if (RUNS / f"{r.name}.json").is_file()]
+        console.print(f"{phase}: {len(have)} of {len(runs)} summarised (hashes are checked by tune/run)")
+    console.print(f"tuned lr: {tuned_lr()}")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=("tune", "run", "status", "report"))
+    ap.add_argument("--rev", default="science-v1", help="the tagged code revision every run uses (default science-v1)")
+    ap.add_argument("--workspace", type=Path, default=None, help="the worktree the runs execute in (default ../bilora-science-<rev>)")
+    ap.add_argument("--max-hours", type=float, default=2.0, help="start no new run after this many hours (default 2)")
+    ap.add_argument("--commit", action="store_true", help="commit each run's summary (and report) as soon as it is written")
+    args = ap.parse_args(argv)
+    if args.phase == "status":
+        return status()
+    if args.phase == "report":
+        from pipeline.science import report
+
+        for p in report.write(RUNS, ROOT):
+            console.print(f"wrote {p}")
+        return None
+    ws = args.workspace or Path("..").resolve() / f"bilora-science-{args.rev}"
+    try:
+        sweep(args.phase, args.rev, ws, args.max_hours, args.commit)
+    except subprocess.CalledProcessError as e:
+        error(f"git {' '.join(e.cmd[1:])}: {e.stderr.strip()}")
+        sys.exit(2)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The science sweep: the preset covers the protocol, hashes decide what is skipped, the report reads summaries alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import validate_dict
+from pipeline.run import load_preset
+from pipeline.science import protocol, report, sweep
+from pipeline.science.protocol import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = {"commit": "c" * 40, "tree": "t" * 64}
+
+
+def default_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_preset_validates_and_covers_every_run_of_the_protocol(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    _, _, p = load_preset(protocol.PRESET)
+    assert tuple(p.data.tasks) == protocol.TASKS and p.data.train_subset is None  # full train sets
+    assert p.base.quant.enabled and p.base.quant.quant_type == "nf4" and p.base.quant.compute_dtype == "auto"  # fp32 compute on CPU
+    runs = protocol.sweep_runs()
+    assert {(r.task, r.method, r.seed) for r in runs} <= {(t, m, s) for t in p.data.tasks for m in p.train.methods for s in p.train.seeds}
+    assert len(runs) == len(set(runs)) == 2 * (5 + 5 + 5 + 3 + 3)
+    assert p.train.resolve("bilora") == ("bilora", p.train.resolve("bilora")[1]) and p.train.resolve("bilora")[1]["rho"] == 0.05
+    assert p.train.resolve("bilora_rho0.5")[1]["rho"] == 0.5
+    assert p.train.resolve("lora_sam")[1]["rho"] == 0.01 and p.train.resolve("flat_lora")[1]["sigma"] == 0.05
+    sp = p.eval.sharpness
+    assert tuple(sp.ball_radii) == protocol.RADII and {0.05, 0.5} <= set(sp.ball_radii) and sp.spaces == ["full"]
+    assert sp.ball_restarts >= 2 and sp.ball_directions >= 1 and sp.enabled
+    # every tuning run validates too, with its own lr and only LoRA seed 0
+    for run in protocol.tune_runs():
+        tp = validate_dict(sweep.run_params(default_params(), run), "tune")
+        assert tp.train.loop.lr == run.lr and tp.train.methods == ["lora"] and tp.train.seeds == [0]
+    assert len({r.name for r in protocol.tune_runs() + runs}) == len(protocol.tune_runs()) + len(runs)
+
+
+def _hash(run: Run, params: dict, code=CODE) -> str:
+    return sweep.run_hash(run, validate_dict(params, "test"), code)
+
+
+def test_hash_covers_what_determines_a_run_and_nothing_else(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = Run("sweep", "mrpc", "bilora", 1)
+    base = sweep.run_params(default_params(), run)
+    h = _hash(run, base)
+    assert h == _hash(run, sweep.run_params(default_params(), run))  # deterministic
+    assert h != _hash(Run("sweep", "mrpc", "bilora", 2), base) and h != _hash(run, base, CODE | {"tree": "u" * 64})
+
+    def changed(path: str, value) -> str:
+        p = json.loads(json.dumps(base))
+        node = p
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+        return _hash(run, p)
+
+    assert changed("eval.sharpness.ball_steps", 7) != h  # a flatness setting
+    assert changed("train.bilora.rho", 0.1) != h  # this run's method
+    assert changed("train.loop.lr", 1e-3) != h
+    assert changed("tracking.experiment", "elsewhere") == h  # bookkeeping only
+    assert changed("train.flat_lora.sigma", 0.1) == h  # another method's setting
+
+
+def test_a_run_whose_hash_is_committed_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    default = default_params()
+    runs = [Run("sweep", "mrpc", "lora", 0), Run("sweep", "mrpc", "bilora", 0), Run("sweep", "rte", "lora", 0)]
+    hashes = [_hash(r, sweep.run_params(default, r)) for r in runs]
+    monkeypatch.setattr(sweep, "RUNS", tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{runs[0].name}.json").write_text(json.dumps({"hash": hashes[0]}))  # finished at this code
+    (tmp_path / "runs" / f"{runs[1].name}.json").write_text(json.dumps({"hash": "stale"}))  # finished at other settings
+    todo = sweep.pending(runs, default, CODE)
+    assert [r for r, _, _ in todo] == runs[1:]
+    assert [h for _, _, h in todo] == hashes[1:]
+    assert sweep.pending(runs[:1], default, CODE) == []
+
+
+def test_code_identity_ignores_the_sweep_and_presets(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ident = sweep.code_identity("HEAD")
+    assert len(ident["commit"]) == 40 and len(ident["tree"]) == 64 and ident == sweep.code_identity("HEAD")
+    listing = sweep.git("ls-tree", "-r", "HEAD", "--", *sweep.CODE)
+    assert "bilora/train.py" in listing and "pipeline/science/sweep.py" in listing  # present in git, excluded from the digest
+    kept = [l for l in listing.splitlines() if not l.split("\t", 1)[1].startswith(sweep.NOT_CODE)]
+    assert not any("pipeline/presets/" in l or "pipeline/science/" in l for l in kept) and any("stages/finetune.py" in l for l in kept)
+
+
+def _summary(task: str, method: str, seed: int, test: float, pgd: float, phase: str = "sweep", lr=None, val=None) -> dict:
+    radii = [
+        {
+            "radius": r,
+            "one_step": pgd * 0.5 * r,
+            "pgd": pgd * r,
+            "pgd_restarts": [pgd * r],
+            "random": {"mean": pgd * 0.01 * r, "std": 0.0, "min": 0.0, "max": 0.0, "values": [0.0]},
+        }
+        for r in (0.05, 0.5)
+    ]
+    name = Run(phase, task, method, seed, lr).name
+    return {
+        "name": name, "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "hash": "h" + name,
+        "code": CODE, "cpu": {"model": "test cpu", "class": "avx2", "cores": 2}, "wall_s": 60.0,
+        "metrics": {"test": {"accuracy": test}, "train": {"accuracy": test + 0.05}, "validation": {"accuracy": val if val is not None else test}},
+        "sharpness": {"spaces": {"full": {"ball": {"radii": radii}}}},
+        "finetune": {"median_step_time": 1.0 if method == "lora" else 1.1},
+    }  # fmt: skip
+
+
+def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lora = [0.80, 0.80, 0.80, 0.80, 0.80]
+    bil = [0.81, 0.83, 0.82, 0.80, 0.84]  # differences 1, 3, 2, 0, 4 points: mean 2, CI 2 ± 1.963 (tests/test_science_stats.py)
+    for s in range(5):
+        for method, acc, pgd in (("lora", lora[s], 0.2), ("bilora", bil[s], 0.1 + 0.01 * s)):
+            (runs / f"mrpc-{method}-{s}.json").write_text(json.dumps(_summary("mrpc", method, s, acc, pgd)))
+    for lr, val in ((5e-4, 0.7), (1e-3, 0.75)):
+        for task in protocol.TASKS:
+            (runs / f"tune-lr{lr:g}-{task}-lora-0.json").write_text(json.dumps(_summary(task, "lora", 0, 0.7, 0.1, "tune", lr, val)))
+    paths = report.write(runs, tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    vs = res["tasks"]["mrpc"]["methods"]["bilora"]["vs_lora"]
+    assert vs["seeds"] == [0, 1, 2, 3, 4]
+    assert vs["test"]["mean"] == pytest.approx(0.02) and vs["test"]["high"] - 0.02 == pytest.approx(
+        2.776445 * math.sqrt(2.5e-4 / 5), rel=1e-5
+    )
+    # projected-attack increase at r = 0.5: bilora 0.5·(0.10..0.14) vs lora 0.5·0.2 -> mean difference 0.5·(0.12 − 0.2) = −0.04
+    assert vs["ball"]["0.5"]["pgd"]["mean"] == pytest.approx(-0.04) and vs["ball"]["0.5"]["pgd"]["high"] < 0
+    assert res["tasks"]["mrpc"]["methods"]["lora"]["gap"][0] == pytest.approx(0.05)
+    md = (tmp_path / "report.md").read_text()
+    assert "+2.00 [+0.04, +3.96] **real**" in md
+    assert "LoRA is +11.62 points above the majority class" in md  # 80.00 − 68.38
+    assert "The sweep is incomplete" in md and "| 0.001 |" in md and "no verdict" in md
+    # the same files give the same bytes (nothing but the summaries is read)
+    first = [p.read_bytes() for p in paths]
+    assert [p.read_bytes() for p in report.write(runs, tmp_path)] == first
+
+
+def test_tuned_lr_is_the_best_mean_validation_score_smaller_on_ties(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "RUNS", tmp_path)
+    assert sweep.tuned_lr() is None
+    scores = {2e-4: (0.70, 0.60), 5e-4: (0.74, 0.62), 1e-3: (0.76, 0.60), 2e-3: (0.60, 0.50)}  # 5e-4 and 1e-3 tie at 0.68
+    for lr, (mrpc, rte) in scores.items():
+        for task, val in (("mrpc", mrpc), ("rte", rte)):
+            (tmp_path / f"tune-lr{lr:g}-{task}-lora-0.json").write_text(json.dumps(_summary(task, "lora", 0, 0.7, 0.1, "tune", lr, val)))
+    assert sweep.tuned_lr() == 5e-4
