@@ -15,7 +15,10 @@ For each radius r:
   (ε·r/‖ε‖ when ‖ε‖ > r), ``steps`` gradient steps per restart. Restart 0 starts at the one-step
   point r·g/‖g‖, so pgd ≥ one_step; restart k ≥ 1 starts at r·u_k, u_k a seeded random unit
   direction. Every iterate's loss counts (the attacker keeps its best point);
-* ``random``: L(θ + r·u_k) − L(θ) over K seeded Gaussian directions of global norm 1 (mean, std, ...).
+* ``random``: the antithetic increase ½[L(θ + r·u_k) + L(θ − r·u_k)] − L(θ) over K seeded Gaussian
+  directions u_k of global norm 1 (mean, std, ...). The pair cancels the first-order term g·u_k·r,
+  which in D dimensions is ~‖g‖·r/√D per direction and would otherwise dominate (it is linear in r and
+  as often negative as positive); what is left is the curvature along u_k, ½r²·u_kᵀHu_k + O(r⁴).
 
 All of it runs inside :func:`bilora.sharpness._measuring` (primary adapter only, eval mode, fp32 4-bit
 kernel) and leaves the model bit-identical; gradients come from ``torch.autograd.grad``.
@@ -129,7 +132,7 @@ def ball_sharpness(
 
     Returns {"base_loss", "grad_norm", "steps", "restarts", "step_size", "radii": [{"radius",
     "one_step", "pgd", "pgd_restarts": [per restart], "random": {"mean", "std", "min", "max",
-    "values"} or None}]}; every figure is a loss increase over L(θ).
+    "values"} or None}]}; every figure is a loss increase over L(θ) (random: antithetic, see the module).
     """
     sh._check_space(space)
     with sh._measuring(model):
@@ -144,7 +147,15 @@ def ball_sharpness(
             one_step = loss_at(model, objective, space, one) - l0 if r > 0 else 0.0
             starts = [one] + [[u * r for u in randoms[k]] for k in range(restarts - 1)]
             runs = [pgd(model, objective, space, r, s, steps, step_size, l0) if r > 0 else 0.0 for s in starts]
-            rnd = [loss_at(model, objective, space, [u * r for u in randoms[k]]) - l0 for k in range(n_directions)]
+            rnd = [
+                0.5
+                * (
+                    loss_at(model, objective, space, [u * r for u in randoms[k]])
+                    + loss_at(model, objective, space, [u * -r for u in randoms[k]])
+                )
+                - l0
+                for k in range(n_directions)
+            ]
             out.append(
                 {
                     "radius": r,

@@ -106,7 +106,9 @@ class SharpnessConfig(Settings):
         ge=1,
     )
     ball_step_size: float = setting(0.25, "Projected-attack step eta as a fraction of the radius: eps <- proj(eps + eta*r*g/||g||).", gt=0)
-    ball_directions: int = setting(0, "Random directions of global norm r per ball radius (0: none).", ge=0)
+    ball_directions: int = setting(
+        0, "Random directions u of global norm 1 per ball radius, each scored antithetically: (L(+r*u) + L(-r*u))/2 - L (0: none).", ge=0
+    )
     seed: int = setting(0, "Seed of the random directions (same seed => same numbers).")
     dtype: Literal["float64", "model"] = setting(
         "float64",

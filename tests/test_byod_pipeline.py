@@ -9,6 +9,7 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
 from tests.test_causal_pipeline import causal_params, make_causal_repo, tiny_llama_folder
 from tests.test_pipeline import dvc, repro, run_env
@@ -72,3 +73,17 @@ def test_dvc_repro_on_declared_jsonl_datasets(tmp_path):
     dvc(repo, "repro", "prepare")
     stale = set(re.findall(r"^(\S+):\s*$", dvc(repo, "status"), re.M))
     assert stale == {"finetune@beta-lora-0", "evaluate@beta-lora-0"}
+
+    # `dvc exp run -S` on a dataset field (the issue: "dvc exp run -S works on its fields"): the new value lands in
+    # params.yaml, prepare re-splits that dataset only, and only its downstream stages become stale.
+    out = dvc(repo, "exp", "run", "-S", "data.datasets.alpha.test_fraction=0.5", "prepare")
+    assert "Running stage 'prepare'" in out
+    assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["datasets"]["alpha"]["test_fraction"] == 0.5
+    stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
+    assert (
+        stats["alpha"]["rows"] == {"train": 6, "validation": 0, "test": 6}
+        and stats["beta"]["rows"]["train"] + stats["beta"]["rows"]["test"] == 16
+    )
+    stale = set(re.findall(r"^(\S+):\s*$", dvc(repo, "status"), re.M))
+    # beta's two from the edit above; merge (merge.task: alpha) checks the merged model on alpha's prepared data
+    assert stale == {"finetune@alpha-lora-0", "evaluate@alpha-lora-0", "merge", "finetune@beta-lora-0", "evaluate@beta-lora-0"}

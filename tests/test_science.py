@@ -35,11 +35,12 @@ def test_preset_validates_and_covers_every_run_of_the_protocol(monkeypatch):
     assert p.train.resolve("lora_sam")[1]["rho"] == 0.01 and p.train.resolve("flat_lora")[1]["sigma"] == 0.05
     sp = p.eval.sharpness
     assert tuple(sp.ball_radii) == protocol.RADII and {0.05, 0.5} <= set(sp.ball_radii) and sp.spaces == ["full"]
-    assert sp.ball_restarts >= 2 and sp.ball_directions >= 1 and sp.enabled
+    assert sp.ball_restarts >= 1 and sp.ball_steps >= 2 and sp.ball_directions >= 1 and sp.enabled
     # every tuning run validates too, with its own lr and only LoRA seed 0
     for run in protocol.tune_runs():
         tp = validate_dict(sweep.run_params(default_params(), run), "tune")
         assert tp.train.loop.lr == run.lr and tp.train.methods == ["lora"] and tp.train.seeds == [0]
+        assert not tp.eval.sharpness.enabled  # tuning looks at validation accuracy only
     assert len({r.name for r in protocol.tune_runs() + runs}) == len(protocol.tune_runs()) + len(runs)
 
 

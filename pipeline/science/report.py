@@ -193,11 +193,51 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
     return "\n".join(md)
 
 
+def figures(res: dict[str, Any], runs: list[dict], out_dir: Path) -> list[Path]:
+    """flatness_vs_radius.png (projected-attack increase against r, mean ± std over seeds) and
+    accuracy_vs_flatness.png (every run: test metric against its increase at r = 0.05); [] without ball data."""
+    from pipeline.report.plots import _save, plt
+
+    tasks = [t for t, v in res["tasks"].items() if any(m["ball"] for m in v["methods"].values())]
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, m in res["tasks"][task]["methods"].items():
+            radii = sorted(m["ball"])
+            ax.errorbar(
+                radii,
+                [m["ball"][r]["pgd"][0] for r in radii],
+                yerr=[m["ball"][r]["pgd"][1] for r in radii],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        ax.set(xscale="log", yscale="log", xlabel="global radius r", ylabel="loss increase (projected attack)", title=task.upper())
+        ax.legend(fontsize=8)
+    _save(fig, out_dir / "flatness_vs_radius.png")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    r0 = protocol.RADII[0]
+    for ax, task in zip(axes[0], tasks):
+        main = protocol.PRIMARY[task]
+        for method in res["tasks"][task]["methods"]:
+            pts = [(ball(r)[r0]["pgd"], r["metrics"]["test"][main]) for r in by_seed(runs, task, method).values() if r0 in ball(r)]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=18)
+        ax.set(xscale="log", xlabel=f"loss increase at r = {r0:g} (projected attack)", ylabel=f"test {main}", title=task.upper())
+        ax.legend(fontsize=8)
+    _save(fig, out_dir / "accuracy_vs_flatness.png")
+    return [out_dir / "flatness_vs_radius.png", out_dir / "accuracy_vs_flatness.png"]
+
+
 def write(runs_dir: Path, out_dir: Path) -> list[Path]:
-    """Write report.md and results.json into ``out_dir``; returns their paths."""
+    """Write report.md, results.json and the figures into ``out_dir``; returns their paths."""
     runs = load(runs_dir)
     res = analyse(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res, default=str)))
-    atomic_write_text(out_dir / "report.md", markdown(res, runs))
-    return [out_dir / "results.json", out_dir / "report.md"]
+    pngs = figures(res, runs, out_dir)
+    text = markdown(res, runs)
+    if pngs:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    atomic_write_text(out_dir / "report.md", text)
+    return [out_dir / "results.json", out_dir / "report.md", *pngs]

@@ -1,7 +1,7 @@
 """The resumable sweep of reports/science/PROTOCOL.md.
 
-    python -m pipeline.science.sweep tune   [--rev science-v1] [--max-hours 2] [--commit]
-    python -m pipeline.science.sweep run    [--rev science-v1] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep tune   [--rev science-v2] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep run    [--rev science-v2] [--max-hours 2] [--commit]
     python -m pipeline.science.sweep status
     python -m pipeline.science.sweep report
 
@@ -63,7 +63,12 @@ def run_params(default: dict, run: Run) -> dict:
     p = merge(default, read_yaml(preset_path(protocol.PRESET)) or {})
     if run.phase == "tune":
         p = merge(
-            p, {"train": {"methods": ["lora"], "seeds": [run.seed], "loop": {"lr": run.lr}}, "merge": {"method": "lora", "seed": run.seed}}
+            p,
+            {
+                "train": {"methods": ["lora"], "seeds": [run.seed], "loop": {"lr": run.lr}},
+                "merge": {"method": "lora", "seed": run.seed},
+                "eval": {"sharpness": {"enabled": False}},  # the lr is chosen on validation accuracy alone
+            },
         )
     return p
 
@@ -123,7 +128,7 @@ def execute(run: Run, ws: Path, params: dict) -> float:
     return time.perf_counter() - start
 
 
-def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float) -> dict[str, Any]:
+def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, load: list[float]) -> dict[str, Any]:
     stem = f"{run.task}-{run.method}-{run.seed}"
 
     def read(rel: str) -> Any:
@@ -140,6 +145,7 @@ def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float) -> 
         "code": code,
         "cpu": cpu(),
         "wall_s": wall,
+        "load_avg": load,  # 1-min load average at the start and at the end: step times under load are not comparable
         "metrics": read(f"artifacts/eval/{stem}/metrics.json"),  # full precision, every split
         "sharpness": read(f"artifacts/eval/{stem}/sharpness.json") if (ws / f"artifacts/eval/{stem}/sharpness.json").is_file() else None,
         "finetune": read(f"artifacts/finetune/{stem}/summary.json"),
@@ -214,9 +220,11 @@ def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -
             console.print(f"[yellow]--max-hours {max_hours:g} reached[/]: stopping before {run.name}; run again to continue")
             return
         console.rule(f"science {run.name}")
+        load = [os.getloadavg()[0]]
         wall = execute(run, ws, merged)
+        load.append(os.getloadavg()[0])
         RUNS.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RUNS / f"{run.name}.json", summarise(run, ws, h, code, wall))
+        atomic_write_json(RUNS / f"{run.name}.json", summarise(run, ws, h, code, wall, load))
         paths = [str(RUNS / f"{run.name}.json")]
         if run.phase == "sweep" and run.task == "mrpc" and run.method in protocol.ADAPTERS:
             paths.append(str(save_adapter(run, ws)))
@@ -240,7 +248,7 @@ def status() -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=("tune", "run", "status", "report"))
-    ap.add_argument("--rev", default="science-v1", help="the tagged code revision every run uses (default science-v1)")
+    ap.add_argument("--rev", default="science-v2", help="the tagged code revision every run uses (default science-v2)")
     ap.add_argument("--workspace", type=Path, default=None, help="the worktree the runs execute in (default ../bilora-science-<rev>)")
     ap.add_argument("--max-hours", type=float, default=2.0, help="start no new run after this many hours (default 2)")
     ap.add_argument("--commit", action="store_true", help="commit each run's summary (and report) as soon as it is written")
