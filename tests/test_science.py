@@ -111,7 +111,7 @@ def _summary(task: str, method: str, seed: int, test: float, pgd: float, phase: 
     name = Run(phase, task, method, seed, lr).name
     return {
         "name": name, "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "hash": "h" + name,
-        "code": CODE, "cpu": {"model": "test cpu", "class": "avx2", "cores": 2}, "wall_s": 60.0,
+        "code": CODE, "cpu": {"model": "test cpu", "class": "avx2", "cores": 2}, "wall_s": 60.0, "load_avg": [2.0, 2.4 if seed else 3.1],
         "metrics": {"test": {"accuracy": test}, "train": {"accuracy": test + 0.05}, "validation": {"accuracy": val if val is not None else test}},
         "sharpness": {"spaces": {"full": {"ball": {"radii": radii}}}},
         "finetune": {"median_step_time": 1.0 if method == "lora" else 1.1},
@@ -139,6 +139,7 @@ def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
     # projected-attack increase at r = 0.5: bilora 0.5·(0.10..0.14) vs lora 0.5·0.2 -> mean difference 0.5·(0.12 − 0.2) = −0.04
     assert vs["ball"]["0.5"]["pgd"]["mean"] == pytest.approx(-0.04) and vs["ball"]["0.5"]["pgd"]["high"] < 0
     assert res["tasks"]["mrpc"]["methods"]["lora"]["gap"][0] == pytest.approx(0.05)
+    assert res["tasks"]["mrpc"]["methods"]["bilora"]["step_time"] == {"avx2": [1.1] * 4}  # seed 0 ran at load 3.1 > 2.5
     md = (tmp_path / "report.md").read_text()
     assert "+2.00 [+0.04, +3.96] **real**" in md
     assert "LoRA is +11.62 points above the majority class" in md  # 80.00 − 68.38

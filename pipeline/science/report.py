@@ -41,6 +41,13 @@ def ball(s: dict[str, Any]) -> dict[float, dict[str, float]]:
     }
 
 
+def quiet(s: dict[str, Any]) -> bool:
+    """Whether the run had the CPU to itself: 1-min load average at start and end ≤ cores + 0.5 (a run's own two
+    threads count ~2). Step times of other runs are not compared; runs without a record count as loaded."""
+    load = s.get("load_avg")
+    return bool(load) and max(load) <= s["cpu"]["cores"] + 0.5
+
+
 def by_seed(runs: list[dict], task: str, method: str) -> dict[int, dict]:
     return {r["seed"]: r for r in runs if r["phase"] == "sweep" and r["task"] == task and r["method"] == method}
 
@@ -89,7 +96,8 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
             }
             for s in seeds:
                 cls = mine[s]["cpu"]["class"]
-                m["step_time"].setdefault(cls, []).append(mine[s]["finetune"]["median_step_time"])
+                if quiet(mine[s]):
+                    m["step_time"].setdefault(cls, []).append(mine[s]["finetune"]["median_step_time"])
             radii = sorted(ball(mine[seeds[0]]))
             for rad in radii:
                 m["ball"][rad] = {k: _mean_std([ball(mine[s])[rad][k] for s in seeds]) for k in KINDS}
@@ -158,10 +166,13 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
         if lora:
             margin = lora["test"][0] - t["majority"]
             md += [f"LoRA is {margin * 100:+.2f} points above the majority class (the protocol requires ≥ +5).", ""]
-        md += ["| run | seeds | test | Δ vs LoRA [95 % CI] | train − test gap | median s/step |", "|---|---|---|---|---|---|"]
+        md += [
+            "| run | seeds | test | Δ vs LoRA [95 % CI] | train − test gap | median s/step, quiet runs only |",
+            "|---|---|---|---|---|---|",
+        ]
         for method, m in t["methods"].items():
             vs = _pair_cell(_paired_from(m["vs_lora"]["test"])) if "vs_lora" in m else "-"
-            st = "; ".join(f"{cls}: {sum(v) / len(v):.3f}" for cls, v in m["step_time"].items())
+            st = "; ".join(f"{cls}: {sum(v) / len(v):.3f} (n={len(v)})" for cls, v in m["step_time"].items()) or "- (no quiet run)"
             md.append(
                 f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])} | {st} |"
             )
