@@ -141,12 +141,18 @@ def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
     assert res["tasks"]["mrpc"]["methods"]["lora"]["gap"][0] == pytest.approx(0.05)
     assert res["tasks"]["mrpc"]["methods"]["bilora"]["step_time"] == {"avx2": [1.1] * 4}  # seed 0 ran at load 3.1 > 2.5
     md = (tmp_path / "report.md").read_text()
-    assert "+2.00 [+0.04, +3.96] **real**" in md
+    assert "+2.00 [+0.04, +3.96] †" in md and "**H1: " in md
     assert "LoRA is +11.62 points above the majority class" in md  # 80.00 − 68.38
     assert "The sweep is incomplete" in md and "| 0.001 |" in md and "no verdict" in md
     # the same files give the same bytes (nothing but the summaries is read)
     first = [p.read_bytes() for p in paths]
     assert [p.read_bytes() for p in report.write(runs, tmp_path)] == first
+    # with the expected hashes, a summary from another revision is left out and named
+    want = {json.loads(f.read_text())["name"]: json.loads(f.read_text())["hash"] for f in runs.glob("*.json")}
+    report.write(runs, tmp_path, want | {"mrpc-bilora-4": "other"})
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["tasks"]["mrpc"]["methods"]["bilora"]["seeds"] == [0, 1, 2, 3]
+    assert "Left out as stale (another code revision or preset than the current one): mrpc-bilora-4" in (tmp_path / "report.md").read_text()
 
 
 def test_tuned_lr_is_the_best_mean_validation_score_smaller_on_ties(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ PAPER_DIRECTION = (
     "and +0.51 on RTE (Table A3, 83.61 vs 83.10), with LoRA-SAM in between; no flatness numbers at a stated radius."
 )
 KINDS = ("pgd", "one_step", "random")
+H1 = {"bilora": 0.05, "bilora_rho0.5": 0.5}  # PROTOCOL.md hypothesis 1: flatter than LoRA at its own radius r = rho
 
 
 def load(runs_dir: Path) -> list[dict[str, Any]]:
@@ -56,11 +57,11 @@ def _fmt(x: float, scale: float = 100.0, nd: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{nd}f}"
 
 
-def _pair_cell(p, scale: float = 100.0, nd: int = 2) -> str:
+def _pair_cell(p, scale: float = 100.0, fmt: str = "+.2f") -> str:
     if p.n < 2:
-        return f"{p.mean * scale:+.{nd}f} (n=1)"
-    flag = " **real**" if p.excludes_zero else ""
-    return f"{p.mean * scale:+.{nd}f} [{p.low * scale:+.{nd}f}, {p.high * scale:+.{nd}f}]{flag}"
+        return f"{p.mean * scale:{fmt}} (n=1)"
+    flag = " †" if p.excludes_zero else ""
+    return f"{p.mean * scale:{fmt}} [{p.low * scale:{fmt}}, {p.high * scale:{fmt}}]{flag}"
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -86,10 +87,12 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
                 continue
             seeds = sorted(mine)
             test = [mine[s]["metrics"]["test"][main] for s in seeds]
+            f1 = [mine[s]["metrics"]["test"].get("f1", math.nan) for s in seeds]
             train = [mine[s]["metrics"].get("train", {}).get(main, math.nan) for s in seeds]
             m: dict[str, Any] = {
                 "seeds": seeds,
                 "test": _mean_std(test),
+                "f1": _mean_std(f1),
                 "gap": _mean_std([a - b for a, b in zip(train, test)]),
                 "step_time": {},
                 "ball": {},
@@ -167,22 +170,22 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
             margin = lora["test"][0] - t["majority"]
             md += [f"LoRA is {margin * 100:+.2f} points above the majority class (the protocol requires ≥ +5).", ""]
         md += [
-            "| run | seeds | test | Δ vs LoRA [95 % CI] | train − test gap | median s/step, quiet runs only |",
-            "|---|---|---|---|---|---|",
+            "| run | seeds | test | Δ vs LoRA [95 % CI] | test F1 (secondary) | train − test gap | median s/step, quiet runs only |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method, m in t["methods"].items():
             vs = _pair_cell(_paired_from(m["vs_lora"]["test"])) if "vs_lora" in m else "-"
             st = "; ".join(f"{cls}: {sum(v) / len(v):.3f} (n={len(v)})" for cls, v in m["step_time"].items()) or "- (no quiet run)"
-            md.append(
-                f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])} | {st} |"
-            )
+            f1 = "-" if math.isnan(m["f1"][0]) else f"{_fmt(m['f1'][0])} ± {_fmt(m['f1'][1])}"
+            gap = f"{_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])}"
+            md.append(f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {f1} | {gap} | {st} |")
         md.append("")
         radii = sorted({rad for m in t["methods"].values() for rad in m["ball"]})
         if radii:
             md += [
                 "Flatness: loss increase ×100 within the global Frobenius ball of radius r over the adapted layers' merged weights "
-                "(projected attack = worst found; one-step = r·g/‖g‖; random = mean over random directions of norm r), mean ± std over seeds, "
-                "and the paired difference against LoRA.",
+                "(projected attack = worst found; one-step = r·g/‖g‖; random = antithetic mean over random directions of norm r), "
+                "mean ± std over seeds, and the paired difference against LoRA (bold: the pre-registered H1 cells).",
                 "",
                 "| run | r | projected | one-step | random | Δ projected vs LoRA [95 % CI] |",
                 "|---|---|---|---|---|---|",
@@ -193,14 +196,25 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
                         continue
                     b = m["ball"][rad]
                     vs = m.get("vs_lora", {}).get("ball", {}).get(rad)
-                    cell = _pair_cell(_paired_from(vs["pgd"]), nd=3) if vs else "-"
-                    md.append(
-                        f"| {method} | {rad:g} | "
-                        + " | ".join(f"{_fmt(b[k][0], nd=3)} ± {_fmt(b[k][1], nd=3)}" for k in KINDS)
-                        + f" | {cell} |"
-                    )
+                    cell = _pair_cell(_paired_from(vs["pgd"]), fmt="+.3g") if vs else "-"
+                    if H1.get(method) == rad:
+                        cell = f"**H1: {cell}**"
+                    cells = " | ".join(f"{b[k][0] * 100:.3g} ± {b[k][1] * 100:.3g}" for k in KINDS)
+                    md.append(f"| {method} | {rad:g} | {cells} | {cell} |")
             md.append("")
-    md += ["## Paper", "", PAPER_DIRECTION, ""]
+    md += [
+        "## Reading the intervals",
+        "",
+        "† marks a 95 % paired interval that excludes 0. The intervals cover the spread over seeds (data order and "
+        "initialisation) on one fixed test set, not the sampling of the test set itself. Per task the report makes 4 accuracy "
+        "calls and 4 radii × 4 runs of flatness calls; about 1 in 20 of them excludes 0 when nothing differs, so only the "
+        "pre-registered cells carry a claim (H1: bold; H2: the Bi-LoRA rows' Δ test).",
+        "",
+        "## Paper",
+        "",
+        PAPER_DIRECTION,
+        "",
+    ]
     return "\n".join(md)
 
 
@@ -240,14 +254,19 @@ def figures(res: dict[str, Any], runs: list[dict], out_dir: Path) -> list[Path]:
     return [out_dir / "flatness_vs_radius.png", out_dir / "accuracy_vs_flatness.png"]
 
 
-def write(runs_dir: Path, out_dir: Path) -> list[Path]:
-    """Write report.md, results.json and the figures into ``out_dir``; returns their paths."""
+def write(runs_dir: Path, out_dir: Path, expected: dict[str, str] | None = None) -> list[Path]:
+    """Write report.md, results.json and the figures into ``out_dir``; returns their paths. With ``expected``
+    (run name -> hash at the sweep's revision and preset), summaries with another hash are left out as stale."""
     runs = load(runs_dir)
+    stale = [r["name"] for r in runs if expected is not None and expected.get(r["name"]) != r["hash"]]
+    runs = [r for r in runs if r["name"] not in stale]
     res = analyse(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res, default=str)))
     pngs = figures(res, runs, out_dir)
     text = markdown(res, runs)
+    if stale:
+        text += f"\nLeft out as stale (another code revision or preset than the current one): {', '.join(sorted(stale))}\n"
     if pngs:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     atomic_write_text(out_dir / "report.md", text)

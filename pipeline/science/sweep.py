@@ -98,7 +98,14 @@ def cpu() -> dict[str, Any]:
     model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), platform.processor())
     flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
     has = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-    return {"model": model, "cores": os.cpu_count(), "flags": has, "class": "avx512_bf16" if "avx512_bf16" in flags else "avx2"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": cores, "flags": has, "class": "avx512_bf16" if "avx512_bf16" in flags else "avx2"}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "dvc")}
 
 
 def workspace(path: Path, rev: str) -> Path:
@@ -113,22 +120,28 @@ def workspace(path: Path, rev: str) -> Path:
     return path
 
 
-def execute(run: Run, ws: Path, params: dict) -> float:
-    """``dvc repro`` of the run's finetune and evaluate stages in the workspace; returns the wall time."""
+def execute(run: Run, ws: Path, params: dict) -> tuple[float, list[float]]:
+    """``dvc repro`` of the run's finetune and evaluate stages in the workspace; returns the wall time and the
+    1-min load average sampled every 10 s while it ran."""
     import yaml
 
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     stem = f"{run.task}-{run.method}-{run.seed}"
     start = time.perf_counter()
-    rc = subprocess.call([sys.executable, "-m", "pipeline.run", f"finetune@{stem}", f"evaluate@{stem}"], cwd=ws, env=pipeline_env())
+    loads = [os.getloadavg()[0]]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", f"finetune@{stem}", f"evaluate@{stem}"], cwd=ws, env=pipeline_env())
+    while proc.poll() is None:
+        time.sleep(10)
+        loads.append(os.getloadavg()[0])
+    rc = proc.returncode
     if rc != 0:
         raise UserError(
             f"{run.name}: dvc repro failed in {ws} (exit {rc}); see its output above. Finished runs are kept; run the sweep again to continue"
         )
-    return time.perf_counter() - start
+    return time.perf_counter() - start, loads
 
 
-def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, load: list[float]) -> dict[str, Any]:
+def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, load: list[float], params: dict) -> dict[str, Any]:
     stem = f"{run.task}-{run.method}-{run.seed}"
 
     def read(rel: str) -> Any:
@@ -145,7 +158,10 @@ def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, loa
         "code": code,
         "cpu": cpu(),
         "wall_s": wall,
-        "load_avg": load,  # 1-min load average at the start and at the end: step times under load are not comparable
+        "load_avg": load,  # 1-min load average every 10 s of the run: step times under load are not comparable
+        "versions": versions(),
+        "settings": run_settings(validate_dict(params, "summary"), run.task, run.method, run.seed),  # what the hash covers
+        "params": params,  # the workspace's whole params.yaml for this run
         "metrics": read(f"artifacts/eval/{stem}/metrics.json"),  # full precision, every split
         "sharpness": read(f"artifacts/eval/{stem}/sharpness.json") if (ws / f"artifacts/eval/{stem}/sharpness.json").is_file() else None,
         "finetune": read(f"artifacts/finetune/{stem}/summary.json"),
@@ -172,25 +188,36 @@ def save_adapter(run: Run, ws: Path) -> Path:
     return out
 
 
-def tuned_lr() -> float | None:
+def tuned_lr(expected: dict[str, str] | None = None) -> float | None:
     """The learning rate with the best validation primary metric averaged over the tasks (ties: the smaller);
-    None until every tuning run is summarised."""
+    None until every tuning run is summarised (with its ``expected`` hash, when given)."""
     scores: dict[float, list[float]] = {}
     for run in protocol.tune_runs():
         f = RUNS / f"{run.name}.json"
         if not f.is_file():
             return None
         s = json.loads(f.read_text(encoding="utf-8"))
+        if expected is not None and s.get("hash") != expected[run.name]:
+            return None
         scores.setdefault(run.lr, []).append(s["metrics"]["validation"][protocol.PRIMARY[run.task]])
     return max(sorted(scores), key=lambda lr: sum(scores[lr]) / len(scores[lr]))  # max keeps the first (smallest) of ties
 
 
-def pending(runs: list[Run], default: dict, code: dict[str, str]) -> list[tuple[Run, dict, str]]:
+def expected(rev: str) -> dict[str, str]:
+    """Run name -> the hash every protocol run (tuning and sweep) has at ``rev`` with the current preset."""
+    import yaml
+
+    code = code_identity(rev)
+    default = yaml.safe_load(git("show", f"{rev}:params.yaml"))
+    return {r.name: h for r, _, h in pending(protocol.tune_runs() + protocol.sweep_runs(), default, code, skip_done=False)}
+
+
+def pending(runs: list[Run], default: dict, code: dict[str, str], skip_done: bool = True) -> list[tuple[Run, dict, str]]:
     out = []
     for run in runs:
         merged = run_params(default, run)
         h = run_hash(run, validate_dict(merged, f"{preset_path(protocol.PRESET)} (merged)"), code)
-        if not done(run, h):
+        if not (skip_done and done(run, h)):
             out.append((run, merged, h))
     return out
 
@@ -198,11 +225,13 @@ def pending(runs: list[Run], default: dict, code: dict[str, str]) -> list[tuple[
 def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -> None:
     import yaml
 
+    if git("status", "--porcelain", "--", str(preset_path(protocol.PRESET))):
+        raise UserError(f"{preset_path(protocol.PRESET)} has uncommitted changes: commit it first (the runs must be reproducible from git)")
     code = code_identity(rev)
     default = yaml.safe_load(git("show", f"{rev}:params.yaml"))
     runs = protocol.tune_runs() if phase == "tune" else protocol.sweep_runs()
     if phase == "run":
-        lr, preset_lr = tuned_lr(), run_params(default, runs[0])["train"]["loop"]["lr"]
+        lr, preset_lr = tuned_lr(expected(rev)), run_params(default, runs[0])["train"]["loop"]["lr"]
         if lr is None:
             raise UserError("the learning rate is not tuned yet: run `python -m pipeline.science.sweep tune` first")
         if lr != preset_lr:
@@ -220,28 +249,27 @@ def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -
             console.print(f"[yellow]--max-hours {max_hours:g} reached[/]: stopping before {run.name}; run again to continue")
             return
         console.rule(f"science {run.name}")
-        load = [os.getloadavg()[0]]
-        wall = execute(run, ws, merged)
-        load.append(os.getloadavg()[0])
+        wall, load = execute(run, ws, merged)
         RUNS.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RUNS / f"{run.name}.json", summarise(run, ws, h, code, wall, load))
+        atomic_write_json(RUNS / f"{run.name}.json", summarise(run, ws, h, code, wall, load, merged))
         paths = [str(RUNS / f"{run.name}.json")]
         if run.phase == "sweep" and run.task == "mrpc" and run.method in protocol.ADAPTERS:
             paths.append(str(save_adapter(run, ws)))
         from pipeline.science import report
 
-        paths += [str(p) for p in report.write(RUNS, ROOT)]
+        paths += [str(p) for p in report.write(RUNS, ROOT, expected(rev))]
         if commit:
             git("add", "--", *paths)
             git("commit", "-q", "-m", f"science: {run.name} ({wall / 60:.1f} min, {code['commit'][:10]})", "--", *paths)
         console.print(f"[green]{run.name}[/]: {wall / 60:.1f} min")
 
 
-def status() -> None:
+def status(rev: str) -> None:
+    want = expected(rev)
     for phase, runs in (("tune", protocol.tune_runs()), ("sweep", protocol.sweep_runs())):
-        have = [r for r in runs if (RUNS / f"{r.name}.json").is_file()]
-        console.print(f"{phase}: {len(have)} of {len(runs)} summarised (hashes are checked by tune/run)")
-    console.print(f"tuned lr: {tuned_lr()}")
+        have = [r for r in runs if done(r, want[r.name])]
+        console.print(f"{phase}: {len(have)} of {len(runs)} summarised with the hash of {rev} and the current preset")
+    console.print(f"tuned lr: {tuned_lr(want)}")
 
 
 @cli
@@ -253,12 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-hours", type=float, default=2.0, help="start no new run after this many hours (default 2)")
     ap.add_argument("--commit", action="store_true", help="commit each run's summary (and report) as soon as it is written")
     args = ap.parse_args(argv)
+    os.chdir(git("rev-parse", "--show-toplevel"))  # RUNS, the preset and git paths are relative to the checkout's root
     if args.phase == "status":
-        return status()
+        return status(args.rev)
     if args.phase == "report":
         from pipeline.science import report
 
-        for p in report.write(RUNS, ROOT):
+        for p in report.write(RUNS, ROOT, expected(args.rev)):
             console.print(f"wrote {p}")
         return None
     ws = args.workspace or Path("..").resolve() / f"bilora-science-{args.rev}"
