@@ -101,7 +101,16 @@ def test_lora_space_attack_and_random_match_explicit_factors():
         ua, ub = ball.unit_random(model, "lora", 1, k)
         want = 0.5 * (increase(0.2 * ua, 0.2 * ub) + increase(-0.2 * ua, -0.2 * ub))  # antithetic pair
         assert res["radii"][0]["random"]["values"][k] == pytest.approx(want, rel=1e-9)
+    # the one-step point from the analytic factor gradients dL/dA = s·BᵀG, dL/dB = s·G·Aᵀ (G = dL/dW')
+    g = quad_grad(layer, x, y)
+    ga, gb = s * b.T @ g, s * g @ a.T
+    norm = float((ga.pow(2).sum() + gb.pow(2).sum()).sqrt())
+    assert res["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    assert res["radii"][0]["one_step"] == pytest.approx(increase(0.2 * ga / norm, 0.2 * gb / norm), rel=1e-12)
     assert res["radii"][0]["pgd"] >= res["radii"][0]["one_step"] > max(res["radii"][0]["random"]["values"])
+    before = state(model)
+    ball.ball_sharpness(model, objective, "lora", (0.2,), steps=3, n_directions=1)
+    assert_same(before, state(model))  # the factors are restored bit for bit
 
 
 def test_measure_reports_the_ball_and_its_headline_round_trips():
