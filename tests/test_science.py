@@ -143,7 +143,8 @@ def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "+2.00 [+0.04, +3.96] †" in md and "**H1: " in md
     assert "LoRA is +11.62 points above the majority class" in md  # 80.00 − 68.38
-    assert "The sweep is incomplete" in md and "| 0.001 |" in md and "no verdict" in md
+    assert "The sweep is incomplete" in md and "| **0.001** (chosen) |" in md and "no verdict" in md
+    assert "mrpc: LoRA seed 0 at the chosen lr is +1.62 points above the majority class: it **does not meet** the ≥ +5 rule." in md
     # the same files give the same bytes (nothing but the summaries is read)
     first = [p.read_bytes() for p in paths]
     assert [p.read_bytes() for p in report.write(runs, tmp_path)] == first

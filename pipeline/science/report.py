@@ -154,13 +154,24 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
             "| lr | " + " | ".join(f"{t} val | {t} test" for t in protocol.TASKS) + " |",
             "|---|" + "---|---|" * len(protocol.TASKS),
         ]
+        full = {lr: c for lr, c in res["tuning"].items() if all(t in c for t in protocol.TASKS)}
+        chosen = max(sorted(full, key=float), key=lambda lr: sum(full[lr][t]["validation"] for t in protocol.TASKS)) if full else None
         for lr, cell in sorted(res["tuning"].items(), key=lambda kv: float(kv[0])):
+            lr = f"**{lr}** (chosen)" if lr == chosen else lr
             md.append(
                 f"| {lr} | "
                 + " | ".join(f"{_fmt(cell[t]['validation'])} | {_fmt(cell[t]['test'])}" if t in cell else "- | -" for t in protocol.TASKS)
                 + " |"
             )
         md.append("")
+        if chosen is not None:
+            for t in protocol.TASKS:
+                margin = full[chosen][t]["test"] - protocol.MAJORITY[t]
+                verdict = "meets" if margin >= 0.05 else "**does not meet**"
+                md.append(
+                    f"- {t}: LoRA seed 0 at the chosen lr is {margin * 100:+.2f} points above the majority class: it {verdict} the ≥ +5 rule."
+                )
+            md.append("")
     for task, t in res["tasks"].items():
         if not t["methods"]:
             continue
