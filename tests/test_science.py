@@ -75,7 +75,7 @@ def test_hash_covers_what_determines_a_run_and_nothing_else(monkeypatch):
 def test_a_run_whose_hash_is_committed_is_skipped(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     default = default_params()
-    runs = [Run("sweep", "mrpc", "lora", 0), Run("sweep", "mrpc", "bilora", 0), Run("sweep", "rte", "lora", 0)]
+    runs = [Run("sweep", "mrpc", "lora", 0), Run("sweep", "mrpc", "bilora", 0), Run("sweep", "stsb", "lora", 0)]
     hashes = [_hash(r, sweep.run_params(default, r)) for r in runs]
     monkeypatch.setattr(sweep, "RUNS", tmp_path / "runs")
     (tmp_path / "runs").mkdir()
@@ -112,7 +112,7 @@ def _summary(task: str, method: str, seed: int, test: float, pgd: float, phase: 
     return {
         "name": name, "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "hash": "h" + name,
         "code": CODE, "cpu": {"model": "test cpu", "class": "avx2", "cores": 2}, "wall_s": 60.0, "load_avg": [2.0, 2.4 if seed else 3.1],
-        "metrics": {"test": {"accuracy": test}, "train": {"accuracy": test + 0.05}, "validation": {"accuracy": val if val is not None else test}},
+        "metrics": {split: {"accuracy": v, "pearson": v} for split, v in (("test", test), ("train", test + 0.05), ("validation", val if val is not None else test))},
         "sharpness": {"spaces": {"full": {"ball": {"radii": radii}}}},
         "finetune": {"median_step_time": 1.0 if method == "lora" else 1.1},
     }  # fmt: skip
@@ -142,9 +142,16 @@ def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
     assert res["tasks"]["mrpc"]["methods"]["bilora"]["step_time"] == {"avx2": [1.1] * 4}  # seed 0 ran at load 3.1 > 2.5
     md = (tmp_path / "report.md").read_text()
     assert "+2.00 [+0.04, +3.96] †" in md and "**H1: " in md
-    assert "LoRA is +11.62 points above the majority class" in md  # 80.00 − 68.38
+    assert "LoRA's mean test accuracy 80.00 meets the threshold." in md  # 80.00 ≥ 68.38 + 5
     assert "The sweep is incomplete" in md and "| **0.001** (chosen) |" in md and "no verdict" in md
-    assert "mrpc: LoRA seed 0 at the chosen lr is +1.62 points above the majority class: it **does not meet** the ≥ +5 rule." in md
+    assert (
+        "mrpc: LoRA seed 0 at the chosen lr reaches test accuracy 70.00 (learnability threshold 73.38, majority class + 5 points): it **does not meet** the rule."
+        in md
+    )
+    assert (
+        "stsb: LoRA seed 0 at the chosen lr reaches test pearson 70.00 (learnability threshold 70.00, Pearson 0.70): it meets the rule."
+        in md
+    )
     # the same files give the same bytes (nothing but the summaries is read)
     first = [p.read_bytes() for p in paths]
     assert [p.read_bytes() for p in report.write(runs, tmp_path)] == first
@@ -153,14 +160,14 @@ def test_report_pairs_by_seed_and_rebuilds_from_the_summaries_alone(tmp_path):
     report.write(runs, tmp_path, want | {"mrpc-bilora-4": "other"})
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["tasks"]["mrpc"]["methods"]["bilora"]["seeds"] == [0, 1, 2, 3]
-    assert "Left out as stale (another code revision or preset than the current one): mrpc-bilora-4" in (tmp_path / "report.md").read_text()
+    assert "are the evidence for Revision 3 of PROTOCOL.md): mrpc-bilora-4\n" in (tmp_path / "report.md").read_text()
 
 
 def test_tuned_lr_is_the_best_mean_validation_score_smaller_on_ties(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "RUNS", tmp_path)
     assert sweep.tuned_lr() is None
     scores = {2e-4: (0.70, 0.60), 5e-4: (0.74, 0.62), 1e-3: (0.76, 0.60), 2e-3: (0.60, 0.50)}  # 5e-4 and 1e-3 tie at 0.68
-    for lr, (mrpc, rte) in scores.items():
-        for task, val in (("mrpc", mrpc), ("rte", rte)):
+    for lr, (mrpc, stsb) in scores.items():
+        for task, val in (("mrpc", mrpc), ("stsb", stsb)):
             (tmp_path / f"tune-lr{lr:g}-{task}-lora-0.json").write_text(json.dumps(_summary(task, "lora", 0, 0.7, 0.1, "tune", lr, val)))
     assert sweep.tuned_lr() == 5e-4
