@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from bilora import layers
 from bilora.errors import BaseModelError
 from bilora.sources import ResolvedBase, resolve
+from bilora.stored_weights import stored_weights
 
 __all__ = [
     "BaseModelError",
@@ -81,40 +82,65 @@ def load_original(resolved: ResolvedBase, revision: str | None = None) -> torch.
     return _backbone_class(cfg).from_pretrained(resolved.path, revision=revision, dtype=torch.float32)
 
 
+def fp32_footprint(config: Any) -> int:
+    """Bytes of the model in fp32 (``get_memory_footprint`` of a meta-device instance: no memory used)."""
+    with torch.device("meta"):
+        return _backbone_class(config).from_config(config, dtype=torch.float32).get_memory_footprint()
+
+
 @torch.no_grad()
 def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load the base quantized to 4-bit; report memory before/after and per-layer dequantization error."""
-    original = load_original(resolved, revision)
-    stored_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
-    cfg_dtype = getattr(original.config, "dtype", None)  # transformers 5: reading config.torch_dtype logs a deprecation
-    report: dict[str, Any] = {
-        "memory_bytes_original": original.get_memory_footprint(),
-        "stored_dtype": str(cfg_dtype or stored_dtype).replace("torch.", ""),
-    }
+    """Load the base quantized to 4-bit; report memory before/after and per-layer dequantization error.
+
+    transformers quantizes while it loads, shard by shard. Each 4-bit layer is then compared with its
+    original weight read from the checkpoint one tensor at a time (:mod:`bilora.stored_weights`), so
+    the original model is never held whole; only where its weights cannot be matched by name is it
+    loaded, in its stored dtype (``report["dequant_reference"]`` says which).
+    """
     if not q.enabled:
-        report.update(memory_bytes_quantized=report["memory_bytes_original"], layers={})
-        return original, report
-    model = _backbone_class(original.config).from_pretrained(
+        original = load_original(resolved, revision)
+        cfg_dtype = getattr(original.config, "dtype", None)  # transformers 5: reading config.torch_dtype logs a deprecation
+        footprint = original.get_memory_footprint()
+        stored = str(cfg_dtype or "float32").replace("torch.", "")
+        return original, {"memory_bytes_original": footprint, "stored_dtype": stored, "memory_bytes_quantized": footprint, "layers": {}}
+    config = AutoConfig.from_pretrained(resolved.path, revision=revision)
+    model = _backbone_class(config).from_pretrained(
         resolved.path, revision=revision, quantization_config=bnb_config(q), device_map=device(), dtype=torch.float32
     )
     layers.set_cpu_kernel(model, q.cpu_kernel)  # before any forward: bitsandbytes must not pick it
-    ref = dict(original.named_parameters())
+    quantized = {
+        name: module
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    }
+    shapes = [(name, tuple(m.weight.quant_state.shape)) for name, m in quantized.items()]  # (out, in) before packing
+    ref: Any = stored_weights(resolved.path, shapes, revision)
+    reference = "streamed"
+    if ref is None:  # names do not map onto the checkpoint: load it whole, in its stored dtype (not fp32)
+        original = _backbone_class(config).from_pretrained(resolved.path, revision=revision, dtype="auto")
+        ref, reference = {name: original.get_submodule(name).weight for name in quantized}, "loaded"
     errors: dict[str, float] = {}
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if w is not None and getattr(w, "quant_state", None) is not None:
-            deq = layers.dequantize_param(w, w.quant_state).float().cpu()  # (out, in)
-            orig = ref[f"{name}.weight"].float()
-            errors[name] = float((deq - orig).norm() / orig.norm().clamp_min(1e-12))
-    report.update(
-        memory_bytes_quantized=model.get_memory_footprint(),
-        layers=errors,
-        mean_rel_dequant_error=sum(errors.values()) / max(1, len(errors)),
-        max_rel_dequant_error=max(errors.values(), default=0.0),
-        n_quantized_layers=len(errors),
-        quant=asdict(q),
-        kernel=layers.kernel_info(model),
-    )
+    stored_dtype = None
+    for name, module in quantized.items():
+        w = module.weight
+        deq = layers.dequantize_param(w, w.quant_state).float().cpu()  # (out, in)
+        orig_w = ref[name]
+        stored_dtype = stored_dtype or str(orig_w.dtype).replace("torch.", "")
+        orig = orig_w.float()  # (out, in)
+        errors[name] = float((deq - orig).norm() / orig.norm().clamp_min(1e-12))
+    cfg_dtype = getattr(config, "dtype", None)  # transformers 5: reading config.torch_dtype logs a deprecation
+    report: dict[str, Any] = {
+        "memory_bytes_original": fp32_footprint(config),
+        "stored_dtype": str(cfg_dtype or stored_dtype or "float32").replace("torch.", ""),
+        "memory_bytes_quantized": model.get_memory_footprint(),
+        "layers": errors,
+        "mean_rel_dequant_error": sum(errors.values()) / max(1, len(errors)),
+        "max_rel_dequant_error": max(errors.values(), default=0.0),
+        "n_quantized_layers": len(errors),
+        "dequant_reference": reference,
+        "quant": asdict(q),
+        "kernel": layers.kernel_info(model),
+    }
     return model, report
 
 
