@@ -97,6 +97,19 @@ def test_code_identity_ignores_the_sweep_and_presets(monkeypatch):
     assert not any("pipeline/presets/" in l or "pipeline/science/" in l for l in kept) and any("stages/finetune.py" in l for l in kept)
 
 
+def test_default_revision_is_the_commit_the_committed_runs_used(monkeypatch):
+    """A fresh clone may lack the tag; the default --rev is a commit, and its code digest is the one recorded."""
+    monkeypatch.chdir(ROOT)
+    ident = sweep.code_identity(protocol.CODE_REV)
+    assert ident["commit"] == protocol.CODE_REV
+    recorded = [json.loads(f.read_text())["code"] for f in sorted((ROOT / "reports/science/runs").glob("*.json"))]
+    assert recorded, "no committed run summaries"
+    for code in recorded:
+        if code["commit"] == protocol.CODE_REV:
+            assert code == ident
+    assert any(code["commit"] == protocol.CODE_REV for code in recorded)
+
+
 def _summary(task: str, method: str, seed: int, test: float, pgd: float, phase: str = "sweep", lr=None, val=None) -> dict:
     radii = [
         {

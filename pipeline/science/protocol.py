@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRESET = "science"
+# The one code revision every run uses (PROTOCOL.md, Revision 1), by commit: a fresh clone may lack the tag
+# ``science-v2`` that names it (``git tag science-v2 <CODE_REV>`` restores it), the commit is always there.
+CODE_REV = "761ed48655349396e97415794359792cb1c38231"
+CODE_TAG = "science-v2"
 TASKS = ("mrpc", "stsb")  # Revision 3: STS-B replaces RTE, which failed the learnability rule in the tuning runs
 REPLACED = {"rte": "stsb"}
 PRIMARY = {"mrpc": "accuracy", "rte": "accuracy", "stsb": "pearson"}  # the primary test metric per task

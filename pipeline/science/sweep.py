@@ -1,11 +1,12 @@
 """The resumable sweep of reports/science/PROTOCOL.md.
 
-    python -m pipeline.science.sweep tune   [--rev science-v2] [--max-hours 2] [--commit]
-    python -m pipeline.science.sweep run    [--rev science-v2] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep tune   [--rev REV] [--max-hours 2] [--commit]
+    python -m pipeline.science.sweep run    [--rev REV] [--max-hours 2] [--commit]
     python -m pipeline.science.sweep status
     python -m pipeline.science.sweep report
 
-Every run executes in a git worktree of one tagged revision (``--rev``), outside this checkout, whose
+Every run executes in a git worktree of one code revision (``--rev``, default ``protocol.CODE_REV``, the
+commit the tag ``science-v2`` names), outside this checkout, whose
 ``params.yaml`` is the revision's own with ``pipeline/presets/science.yaml`` merged over it: this
 checkout's ``params.yaml``, ``dvc.lock`` and ``metrics/`` are never touched. A run is
 ``dvc repro finetune@<run> evaluate@<run>`` there (through ``pipeline.run``, so data are checked and
@@ -236,7 +237,7 @@ def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -
             raise UserError("the learning rate is not tuned yet: run `python -m pipeline.science.sweep tune` first")
         if lr != preset_lr:
             raise UserError(
-                f"pipeline/presets/science.yaml: train.loop.lr is {preset_lr:g}, the tuning chose {lr:g}; set it and tag a revision with it"
+                f"pipeline/presets/science.yaml: train.loop.lr is {preset_lr:g}, the tuning chose {lr:g}; set it and commit the preset"
             )
     todo = pending(runs, default, code)
     console.print(f"[bold]science {phase}[/]: {len(runs) - len(todo)} of {len(runs)} runs done at {code['commit'][:10]}; {len(todo)} to go")
@@ -276,8 +277,10 @@ def status(rev: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=("tune", "run", "status", "report"))
-    ap.add_argument("--rev", default="science-v2", help="the tagged code revision every run uses (default science-v2)")
-    ap.add_argument("--workspace", type=Path, default=None, help="the worktree the runs execute in (default ../bilora-science-<rev>)")
+    ap.add_argument(
+        "--rev", default=protocol.CODE_REV, help=f"the code revision every run uses (default {protocol.CODE_TAG} = {protocol.CODE_REV[:10]})"
+    )
+    ap.add_argument("--workspace", type=Path, default=None, help="the worktree the runs execute in (default ../bilora-science-<commit>)")
     ap.add_argument("--max-hours", type=float, default=2.0, help="start no new run after this many hours (default 2)")
     ap.add_argument("--commit", action="store_true", help="commit each run's summary (and report) as soon as it is written")
     args = ap.parse_args(argv)
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         for p in report.write(RUNS, ROOT, expected(args.rev)):
             console.print(f"wrote {p}")
         return None
-    ws = args.workspace or Path("..").resolve() / f"bilora-science-{args.rev}"
+    ws = args.workspace or Path("..").resolve() / f"bilora-science-{git('rev-parse', '--short=10', args.rev + '^{commit}')}"
     try:
         sweep(args.phase, args.rev, ws, args.max_hours, args.commit)
     except subprocess.CalledProcessError as e:
