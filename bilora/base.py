@@ -109,9 +109,7 @@ def quantize(resolved: ResolvedBase, q: QuantSpec, revision: str | None = None) 
     )
     layers.set_cpu_kernel(model, q.cpu_kernel)  # before any forward: bitsandbytes must not pick it
     quantized = {
-        name: module
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+        name: module for name, module in model.named_modules() if getattr(getattr(module, "weight", None), "quant_state", None) is not None
     }
     shapes = [(name, tuple(m.weight.quant_state.shape)) for name, m in quantized.items()]  # (out, in) before packing
     ref: Any = stored_weights(resolved.path, shapes, revision)

@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=("tune", "run", "status", "report"))
     ap.add_argument(
-        "--rev", default=protocol.CODE_REV, help=f"the code revision every run uses (default {protocol.CODE_TAG} = {protocol.CODE_REV[:10]})"
+        "--rev",
+        default=protocol.CODE_REV,
+        help=f"the code revision every run uses (default {protocol.CODE_TAG} = {protocol.CODE_REV[:10]})",
     )
     ap.add_argument("--workspace", type=Path, default=None, help="the worktree the runs execute in (default ../bilora-science-<commit>)")
     ap.add_argument("--max-hours", type=float, default=2.0, help="start no new run after this many hours (default 2)")
