@@ -184,3 +184,59 @@ def test_tuned_lr_is_the_best_mean_validation_score_smaller_on_ties(tmp_path, mo
         for task, val in (("mrpc", mrpc), ("stsb", stsb)):
             (tmp_path / f"tune-lr{lr:g}-{task}-lora-0.json").write_text(json.dumps(_summary(task, "lora", 0, 0.7, 0.1, "tune", lr, val)))
     assert sweep.tuned_lr() == 5e-4
+
+
+def test_pre_registered_calls_follow_the_rule_and_the_verdict_is_included_once_complete(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # bilora (5 seeds): test +1, +3, +2, 0, +4 points; projected increase at r = 0.05: 0.05·(0.1 + 0.01 s) vs LoRA 0.05·0.2,
+    # differences 0.05·(−0.1 + 0.01 s) = −5, −4.5, −4, −3.5, −3 (×1e-3): mean −4e-3, s = 0.5e-3·√2.5, half-width
+    # t(0.975, 4)·s/√5 = 2.776445 · 7.90569e-4 / 2.236068 = 9.81619e-4 -> supported, narrower than the effect, −40 % of LoRA's 0.01
+    # bilora_rho0.5 (3 seeds): test −2, −2.5, −1.5 points: mean −2, s = 0.5, half-width 4.302653·0.5/√3 = 1.242069 -> contradicted;
+    # projected increase at r = 0.5: 0.5·(0.1, 0.3, 0.26) vs 0.5·0.2: differences −0.05, +0.05, +0.03, mean 0.01 (+10 %),
+    # s = √((36 + 16 + 4)e-4 / 2) = 0.0529150, half-width 4.302653·0.0529150/√3 = 0.131447 -> unresolved, wider than the effect
+    lora, bil, rho = [0.80] * 5, [0.81, 0.83, 0.82, 0.80, 0.84], [0.78, 0.775, 0.785]
+    for s in range(5):
+        (runs / f"mrpc-lora-{s}.json").write_text(json.dumps(_summary("mrpc", "lora", s, lora[s], 0.2)))
+        (runs / f"mrpc-bilora-{s}.json").write_text(json.dumps(_summary("mrpc", "bilora", s, bil[s], 0.1 + 0.01 * s)))
+    for s, pgd in zip(range(3), (0.1, 0.3, 0.26)):
+        (runs / f"mrpc-bilora_rho0.5-{s}.json").write_text(json.dumps(_summary("mrpc", "bilora_rho0.5", s, rho[s], pgd)))
+    report.write(runs, tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    got = {(c["hypothesis"], c["method"]): c for c in res["calls"]}
+    assert set(got) == {("H1", "bilora"), ("H1", "bilora_rho0.5"), ("H2", "bilora"), ("H2", "bilora_rho0.5")}
+    h1 = got["H1", "bilora"]
+    assert h1["radius"] == 0.05 and h1["n"] == 5 and h1["mean"] == pytest.approx(-4e-3)
+    assert h1["half_width"] == pytest.approx(9.81619e-4, rel=1e-5) and h1["call"] == "supported" and h1["resolved"]
+    assert h1["relative"] == pytest.approx(-0.4)
+    assert got["H2", "bilora"]["call"] == "supported" and got["H2", "bilora"]["mean"] == pytest.approx(0.02)
+    h2 = got["H2", "bilora_rho0.5"]
+    assert h2["call"] == "contradicted" and h2["half_width"] == pytest.approx(1.242069e-2, rel=1e-5)
+    u = got["H1", "bilora_rho0.5"]
+    assert u["radius"] == 0.5 and u["call"] == "unresolved" and not u["resolved"]
+    assert u["half_width"] == pytest.approx(0.131447, rel=1e-5) and u["mean"] == pytest.approx(0.01) and u["relative"] == pytest.approx(0.1)
+    # step time against LoRA's run of the same seed: seed 0 ran loaded (load 3.1), so seeds 1.. only, ratio 1.1
+    sr = res["tasks"]["mrpc"]["methods"]["bilora"]["vs_lora"]["step_ratio"]
+    assert sr["n"] == 4 and sr["mean"] == pytest.approx(1.1)
+    md = (tmp_path / "report.md").read_text()
+    assert "| mrpc | H1: flatter at r = 0.05 | bilora | 5 | -0.4 [-0.498, -0.302] | -40.0 % | supported | narrower than the effect" in md
+    assert (
+        "| contradicted |" in md
+        and "| +1 [-12.1, +14.1] | +10.0 % | unresolved | **wider than the effect** (±13.1 ≥ 1): only a difference above ~13.1" in md
+        and "Provisional" in md
+    )
+    assert "1.10 (1.10-1.10, n=4)" in md
+    assert (tmp_path / "flatness_vs_rho.png").stat().st_size > 0
+    # the hand-written verdict appears only once the sweep is complete
+    (tmp_path / report.VERDICT).write_text("Bi-LoRA: hand-written verdict.\n")
+    report.write(runs, tmp_path)
+    assert "hand-written verdict" not in (tmp_path / "report.md").read_text()
+    n = len(list(runs.glob("*.json")))
+    monkeypatch.setattr(protocol, "sweep_runs", lambda: [None] * n)
+    monkeypatch.setattr(protocol, "tune_runs", lambda: [])
+    report.write(runs, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Verdict (written by hand" in md and "Bi-LoRA: hand-written verdict." in md and "Provisional" not in md
+    (tmp_path / report.VERDICT).unlink()
+    report.write(runs, tmp_path)
+    assert "the verdict is not written yet" in (tmp_path / "report.md").read_text()

@@ -6,6 +6,9 @@ compared run, the primary test metric's mean ± std over seeds and its paired di
 LoRA (same seed) with a 95 % Student-t interval; a difference is called real when that interval
 excludes 0. The same for the flatness figures (loss increase under the projected attack, the
 one-step attack and random directions, at each global radius), train–test gaps and step times.
+
+The pre-registered calls (H1, H2) are computed here from that rule; the verdict that reads them is written
+by hand into ``reports/science/verdict.md`` once the sweep is complete, and included in report.md as is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ PAPER_DIRECTION = (
 )
 KINDS = ("pgd", "one_step", "random")
 H1 = {"bilora": 0.05, "bilora_rho0.5": 0.5}  # PROTOCOL.md hypothesis 1: flatter than LoRA at its own radius r = rho
+H2 = ("bilora", "bilora_rho0.5")  # PROTOCOL.md hypothesis 2: test metric above LoRA's
+VERDICT = "verdict.md"  # hand-written beside report.md once the sweep is complete; included as is
 
 
 def load(runs_dir: Path) -> list[dict[str, Any]]:
@@ -112,6 +117,13 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
                         [mine[s]["metrics"]["test"][main] for s in common], [lora[s]["metrics"]["test"][main] for s in common]
                     ).to_dict(),
                 }
+                ratios = [
+                    mine[s]["finetune"]["median_step_time"] / lora[s]["finetune"]["median_step_time"]
+                    for s in common
+                    if quiet(mine[s]) and quiet(lora[s]) and mine[s]["cpu"]["model"] == lora[s]["cpu"]["model"]
+                ]
+                m["vs_lora"]["step_ratio"] = {"n": len(ratios), "mean": math.fsum(ratios) / len(ratios) if ratios else math.nan,
+                                              "min": min(ratios, default=math.nan), "max": max(ratios, default=math.nan)}  # fmt: skip
                 m["vs_lora"]["ball"] = {
                     rad: {
                         k: paired([ball(mine[s])[rad][k] for s in common], [ball(lora[s])[rad][k] for s in common]).to_dict() for k in KINDS
@@ -124,13 +136,76 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def calls(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pre-registered calls of PROTOCOL.md, per task: H1 (Bi-LoRA at rho has a lower projected-attack increase
+    than LoRA at r = rho) and H2 (Bi-LoRA's primary test metric is above LoRA's), each decided by the rule: the
+    paired 95 % interval excludes 0. ``call`` is "supported", "contradicted" (excludes 0 the other way) or
+    "unresolved"; ``resolved`` says whether the interval is narrower than the observed effect (half-width < |mean|),
+    and ``half_width`` is the smallest effect these seeds could resolve."""
+    out = []
+    for task, t in res["tasks"].items():
+        lora = t["methods"].get("lora")
+        cells = [("H1", m, "pgd", rho, -1) for m, rho in H1.items()] + [("H2", m, "test", None, +1) for m in H2]
+        for hyp, method, what, rad, want in cells:
+            vs = t["methods"].get(method, {}).get("vs_lora")
+            d = (vs or {}).get("test") if what == "test" else (vs or {}).get("ball", {}).get(rad, {}).get("pgd")
+            if not d or not lora:
+                continue
+            base = lora["test"][0] if what == "test" else lora["ball"][rad]["pgd"][0]
+            half = (d["high"] - d["low"]) / 2 if d["n"] > 1 else math.nan
+            excl = d["n"] > 1 and (d["low"] > 0 or d["high"] < 0)
+            call = "unresolved" if not excl else ("supported" if (d["mean"] > 0) == (want > 0) else "contradicted")
+            out.append({
+                "task": task, "hypothesis": hyp, "method": method, "radius": rad, "n": d["n"], "mean": d["mean"],
+                "low": d["low"], "high": d["high"], "half_width": half, "lora": base,
+                "relative": d["mean"] / base if base else math.nan, "call": call, "resolved": excl,
+            })  # fmt: skip
+    return out
+
+
+def _calls_md(cs: list[dict[str, Any]], complete: bool) -> list[str]:
+    md = [
+        "## Pre-registered calls (PROTOCOL.md: H1 flatter at r = ρ, H2 higher test metric; real when the 95 % interval excludes 0)",
+        "",
+    ]
+    if not complete:
+        md += ["*Provisional: the sweep is incomplete, and the calls are made on the complete sweep only.*", ""]
+    md += [
+        "| task | hypothesis | run | seeds | Δ vs LoRA [95 % CI] | relative to LoRA | call | interval vs effect |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cs:
+        what = f"flatter at r = {c['radius']:g}" if c["hypothesis"] == "H1" else "higher test metric"
+        scale, fmt = 100.0, ("+.3g" if c["hypothesis"] == "H1" else "+.2f")
+        ci = (
+            f"{c['mean'] * scale:{fmt}} [{c['low'] * scale:{fmt}}, {c['high'] * scale:{fmt}}]"
+            if c["n"] > 1
+            else f"{c['mean'] * scale:{fmt}} (n=1)"
+        )
+        if c["n"] < 2:
+            width = "one seed: no interval"
+        elif c["resolved"]:
+            width = f"narrower than the effect (±{abs(c['half_width']) * scale:.3g} < {abs(c['mean']) * scale:.3g})"
+        else:
+            width = (
+                f"**wider than the effect** (±{c['half_width'] * scale:.3g} ≥ {abs(c['mean']) * scale:.3g}): "
+                f"only a difference above ~{c['half_width'] * scale:.3g} is resolvable with {c['n']} seeds"
+            )
+        md.append(
+            f"| {c['task']} | {c['hypothesis']}: {what} | {c['method']} | {c['n']} | {ci} | {c['relative'] * 100:+.1f} % "
+            f"| {c['call']} | {width} |"
+        )
+    md += ["", "Δ: flatness ×100 (loss increase), test metric in points; relative: Δ over LoRA's mean.", ""]
+    return md
+
+
 def _paired_from(d: dict) -> Any:
     from pipeline.science.stats import Paired
 
     return Paired(**d)
 
 
-def markdown(res: dict[str, Any], runs: list[dict]) -> str:
+def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) -> str:
     expected = len(protocol.sweep_runs()) + len(protocol.tune_runs())
     commits = sorted({r["code"]["commit"][:10] for r in runs})
     cpus = sorted({f"{r['cpu']['model']} ({r['cpu']['class']}, {r['cpu']['cores']} cores)" for r in runs})
@@ -145,8 +220,13 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
         f"- wall time of the summarised runs: {sum(r['wall_s'] for r in runs) / 3600:.2f} h",
         "",
     ]
-    if len(runs) < expected:
+    complete = len(runs) >= expected
+    if not complete:
         md += ["**The sweep is incomplete: no verdict is drawn from these numbers yet.**", ""]
+    elif verdict:
+        md += ["## Verdict (written by hand from the complete sweep: [verdict.md](verdict.md))", "", verdict.strip(), ""]
+    else:
+        md += [f"**The sweep is complete; the verdict is not written yet ({VERDICT}).**", ""]
     if res["tuning"]:
         md += [
             "## Learning-rate tuning (LoRA, seed 0; chosen on validation, mean over tasks)",
@@ -183,15 +263,20 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
             verdict = "meets" if lora["test"][0] >= need else "**does not meet**"
             md += [f"LoRA's mean test {t['primary']} {_fmt(lora['test'][0])} {verdict} the threshold.", ""]
         md += [
-            "| run | seeds | test | Δ vs LoRA [95 % CI] | test F1 (secondary) | train − test gap | median s/step, quiet runs only |",
-            "|---|---|---|---|---|---|---|",
+            "| run | seeds | test | Δ vs LoRA [95 % CI] | test F1 (secondary) | train − test gap | median s/step, quiet runs only "
+            "| s/step ÷ LoRA's, same seed and CPU |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, m in t["methods"].items():
             vs = _pair_cell(_paired_from(m["vs_lora"]["test"])) if "vs_lora" in m else "-"
             st = "; ".join(f"{cls}: {sum(v) / len(v):.3f} (n={len(v)})" for cls, v in m["step_time"].items()) or "- (no quiet run)"
             f1 = "-" if math.isnan(m["f1"][0]) else f"{_fmt(m['f1'][0])} ± {_fmt(m['f1'][1])}"
             gap = f"{_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])}"
-            md.append(f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {f1} | {gap} | {st} |")
+            sr = m.get("vs_lora", {}).get("step_ratio", {})
+            ratio = f"{sr['mean']:.2f} ({sr['min']:.2f}-{sr['max']:.2f}, n={sr['n']})" if sr.get("n") else "-"
+            md.append(
+                f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {f1} | {gap} | {st} | {ratio} |"
+            )
         md.append("")
         radii = sorted({rad for m in t["methods"].values() for rad in m["ball"]})
         if radii:
@@ -215,13 +300,18 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
                     cells = " | ".join(f"{b[k][0] * 100:.3g} ± {b[k][1] * 100:.3g}" for k in KINDS)
                     md.append(f"| {method} | {rad:g} | {cells} | {cell} |")
             md.append("")
+    cs = calls(res)
+    if cs:
+        md += _calls_md(cs, complete)
     md += [
         "## Reading the intervals",
         "",
         "† marks a 95 % paired interval that excludes 0. The intervals cover the spread over seeds (data order and "
         "initialisation) on one fixed test set, not the sampling of the test set itself. Per task the report makes 4 accuracy "
         "calls and 4 radii × 4 runs of flatness calls; about 1 in 20 of them excludes 0 when nothing differs, so only the "
-        "pre-registered cells carry a claim (H1: bold; H2: the Bi-LoRA rows' Δ test).",
+        "pre-registered cells carry a claim (H1: bold; H2: the Bi-LoRA rows' Δ test). Step times: runs of one seed ran "
+        "back to back on one machine, so the ratio to LoRA's run of the same seed (both quiet, same CPU model) compares "
+        "methods without the machine-to-machine spread of the absolute times.",
         "",
         "## Paper",
         "",
@@ -232,8 +322,9 @@ def markdown(res: dict[str, Any], runs: list[dict]) -> str:
 
 
 def figures(res: dict[str, Any], runs: list[dict], out_dir: Path) -> list[Path]:
-    """flatness_vs_radius.png (projected-attack increase against r, mean ± std over seeds) and
-    accuracy_vs_flatness.png (every run: test metric against its increase at r = 0.05); [] without ball data."""
+    """flatness_vs_radius.png (projected-attack increase against r, mean ± std over seeds), flatness_vs_rho.png
+    (the same against Bi-LoRA's ρ, LoRA as ρ = 0, a line per radius) and accuracy_vs_flatness.png (every run: test
+    metric against its increase at r = 0.05 and 0.5, the radii the two Bi-LoRA runs defend); [] without ball data."""
     from pipeline.report.plots import _save, plt
 
     tasks = [t for t, v in res["tasks"].items() if any(m["ball"] for m in v["methods"].values())]
@@ -254,17 +345,33 @@ def figures(res: dict[str, Any], runs: list[dict], out_dir: Path) -> list[Path]:
         ax.set(xscale="log", yscale="log", xlabel="global radius r", ylabel="loss increase (projected attack)", title=task.upper())
         ax.legend(fontsize=8)
     _save(fig, out_dir / "flatness_vs_radius.png")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    r0 = protocol.RADII[0]
-    for ax, task in zip(axes[0], tasks):
-        main = protocol.PRIMARY[task]
-        for method in res["tasks"][task]["methods"]:
-            pts = [(ball(r)[r0]["pgd"], r["metrics"]["test"][main]) for r in by_seed(runs, task, method).values() if r0 in ball(r)]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=18)
-        ax.set(xscale="log", xlabel=f"loss increase at r = {r0:g} (projected attack)", ylabel=f"test {main}", title=task.upper())
-        ax.legend(fontsize=8)
+    radii = (protocol.RADII[0], protocol.RADII[-1])  # the radii the two Bi-LoRA runs defend
+    fig, axes = plt.subplots(len(radii), len(tasks), figsize=(5.5 * len(tasks), 4 * len(radii)), squeeze=False)
+    for row, r0 in zip(axes, radii):
+        for ax, task in zip(row, tasks):
+            main = protocol.PRIMARY[task]
+            for method in res["tasks"][task]["methods"]:
+                pts = [(ball(r)[r0]["pgd"], r["metrics"]["test"][main]) for r in by_seed(runs, task, method).values() if r0 in ball(r)]
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=18)
+            ax.set(xscale="log", xlabel=f"loss increase at r = {r0:g} (projected attack)", ylabel=f"test {main}", title=task.upper())
+            ax.legend(fontsize=8)
     _save(fig, out_dir / "accuracy_vs_flatness.png")
-    return [out_dir / "flatness_vs_radius.png", out_dir / "accuracy_vs_flatness.png"]
+    # flatness against rho: LoRA is rho = 0, then Bi-LoRA at each rho of H1; one line per attack radius
+    ladder = [("lora", "LoRA\n(ρ = 0)")] + [(m, f"{m}\n(ρ = {rho:g})") for m, rho in H1.items()]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        ms = res["tasks"][task]["methods"]
+        have = [(i, m) for i, (m, _) in enumerate(ladder) if m in ms and ms[m]["ball"]]
+        for rad in protocol.RADII:
+            pts = [(i, ms[m]["ball"][rad]["pgd"]) for i, m in have if rad in ms[m]["ball"]]
+            ax.errorbar(
+                [p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3, label=f"r = {rad:g}"
+            )
+        ax.set_xticks(range(len(ladder)), [label for _, label in ladder], fontsize=8)
+        ax.set(yscale="log", ylabel="loss increase (projected attack)", title=f"{task.upper()}: flatness against ρ")
+        ax.legend(fontsize=8)
+    _save(fig, out_dir / "flatness_vs_rho.png")
+    return [out_dir / "flatness_vs_radius.png", out_dir / "flatness_vs_rho.png", out_dir / "accuracy_vs_flatness.png"]
 
 
 def write(runs_dir: Path, out_dir: Path, expected: dict[str, str] | None = None) -> list[Path]:
@@ -275,9 +382,10 @@ def write(runs_dir: Path, out_dir: Path, expected: dict[str, str] | None = None)
     runs = [r for r in runs if r["name"] not in stale]
     res = analyse(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res, default=str)))
+    atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res | {"calls": calls(res)}, default=str)))
     pngs = figures(res, runs, out_dir)
-    text = markdown(res, runs)
+    verdict = out_dir / VERDICT
+    text = markdown(res, runs, verdict.read_text(encoding="utf-8") if verdict.exists() else None)
     if stale:
         text += (
             "\nLeft out as stale (another code revision, preset or task set than the current protocol; the RTE tuning runs "
