@@ -240,3 +240,15 @@ def test_pre_registered_calls_follow_the_rule_and_the_verdict_is_included_once_c
     (tmp_path / report.VERDICT).unlink()
     report.write(runs, tmp_path)
     assert "the verdict is not written yet" in (tmp_path / "report.md").read_text()
+
+
+def test_sweep_status_prints_no_third_party_noise():
+    """The sweep is an entry point like the stages: pipeline.quiet filters bitsandbytes' optional-kernel notice
+    (printed on import on avx512_bf16 CPUs) before the method registry imports it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.science.sweep", "status"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "sweep:" in out.stdout and "of 42 summarised" in out.stdout
+    assert "gemm_4bit_forward" not in out.stdout + out.stderr

@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bilora.io import atomic_write_json
+from pipeline.quiet import quiet
+
+quiet()  # before the imports below, which import torch/peft/bitsandbytes through the method registry
+
+from bilora.io import atomic_write_json  # noqa: E402
 from pipeline.config import validate_dict
 from pipeline.console import console, error
 from pipeline.errors import UserError, cli
