@@ -252,3 +252,13 @@ def test_sweep_status_prints_no_third_party_noise():
     assert out.returncode == 0, out.stderr
     assert "sweep:" in out.stdout and "of 42 summarised" in out.stdout
     assert "gemm_4bit_forward" not in out.stdout + out.stderr
+
+
+def test_relative_effect_is_over_lora_on_the_paired_seeds_only():
+    # LoRA seeds 0, 1, 2: 0.70, 0.80, 0.90; Bi-LoRA seeds 0, 1: 0.72, 0.84 -> differences 0.02, 0.04, mean 0.03;
+    # LoRA's mean over the paired seeds 0, 1 is 0.75, so relative = 0.03 / 0.75 = 0.04 (not 0.03 / 0.80 over all three)
+    runs = [_summary("mrpc", "lora", s, acc, 0.2) for s, acc in enumerate((0.70, 0.80, 0.90))]
+    runs += [_summary("mrpc", "bilora", s, acc, 0.2) for s, acc in enumerate((0.72, 0.84))]
+    (h2,) = [c for c in report.calls(report.analyse(runs)) if c["hypothesis"] == "H2"]
+    assert h2["n"] == 2 and h2["mean"] == pytest.approx(0.03) and h2["lora"] == pytest.approx(0.75)
+    assert h2["relative"] == pytest.approx(0.04)

@@ -48,7 +48,7 @@ def ball(s: dict[str, Any]) -> dict[float, dict[str, float]]:
 
 
 def quiet(s: dict[str, Any]) -> bool:
-    """Whether the run had the CPU to itself: 1-min load average at start and end ≤ cores + 0.5 (a run's own two
+    """Whether the run had the CPU to itself: every 1-min load average sampled during the run ≤ cores + 0.5 (a run's own two
     threads count ~2). Step times of other runs are not compared; runs without a record count as loaded."""
     load = s.get("load_avg")
     return bool(load) and max(load) <= s["cpu"]["cores"] + 0.5
@@ -73,6 +73,11 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     m = math.fsum(xs) / n
     return m, (math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+def _vs(a: list[float], b: list[float]) -> dict[str, float]:
+    """The paired comparison of a against b (LoRA) as a dict, with ``base``: b's mean over the paired seeds."""
+    return paired(a, b).to_dict() | {"base": math.fsum(b) / len(b)}
 
 
 def analyse(runs: list[dict]) -> dict[str, Any]:
@@ -113,9 +118,7 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
             if method != "lora" and len(common) >= 1:
                 m["vs_lora"] = {
                     "seeds": common,
-                    "test": paired(
-                        [mine[s]["metrics"]["test"][main] for s in common], [lora[s]["metrics"]["test"][main] for s in common]
-                    ).to_dict(),
+                    "test": _vs([mine[s]["metrics"]["test"][main] for s in common], [lora[s]["metrics"]["test"][main] for s in common]),
                 }
                 ratios = [
                     mine[s]["finetune"]["median_step_time"] / lora[s]["finetune"]["median_step_time"]
@@ -125,9 +128,7 @@ def analyse(runs: list[dict]) -> dict[str, Any]:
                 m["vs_lora"]["step_ratio"] = {"n": len(ratios), "mean": math.fsum(ratios) / len(ratios) if ratios else math.nan,
                                               "min": min(ratios, default=math.nan), "max": max(ratios, default=math.nan)}  # fmt: skip
                 m["vs_lora"]["ball"] = {
-                    rad: {
-                        k: paired([ball(mine[s])[rad][k] for s in common], [ball(lora[s])[rad][k] for s in common]).to_dict() for k in KINDS
-                    }
+                    rad: {k: _vs([ball(mine[s])[rad][k] for s in common], [ball(lora[s])[rad][k] for s in common]) for k in KINDS}
                     for rad in radii
                     if all(rad in ball(lora[s]) for s in common)
                 }
@@ -151,7 +152,7 @@ def calls(res: dict[str, Any]) -> list[dict[str, Any]]:
             d = (vs or {}).get("test") if what == "test" else (vs or {}).get("ball", {}).get(rad, {}).get("pgd")
             if not d or not lora:
                 continue
-            base = lora["test"][0] if what == "test" else lora["ball"][rad]["pgd"][0]
+            base = d["base"]  # LoRA's mean over the paired seeds
             half = (d["high"] - d["low"]) / 2 if d["n"] > 1 else math.nan
             excl = d["n"] > 1 and (d["low"] > 0 or d["high"] < 0)
             call = "unresolved" if not excl else ("supported" if (d["mean"] > 0) == (want > 0) else "contradicted")
@@ -202,7 +203,7 @@ def _calls_md(cs: list[dict[str, Any]], complete: bool) -> list[str]:
 def _paired_from(d: dict) -> Any:
     from pipeline.science.stats import Paired
 
-    return Paired(**d)
+    return Paired(**{k: v for k, v in d.items() if k != "base"})
 
 
 def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) -> str:
