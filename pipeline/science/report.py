@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bilora.io import atomic_write_json, atomic_write_text
-from pipeline.science import protocol
+from pipeline.science import exploratory, protocol
 from pipeline.science.stats import paired
 
 PAPER_DIRECTION = (
@@ -304,6 +304,7 @@ def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) 
     cs = calls(res)
     if cs:
         md += _calls_md(cs, complete)
+    md += exploratory.markdown(runs, ball)
     md += [
         "## Reading the intervals",
         "",
