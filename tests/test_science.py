@@ -262,3 +262,23 @@ def test_relative_effect_is_over_lora_on_the_paired_seeds_only():
     (h2,) = [c for c in report.calls(report.analyse(runs)) if c["hypothesis"] == "H2"]
     assert h2["n"] == 2 and h2["mean"] == pytest.approx(0.03) and h2["lora"] == pytest.approx(0.75)
     assert h2["relative"] == pytest.approx(0.04)
+
+
+def test_committed_mrpc_adapters_cover_every_seed_fit_10_mib_and_are_bf16_peft():
+    """Issue "Where Bi-LoRA should win", item 7: the MRPC adapters of LoRA and both Bi-LoRA runs, all seeds, as PEFT
+    safetensors in bf16, ≤ 10 MiB in total, with the data licence note beside them."""
+    from safetensors import safe_open
+
+    root = ROOT / "reports/science/adapters"
+    want = {f"mrpc-{m}-{s}" for m in protocol.ADAPTERS for s in range(protocol.SEEDS[m])}
+    assert {p.name for p in root.iterdir() if p.is_dir()} == want
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 10 * 2**20
+    assert "non-commercial" in (root / "README.md").read_text(encoding="utf-8")
+    keysets = set()
+    for name in want:
+        assert json.loads((root / name / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        with safe_open(str(root / name / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            assert keys and all(f.get_slice(k).get_dtype() == "BF16" for k in keys)
+            keysets.add(frozenset(keys))
+    assert len(keysets) == 1  # Bi-LoRA's files hold LoRA's tensors and nothing more: the auxiliary is dropped
