@@ -413,7 +413,7 @@ def _library(module: str, name: str) -> Any:
 LoopConfig = section_model(_library("bilora.train", "LoopConfig"), "LoopConfig", _Section)
 LoraConfig = section_model(_library("bilora.methods.lora", "LoraConfig"), "LoraConfig", _Section)
 SharpnessParams = section_model(
-    _library("bilora.sharpness", "SharpnessConfig"),
+    _library("bilora.sharpness.config", "SharpnessConfig"),
     "SharpnessParams",
     _Section,
     extra={
@@ -421,7 +421,7 @@ SharpnessParams = section_model(
         "examples": (int, Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")),
         "metric_examples": (int, Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
     },
-    doc="Flatness measurements in evaluate: bilora.sharpness.SharpnessConfig plus which examples to measure on.",
+    doc="Flatness measurements in evaluate: bilora.sharpness.config.SharpnessConfig plus which examples to measure on.",
 )
 FIXED_TRAIN_KEYS = ("methods", "seeds", "plugins", "variants", "loop", "lora", "distributed")
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")

@@ -11,8 +11,10 @@ from typing import Any
 from peft import PeftModel
 
 from bilora.io import atomic_write_json
-from bilora.sharpness import Objective, SharpnessConfig, measure, task_eval
-from bilora.sharpness_result import SharpnessResult
+from bilora.sharpness.config import SharpnessConfig
+from bilora.sharpness.measure import measure
+from bilora.sharpness.objective import Objective, task_eval
+from bilora.sharpness.result import SharpnessResult
 from pipeline import formats, layout
 from pipeline.catalog import get_task, options
 from pipeline.console import info

@@ -58,6 +58,6 @@ def test_methods_and_sharpness_share_the_backend_not_each_other():
         if f.stem in ("__init__", "method"):
             continue
         bad += [f"{f.name}: {m}" for m in _bilora_imports(f) & method_files if m != f"bilora.methods.{f.stem}"]
-    for f in sorted((ROOT / "bilora").glob("sharpness*.py")):
+    for f in sorted((ROOT / "bilora").joinpath("sharpness").glob("*.py")):
         bad += [f"{f.name}: {m}" for m in _bilora_imports(f) if m.startswith("bilora.methods")]
     assert not bad, bad

@@ -1,4 +1,4 @@
-"""bilora.ball: the one-step and projected attacks and random directions in a global Frobenius ball.
+"""bilora.sharpness.ball: the one-step and projected attacks and random directions in a global Frobenius ball.
 
 The reference is the quadratic of tests/test_sharpness (one adapted linear layer, MSE, float64):
 L(W' + Δ) − L(W') = <G, Δ> + Σ_i Δ_i M Δ_iᵀ with G = dL/dW' and M = XᵀX/(Nm), so the worst case
@@ -16,11 +16,14 @@ import math
 import pytest
 import torch
 
-from bilora import ball, sharpness
-from bilora.sharpness import SharpnessConfig
+from bilora import adapters
+from bilora.sharpness import ball
+from bilora.sharpness.config import SharpnessConfig
+from bilora.sharpness.measure import measure
+from bilora.sharpness.result import SharpnessResult
 from tests.test_sharpness import assert_same, factors, quad_delta, quad_grad, quadratic, state
 
-P = sharpness.adapters.PRIMARY
+P = adapters.PRIMARY
 
 
 def worst_case(layer, x, y, radius: float) -> tuple[float, torch.Tensor]:
@@ -125,12 +128,12 @@ def test_measure_reports_the_ball_and_its_headline_round_trips():
         ball_steps=3,
         ball_directions=2,
     )
-    result = sharpness.measure(model, objective, cfg)
+    result = measure(model, objective, cfg)
     d = result.to_dict()
     ball_part = d["spaces"]["full"]["ball"]
     assert [p["radius"] for p in ball_part["radii"]] == [0.05, 0.5] and ball_part["steps"] == 3
     assert d["spaces"]["full"]["cost"]["grad_passes"] == 1 + 2 * 3  # the gradient at θ, then 3 per radius
-    assert json.dumps(sharpness.SharpnessResult.from_dict(json.loads(json.dumps(d))).to_dict()) == json.dumps(d)
+    assert json.dumps(SharpnessResult.from_dict(json.loads(json.dumps(d))).to_dict()) == json.dumps(d)
     head = result.headline("accuracy")
     assert head == {
         f"full.ball.r{t}.{k}": ball_part["radii"][i][k] if k != "random" else ball_part["radii"][i]["random"]["mean"]
@@ -138,5 +141,5 @@ def test_measure_reports_the_ball_and_its_headline_round_trips():
         for k in ("pgd", "one_step", "random")
     }
     # without ball radii nothing changes: no "ball" key, no ball headline
-    plain = sharpness.measure(model, objective, dataclasses.replace(cfg, ball_radii=(), radii=(0.01,), n_directions=1)).to_dict()
+    plain = measure(model, objective, dataclasses.replace(cfg, ball_radii=(), radii=(0.01,), n_directions=1)).to_dict()
     assert "ball" not in plain["spaces"]["full"] and "ball_s" not in plain["spaces"]["full"]["cost"]

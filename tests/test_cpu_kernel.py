@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from bilora import adapters, base, layers, sharpness
+from bilora import adapters, base, layers
+from bilora.sharpness.config import SharpnessConfig
+from bilora.sharpness.measure import measure
+from bilora.sharpness.objective import Objective
 from bilora.merge import dequantize
 
 pytest.importorskip("bitsandbytes")
@@ -165,9 +168,9 @@ def test_sharpness_on_packed_model_leaves_it_bit_identical(tmp_path):
         ids = torch.tensor([e["input_ids"] for e in ex])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([e["label"] for e in ex])}
 
-    objective = sharpness.Objective.from_dataset(examples, collate, batch_size=4)
-    cfg = sharpness.SharpnessConfig(radii=(0.01,), n_directions=1, attack_alphas=(0.0, 1.0), curve_points=0, spaces=("full", "lora"))
-    result = sharpness.measure(model, objective, cfg, None).to_dict()
+    objective = Objective.from_dataset(examples, collate, batch_size=4)
+    cfg = SharpnessConfig(radii=(0.01,), n_directions=1, attack_alphas=(0.0, 1.0), curve_points=0, spaces=("full", "lora"))
+    result = measure(model, objective, cfg, None).to_dict()
     assert result["spaces"]["full"]["attack"]["points"][1]["loss"] > result["base"]["loss"]
     assert all(torch.equal(m.weight.data, d) for m, d in zip(q4, datas))
     for n, t in model.state_dict().items():

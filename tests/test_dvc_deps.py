@@ -167,7 +167,7 @@ def test_closure_follows_submodules_relative_and_stage_imports():
         "bilora/methods/__init__.py",
     } <= finetune
     evaluate = closure(["stages.evaluate"])
-    assert {"bilora/sharpness.py", "bilora/layers.py", "bilora/base.py"} <= evaluate
+    assert {"bilora/sharpness/measure.py", "bilora/sharpness/ball.py", "bilora/layers.py", "bilora/base.py"} <= evaluate
     # sharpness takes its 4-bit helpers from bilora/layers.py, not from a method file
     assert not any(f.startswith("bilora/methods/") for f in evaluate), sorted(evaluate)
 

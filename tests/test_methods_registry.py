@@ -15,7 +15,7 @@ import yaml
 
 from bilora import methods
 from bilora.methods.method import _REGISTRY
-from bilora.sharpness import SharpnessConfig
+from bilora.sharpness.config import SharpnessConfig
 from bilora.train import FineTuner, LoopConfig
 from pipeline.config import ConfigError, validate_dict
 from pipeline.sections import to_settings

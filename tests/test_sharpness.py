@@ -14,8 +14,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from bilora import adapters
-from bilora import layers as base_layers, sharpness
-from bilora.sharpness import Direction, Objective, SharpnessConfig, perturbation, random_direction
+from bilora import layers as base_layers
+from bilora.sharpness.config import SharpnessConfig
+from bilora.sharpness.measure import attack_curve, gradient_direction, loss_curve_1d, measure, random_sharpness
+from bilora.sharpness.objective import Objective, task_eval
+from bilora.sharpness.result import SharpnessResult
+from bilora.sharpness.space import Direction, perturbation, random_direction, space_dim
 from tests.tiny import SPEC, cls_examples, collate, peft_bert
 from tests.tiny import nf4_bert as tiny_nf4_bert
 
@@ -93,7 +97,7 @@ def test_objective_is_the_example_weighted_mean():
 def test_full_space_random_sharpness_equals_the_quadratic_form():
     model, layer, objective, x, y = quadratic()
     radii = (0.01, 0.1, 0.5)
-    res = sharpness.random_sharpness(model, objective, "full", radii, n_directions=3, seed=4)
+    res = random_sharpness(model, objective, "full", radii, n_directions=3, seed=4)
     assert res["base_loss"] == objective.value(model)
     for entry in res["radii"]:
         t = entry["radius"]
@@ -115,7 +119,7 @@ def test_lora_space_random_sharpness_equals_explicit_factors():
     w0 = layer.get_base_layer().weight.detach().double()
     bias = layer.get_base_layer().bias.detach().double()
     l0 = mse(merged(layer), bias, x, y)
-    res = sharpness.random_sharpness(model, objective, "lora", (0.05, 0.3), n_directions=2, seed=1)
+    res = random_sharpness(model, objective, "lora", (0.05, 0.3), n_directions=2, seed=1)
     for entry in res["radii"]:
         t = entry["radius"]
         for k, value in enumerate(entry["values"]):
@@ -128,7 +132,7 @@ def test_lora_space_random_sharpness_equals_explicit_factors():
 def test_gradient_direction_and_attack_are_analytic_in_the_full_space():
     model, layer, objective, x, y = quadratic()
     g = quad_grad(layer, x, y)
-    d, norm, loss = sharpness.gradient_direction(model, "full", objective)
+    d, norm, loss = gradient_direction(model, "full", objective)
     # float64 autograd vs the analytic gradient (another association of the same products): observed ≤ 2e-16
     # relative; atol 1e-14 for entries near 0 of the unit direction
     assert norm == pytest.approx(float(g.norm()), rel=1e-12)
@@ -137,7 +141,7 @@ def test_gradient_direction_and_attack_are_analytic_in_the_full_space():
     assert loss == pytest.approx(objective.value(model), rel=1e-12)  # the same float64 forward (observed identical)
 
     alphas = (0.0, 0.1, 1.0, 2.5)
-    res = sharpness.attack_curve(model, objective, "full", alphas)
+    res = attack_curve(model, objective, "full", alphas)
     assert res["grad_norm"] == pytest.approx(norm, rel=1e-12)  # the same float64 computation again (observed identical)
     g_hat = g / g.norm()
     xd = x @ g_hat.T
@@ -156,14 +160,14 @@ def test_gradient_direction_and_attack_in_the_lora_space():
     g = quad_grad(layer, x, y)
     ga, gb = s * b.T @ g, s * g @ a.T  # dL/dA (r, in), dL/dB (out, r)
     norm = math.sqrt(float((ga**2).sum() + (gb**2).sum()))
-    d, measured_norm, _ = sharpness.gradient_direction(model, "lora", objective)
+    d, measured_norm, _ = gradient_direction(model, "lora", objective)
     # as in the full space: float64 autograd vs analytic factors (observed ≤ 5e-16 relative)
     assert measured_norm == pytest.approx(norm, rel=1e-12)
     torch.testing.assert_close(d.parts[0].double(), ga / norm, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(d.parts[1].double(), gb / norm, rtol=1e-12, atol=1e-14)
     w0 = layer.get_base_layer().weight.detach().double()
     bias = layer.get_base_layer().bias.detach().double()
-    res = sharpness.attack_curve(model, objective, "lora", (0.0, 0.5))
+    res = attack_curve(model, objective, "lora", (0.0, 0.5))
     w_attacked = w0 + s * (b + 0.5 * gb / norm) @ (a + 0.5 * ga / norm)
     assert res["points"][1]["loss"] == pytest.approx(mse(w_attacked, bias, x, y), rel=1e-12)  # float64 (observed 3e-16)
     assert res["points"][1]["loss"] > res["points"][0]["loss"]
@@ -172,7 +176,7 @@ def test_gradient_direction_and_attack_in_the_lora_space():
 def test_loss_curve_is_the_analytic_parabola_and_the_slice_of_direction_zero():
     model, layer, objective, x, y = quadratic()
     points = (-0.2, -0.1, 0.0, 0.1, 0.2)
-    curve = sharpness.loss_curve_1d(model, objective, "full", points, seed=2)
+    curve = loss_curve_1d(model, objective, "full", points, seed=2)
     l0 = objective.value(model)
     assert [t for t, _ in curve] == list(points)
     assert curve[2][1] == l0  # t = 0: exactly the unperturbed loss
@@ -190,7 +194,7 @@ def test_loss_curve_is_the_analytic_parabola_and_the_slice_of_direction_zero():
     # and the float32 rounding of the perturbation enters 2 t² quad only, twice (≤ 2.4e-7 relative; observed 9e-8)
     assert curve[4][1] + curve[0][1] - 2 * l0 == pytest.approx(2 * 0.04 * quad, rel=1e-6)
     # the curve is the slice along random direction 0 of random_sharpness, bit for bit
-    rs = sharpness.random_sharpness(model, objective, "full", (0.1, 0.2), n_directions=1, seed=2)
+    rs = random_sharpness(model, objective, "full", (0.1, 0.2), n_directions=1, seed=2)
     assert [e["values"][0] for e in rs["radii"]] == [curve[3][1] - l0, curve[4][1] - l0]
     assert [e["std"] for e in rs["radii"]] == [0.0, 0.0]
 
@@ -320,11 +324,11 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
     model.train()
     data = cls_examples(12)
     objective = Objective.from_dataset(data, collate, batch_size=8)
-    eval_fn = sharpness.task_eval(data, collate, ["accuracy", "mcc"], batch_size=8)
+    eval_fn = task_eval(data, collate, ["accuracy", "mcc"], batch_size=8)
     before = state(model)
     rng = torch.get_rng_state()
 
-    result = sharpness.measure(model, objective, SMALL, eval_fn)
+    result = measure(model, objective, SMALL, eval_fn)
     first = result.to_dict()
     assert_same(before, state(model))
     assert torch.equal(torch.get_rng_state(), rng)
@@ -336,15 +340,15 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
     assert first["base"]["loss"] != objective.value(model.eval())  # the auxiliary does change the loss
     model.train()
 
-    second = sharpness.measure(model, objective, SMALL, eval_fn).to_dict()
+    second = measure(model, objective, SMALL, eval_fn).to_dict()
     assert without_times(first) == without_times(second)
-    other = sharpness.measure(model, objective, dataclasses.replace(SMALL, seed=1), eval_fn).to_dict()
+    other = measure(model, objective, dataclasses.replace(SMALL, seed=1), eval_fn).to_dict()
     assert other["spaces"]["full"]["random"]["radii"][0]["values"] != first["spaces"]["full"]["random"]["radii"][0]["values"]
     assert other["spaces"]["full"]["attack"] == first["spaces"]["full"]["attack"]  # the attack is not random
 
     for space in ("full", "lora"):
         res = first["spaces"][space]
-        assert res["dim"] == sharpness.space_dim(model, space) > 0
+        assert res["dim"] == space_dim(model, space) > 0
         assert [p["alpha"] for p in res["attack"]["points"]] == [0.0, 1.0]
         assert set(res["attack"]["points"][0]["metrics"]) == {"accuracy", "mcc"}
         assert res["attack"]["points"][0]["metrics"] == first["base"]["metrics"]
@@ -357,7 +361,7 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
 
     # the typed result: its JSON form round-trips, and its headline holds the committed metrics/ keys
     as_json = json.dumps(first)
-    assert json.dumps(sharpness.SharpnessResult.from_dict(json.loads(as_json)).to_dict()) == as_json
+    assert json.dumps(SharpnessResult.from_dict(json.loads(as_json)).to_dict()) == as_json
     head = result.headline("accuracy")
     want = {}
     for space in ("full", "lora"):
@@ -403,7 +407,7 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     # the full-space gradient on a 4-bit base is dL/dW' of the explicit dequantised merged weight
     data = cls_examples(8)
     objective = Objective.from_dataset(data, collate, batch_size=8)
-    d, norm, _ = sharpness.gradient_direction(model, "full", objective)
+    d, norm, _ = gradient_direction(model, "full", objective)
     grads = {}
 
     def hook(module, inputs, output):
@@ -431,7 +435,7 @@ def test_nf4_base_exact_perturbation_and_nothing_mutated(tmp_path):
     try:
         for m in q4:
             m.support_avx512bf16_for_cpu = True
-        result = sharpness.measure(model, objective, SMALL, sharpness.task_eval(data, collate, ["accuracy"])).to_dict()
+        result = measure(model, objective, SMALL, task_eval(data, collate, ["accuracy"])).to_dict()
         assert all(m.support_avx512bf16_for_cpu for m in q4)
     finally:
         for m, f in zip(q4, flags):
@@ -464,11 +468,11 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
     objective = Objective.from_dataset(data, collate, batch_size=8)
     before = state(model)
     cfg = dataclasses.replace(SMALL, dtype="float64")
-    got = sharpness.measure(model, objective, cfg, None).to_dict()
+    got = measure(model, objective, cfg, None).to_dict()
     assert_same(before, state(model))  # the copy is measured; the 4-bit model is untouched
     ref = _dense_float64_by_hand(model)
     assert not any(base_layers.is_4bit(m) for m in ref.modules())
-    want = sharpness.measure(ref, objective, dataclasses.replace(SMALL, dtype="model"), None).to_dict()
+    want = measure(ref, objective, dataclasses.replace(SMALL, dtype="model"), None).to_dict()
     # the same float64 function evaluated in the same order: equal up to float64 rounding (1e-16 relative)
     assert got["base"]["loss"] == pytest.approx(want["base"]["loss"], rel=1e-12, abs=0)
     for space in ("full", "lora"):
@@ -481,7 +485,7 @@ def test_float64_measurement_is_the_dense_float64_model(tmp_path):
         )
     # float32 on the 4-bit model computes the same function: the losses agree to float32 rounding
     # (~1e-7 relative of a mean over 8 examples), so 1e-5 bounds it and the float64 figure is a refinement
-    f32 = sharpness.measure(model, objective, SMALL, None).to_dict()
+    f32 = measure(model, objective, SMALL, None).to_dict()
     assert f32["base"]["loss"] != got["base"]["loss"]
     assert f32["base"]["loss"] == pytest.approx(got["base"]["loss"], rel=1e-5)
 
@@ -495,9 +499,9 @@ def test_bad_inputs_are_refused():
         SharpnessConfig(dtype="float16")
     model, _, objective, _, _ = quadratic()
     with pytest.raises(ValueError, match="unknown space"):
-        sharpness.random_direction(model, "both")
+        random_direction(model, "both")
     with pytest.raises(ValueError, match="parts"):
         with perturbation(model, Direction("lora", []), 0.1):
             pass
     with pytest.raises(ValueError, match="no LoRA layers"):
-        sharpness.space_dim(OneLinear(2, 2), "full")
+        space_dim(OneLinear(2, 2), "full")

@@ -6,7 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 
-from bilora.sharpness_result import SharpnessResult
+from bilora.sharpness.result import SharpnessResult
 from pipeline import layout
 from pipeline.config import Params
 from pipeline.figures import rounded

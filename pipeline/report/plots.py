@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bilora.io import atomic_dir, atomic_write_json  # noqa: E402
-from bilora.sharpness_result import SharpnessResult  # noqa: E402
+from bilora.sharpness.result import SharpnessResult  # noqa: E402
 from pipeline import layout  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.report.collect import Collected  # noqa: E402

@@ -1,7 +1,7 @@
-"""What :func:`bilora.sharpness.measure` returns: typed results that know their own headline.
+"""What :func:`bilora.sharpness.measure.measure` returns: typed results that know their own headline.
 
 The JSON form (:meth:`SharpnessResult.to_dict`, written to ``sharpness.json``) is the nested dict
-documented on :func:`~bilora.sharpness.measure`; :meth:`SharpnessResult.from_dict` reads it back.
+documented on :func:`~bilora.sharpness.measure.measure`; :meth:`SharpnessResult.from_dict` reads it back.
 :meth:`SharpnessResult.headline` gives the flat DVC metrics (``metrics/*.json`` ``sharpness``
 section). Their key names (``full.random.r0.01.mean``, ``lora.attack.a2.5.accuracy``, ...) are
 fixed: users' ``dvc metrics`` history depends on them.
@@ -9,8 +9,17 @@ fixed: users' ``dvc metrics`` history depends on them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """mean, sample std (ddof=1; 0 for one value), min, max and the values: the JSON form of :class:`RadiusStats` less its radius."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class AttackResult:
 
 @dataclass(frozen=True)
 class BallPoint:
-    """Loss increases at one global radius r (bilora.ball): one-step attack, projected attack, random directions."""
+    """Loss increases at one global radius r (bilora.sharpness.ball): one-step attack, projected attack, random directions."""
 
     radius: float
     one_step: float

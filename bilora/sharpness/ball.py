@@ -5,7 +5,7 @@ These are the radii the methods defend: Bi-LoRA keeps its auxiliary s2·B2A2 in 
 sqrt(Σ_l ‖ε_l‖²_F) ≤ ρ over all adapted layers, SAM perturbs by ρ·g/‖g‖ with the same global norm
 (docs/methods.md). Here r is that absolute global norm over the space's tensors (full: the merged
 weights W' of the adapted layers, one (out, in) ε_l per layer; lora: the factors A, B), not a fraction
-of each row as in :func:`bilora.sharpness.random_sharpness`.
+of each row as in :func:`bilora.sharpness.measure.random_sharpness`.
 
 For each radius r:
 
@@ -20,7 +20,7 @@ For each radius r:
   which in D dimensions is ~‖g‖·r/√D per direction and would otherwise dominate (it is linear in r and
   as often negative as positive); what is left is the curvature along u_k, ½r²·u_kᵀHu_k + O(r⁴).
 
-All of it runs inside :func:`bilora.sharpness._measuring` (primary adapter only, eval mode, fp32 4-bit
+All of it runs inside :func:`bilora.sharpness.space.measuring` (primary adapter only, eval mode, fp32 4-bit
 kernel) and leaves the model bit-identical; gradients come from ``torch.autograd.grad``.
 """
 
@@ -32,25 +32,34 @@ from typing import Any, Sequence
 import torch
 
 from bilora import layers as base_layers
-from bilora import sharpness as sh
-
-
-def _global_norm(parts: Sequence[torch.Tensor]) -> float:
-    return math.sqrt(math.fsum(float(p.double().pow(2).sum()) for p in parts))
+from bilora.sharpness.objective import Objective
+from bilora.sharpness.result import summary
+from bilora.sharpness.space import (
+    Direction,
+    check_space,
+    direction_seed,
+    global_norm,
+    lora_tensors,
+    measuring,
+    perturbation,
+    primary_layers,
+    requires_grad_only,
+    shifted_forward,
+)
 
 
 def _zeros(model: torch.nn.Module, space: str) -> list[torch.Tensor]:
     """Zero tensors shaped like the space's tensors, in their work dtype (full: (out, in) per layer)."""
     if space == "full":
         out = []
-        for layer in sh._layers(model):
+        for layer in primary_layers(model):
             base = layer.get_base_layer()
             base_layers.check_base(base)
             w0 = base_layers.dequantized_weight(base)  # only for shape, dtype and device
             out.append(torch.zeros(w0.shape, dtype=base_layers.work_dtype(w0.dtype), device=w0.device))  # (out, in)
             del w0
         return out
-    return [torch.zeros(p.shape, dtype=base_layers.work_dtype(p.dtype), device=p.device) for p in sh.lora_tensors(model)]
+    return [torch.zeros(p.shape, dtype=base_layers.work_dtype(p.dtype), device=p.device) for p in lora_tensors(model)]
 
 
 def unit_random(model: torch.nn.Module, space: str, seed: int, index: int) -> list[torch.Tensor]:
@@ -59,34 +68,34 @@ def unit_random(model: torch.nn.Module, space: str, seed: int, index: int) -> li
     parts = []
     for i, z in enumerate(_zeros(model, space)):
         rows, cols = z.shape[0], z[0].numel()
-        g = base_layers.layer_noise(sh.direction_seed(seed, f"ball-{space}", index, i), torch.ones(rows, device=z.device), cols)
+        g = base_layers.layer_noise(direction_seed(seed, f"ball-{space}", index, i), torch.ones(rows, device=z.device), cols)
         parts.append(g.reshape(z.shape).to(z.dtype))  # same shape as the tensor it perturbs
-    norm = _global_norm(parts)
+    norm = global_norm(parts)
     return [p.div_(norm) for p in parts]
 
 
-def loss_at(model: torch.nn.Module, objective: sh.Objective, space: str, eps: Sequence[torch.Tensor]) -> float:
+def loss_at(model: torch.nn.Module, objective: Objective, space: str, eps: Sequence[torch.Tensor]) -> float:
     """L(θ + ε)."""
-    with sh.perturbation(model, sh.Direction(space, list(eps)), 1.0):
+    with perturbation(model, Direction(space, list(eps)), 1.0):
         return objective.value(model)
 
 
-def grad_at(model: torch.nn.Module, objective: sh.Objective, space: str, eps: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+def grad_at(model: torch.nn.Module, objective: Objective, space: str, eps: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     """(L(θ + ε), ∇_ε L(θ + ε)): the gradient with respect to the perturbation, one tensor per part."""
     if space == "full":
-        bases = [layer.get_base_layer() for layer in sh._layers(model)]
+        bases = [layer.get_base_layer() for layer in primary_layers(model)]
         leaves = [e.detach().clone().requires_grad_(True) for e in eps]  # (out, in) each
-        forwards = [sh._shifted_forward(b, (lambda w0, leaf=leaf: leaf.to(w0.device)), False) for b, leaf in zip(bases, leaves)]
-        with base_layers.forwards_replaced(zip(bases, forwards)), sh._requires_grad_only(model, []):
+        forwards = [shifted_forward(b, (lambda w0, leaf=leaf: leaf.to(w0.device)), False) for b, leaf in zip(bases, leaves)]
+        with base_layers.forwards_replaced(zip(bases, forwards)), requires_grad_only(model, []):
             return objective.grad(model, leaves)
-    params = sh.lora_tensors(model)
-    with sh.perturbation(model, sh.Direction(space, list(eps)), 1.0), sh._requires_grad_only(model, params):
+    params = lora_tensors(model)
+    with perturbation(model, Direction(space, list(eps)), 1.0), requires_grad_only(model, params):
         return objective.grad(model, params)  # dL/dA at A + ε_A is dL/dε_A
 
 
 def project(eps: list[torch.Tensor], radius: float) -> list[torch.Tensor]:
     """Π_r: scale ε onto the ball of global norm ``radius`` if it lies outside (in place)."""
-    norm = _global_norm(eps)
+    norm = global_norm(eps)
     if norm > radius:
         for e in eps:
             e.mul_(radius / norm)
@@ -95,7 +104,7 @@ def project(eps: list[torch.Tensor], radius: float) -> list[torch.Tensor]:
 
 def pgd(
     model: torch.nn.Module,
-    objective: sh.Objective,
+    objective: Objective,
     space: str,
     radius: float,
     start: list[torch.Tensor],
@@ -109,7 +118,7 @@ def pgd(
     for _ in range(steps):
         loss, g = grad_at(model, objective, space, eps)
         best = max(best, loss - base_loss)
-        gnorm = _global_norm(g)
+        gnorm = global_norm(g)
         if gnorm == 0.0:
             return best
         eps = project([e.add_(gi.to(e.dtype), alpha=step_size * radius / gnorm) for e, gi in zip(eps, g)], radius)
@@ -118,7 +127,7 @@ def pgd(
 
 def ball_sharpness(
     model: torch.nn.Module,
-    objective: sh.Objective,
+    objective: Objective,
     space: str,
     radii: Sequence[float],
     steps: int = 10,
@@ -134,11 +143,11 @@ def ball_sharpness(
     "one_step", "pgd", "pgd_restarts": [per restart], "random": {"mean", "std", "min", "max",
     "values"} or None}]}; every figure is a loss increase over L(θ) (random: antithetic, see the module).
     """
-    sh._check_space(space)
-    with sh._measuring(model):
+    check_space(space)
+    with measuring(model):
         l0 = objective.value(model) if base_loss is None else base_loss
         _, g0 = grad_at(model, objective, space, _zeros(model, space))
-        gnorm = _global_norm(g0)
+        gnorm = global_norm(g0)
         ghat = [g / gnorm for g in g0] if gnorm > 0 else g0
         randoms = [unit_random(model, space, seed, k) for k in range(max(n_directions, restarts - 1))]
         out = []
@@ -162,7 +171,7 @@ def ball_sharpness(
                     "one_step": one_step,
                     "pgd": max([one_step, *runs]),
                     "pgd_restarts": runs,
-                    "random": sh._summary(rnd) if rnd else None,
+                    "random": summary(rnd) if rnd else None,
                 }
             )
     return {"base_loss": l0, "grad_norm": gnorm, "steps": steps, "restarts": restarts, "step_size": step_size, "radii": out}
