@@ -755,18 +755,31 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(str(path), [("<file>", "not found; run from the repository root or pass --params")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [("<file>", f"not valid UTF-8 ({e.reason} at byte {e.start})")]) from None
-    loader = _UniqueKeyLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)  # the reader rejects characters YAML does not allow (control characters) here
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [_yaml_problem(text, e)]) from None
     try:
         raw = loader.get_single_data()
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
-        raise ConfigError(str(path), [(where, f"YAML syntax error: {getattr(e, 'problem', e)}")]) from None
+        raise ConfigError(str(path), [_yaml_problem(text, e)]) from None
     finally:
         loader.dispose()
     if loader.duplicates:  # before any other check: the values of a duplicated key are ambiguous
         raise ConfigError(str(path), [(loc, msg) for _, loc, msg in sorted(loader.duplicates)])
     return raw
+
+
+def _yaml_problem(text: str, e: yaml.YAMLError) -> tuple[str, str]:
+    """(where, message) of a YAML error: a character YAML does not allow, or a syntax error at its mark."""
+    if isinstance(e, yaml.reader.ReaderError):
+        pos = e.position
+        where = f"line {text.count(chr(10), 0, pos) + 1}, column {pos - text.rfind(chr(10), 0, pos)}"
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        return where, f"not valid YAML: character {char} is not allowed ({e.reason}); remove it"
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+    return where, f"YAML syntax error: {getattr(e, 'problem', e)}"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -98,6 +98,27 @@ def test_yaml_syntax_error_names_line(tmp_path):
         load_params(f)
 
 
+@pytest.mark.parametrize(
+    "data, where, char",
+    [(b"\x00\x01\x02", "line 1, column 1", "U+0000"), (b"data:\n  tasks: [sst2]\n  x: a\x07b\n", "line 3, column 7", "U+0007")],
+)
+def test_control_characters_are_one_config_error_with_their_line(tmp_path, data, where, char):
+    f = tmp_path / "params.yaml"
+    f.write_bytes(data)
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert e.value.problems == [(where, f"not valid YAML: character {char} is not allowed (special characters are not allowed); remove it")]
+
+
+def test_validate_command_rejects_control_characters_with_exit_2_no_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_bytes(b"\x00\x01\x02")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "pipeline.validate"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out and "ReaderError" not in out, out
+    assert out.count("error:") == 1 and "line 1, column 1" in out and "U+0000" in out
+
+
 # -- non-finite numbers, cross-field constraints, duplicate keys -----------------------------------
 def _params_text() -> str:
     return (ROOT / "params.yaml").read_text()
@@ -221,6 +242,7 @@ RUN_CASES = [
         lambda: _params_text().replace("nproc_per_node: 1 ", "nproc_per_node: 3 "),
         ["train.distributed.nproc_per_node", "divisible"],
     ),
+    ("control-characters", lambda: "\x00\x01\x02", ["line 1, column 1", "U+0000", "not valid YAML"]),
     (
         "duplicate-key",
         _dup_key_text,
