@@ -11,6 +11,7 @@ the batches an uninterrupted run would have seen, without storing the data loade
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import get_cosine_schedule_with_warmup
 
-from bilora import checkpoint, distributed, scale
+from bilora import checkpoint, distributed, perturbation, scale
 from bilora.methods.method import Method, StepContext
 from bilora.settings import Settings, setting
 
@@ -56,6 +57,11 @@ class LoopConfig(Settings):
         "adamw",
         "Primary optimizer: adamw (torch; fused on CUDA) or bitsandbytes adamw_8bit / paged_adamw_8bit / paged_adamw_32bit (paged falls back to unpaged on CPU). Bi-LoRA's auxiliary ascends on the same optimizer (gradient negated for bitsandbytes, which has no maximize).",
     )
+    perturbation_every: int = setting(
+        50,
+        "Every N optimizer steps, measure how much the method's weight perturbation raises the loss and how it aligns with the full-weight gradient (bilora/perturbation.py, docs/perturbation.md); logged as perturbation.* (0: never). Methods that perturb nothing skip it. At 50 it costs about 3 % of training time.",
+        ge=0,
+    )
     length_grouped: bool = setting(
         False, "Group each batch by example length (seeded, resumable; cuts padding on causal-LM data). Off: uniformly shuffled batches."
     )
@@ -74,6 +80,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Permutation of range(n) for one epoch, from a private generator: (n,) int64."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+#: Step metrics whose second-half median the summary reports: how much, and how well aimed, a perturbation is.
+SUMMARY_METRICS = (
+    "perturbation.loss_increase",
+    "perturbation.relative_increase",
+    "perturbation.alignment",
+    "perturbation.vs_sam",
+    "perturbation.rank_ceiling",
+    "perturbation.norm",
+    "aux.first_order_increase",
+    "aux.relative_first_order_increase",
+    "sam.loss_increase",
+)
+
+
+def second_half_medians(history: list[dict[str, float]], max_steps: int) -> dict[str, float]:
+    """Median of each :data:`SUMMARY_METRICS` entry over the steps after ``max_steps / 2`` that logged it."""
+    out = {}
+    for key in SUMMARY_METRICS:
+        values = [h[key] for h in history if key in h and h["step"] > max_steps / 2 and math.isfinite(h[key])]
+        if values:
+            out[key] = float(statistics.median(values))
+    return out
 
 
 class FineTuner:
@@ -257,12 +287,21 @@ class FineTuner:
         return True
 
     # -- training -------------------------------------------------------------------------
+    def diagnose(self, ctx: StepContext) -> dict[str, float]:
+        """The perturbation diagnostics (bilora.perturbation) on every ``perturbation_every``-th step of a
+        perturbing method; timed apart from the step (``perturbation.seconds``), so step times stay comparable."""
+        k = self.loop.perturbation_every
+        if not (k and self.method.perturbs and (self.step + 1) % k == 0):
+            return {}
+        t0 = time.perf_counter()
+        out = perturbation.measure(self.method, ctx)
+        return {**out, "perturbation.seconds": time.perf_counter() - t0} if out else {}
+
     def train(self) -> dict[str, Any]:
         """Run (or finish) training; returns a summary."""
         self.model.train()
         t_start = time.perf_counter()
         while self.step < self.max_steps:
-            t0 = time.perf_counter()
             ctx = StepContext(
                 model=self.model,
                 optimizer=self.optimizer,
@@ -274,6 +313,8 @@ class FineTuner:
                 device_type=self.device_type,
                 autocast_dtype=self.autocast_dtype,
             )
+            diagnostics = self.diagnose(ctx)  # before the step: the perturbation this step trains at
+            t0 = time.perf_counter()
             metrics = self.method.step(ctx)
             self.step += 1
             metrics.update(
@@ -281,15 +322,17 @@ class FineTuner:
                 step_time=time.perf_counter() - t0,
                 forward_passes=float(ctx.passes["forward"]),
                 backward_passes=float(ctx.passes["backward"]),
+                **diagnostics,
             )
             self.history.append({"step": float(self.step), **metrics})
-            if self.step % max(1, self.loop.log_every) == 0 or self.step == self.max_steps:
+            if self.step % max(1, self.loop.log_every) == 0 or self.step == self.max_steps or diagnostics:
                 self.on_log(metrics, self.step)
             self.on_step(self.step, self.max_steps)
             if self.loop.checkpoint_every and self.step % self.loop.checkpoint_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
         self.model.eval()
         times = [h["step_time"] for h in self.history]
+        diag_time = sum(h.get("perturbation.seconds", 0.0) for h in self.history)
         return {
             "method": self.method.name,
             "seed": self.seed,
@@ -297,6 +340,8 @@ class FineTuner:
             "n_train": self.n_train,
             "final_loss": self.history[-1]["loss"] if self.history else float("nan"),
             "median_step_time": float(torch.tensor(times).median()) if times else 0.0,
+            "perturbation": second_half_medians(self.history, self.max_steps),
+            "perturbation_time_fraction": diag_time / (sum(times) + diag_time) if times else 0.0,
             "wall_time_this_process": time.perf_counter() - t_start,
             "resumed_from": self.resumed_from,
             "loop": asdict(self.loop),

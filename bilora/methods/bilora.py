@@ -32,8 +32,9 @@ rounding (not bit for bit). The parameter lists of the step are built once, not 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from peft import PeftModel
@@ -42,6 +43,7 @@ from bilora import adapters
 from bilora.fused import FusedAdapters
 from bilora import layers
 from bilora.methods.method import Method, StepContext, register
+from bilora.perturbation import Perturbation
 from bilora.settings import Settings, setting
 
 
@@ -81,6 +83,20 @@ def project_to_ball(factors: list[tuple[torch.Tensor, torch.Tensor, float]], rho
     return c, True
 
 
+def first_order_increase(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
+    """The auxiliary's first-order loss increase sum_l <dL/dW_l, s2 B2_l A2_l>, free from the step's gradients.
+
+    dL/dB2 = s2 (dL/dW) A2^T, so <dL/dB2, B2> = s2 tr(B2^T dL/dW A2^T) = <dL/dW, s2 B2 A2> (and the same
+    for <dL/dA2, A2>): the directional derivative of the loss along the auxiliary, at the point the
+    gradient was taken (primary + auxiliary on). Call after backward, before the optimizer step.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for _, b, _ in factors:
+        if b.grad is not None:
+            total = total + (b.grad.detach().double() * b.detach().double()).sum()
+    return float(total)
+
+
 @dataclass(frozen=True)
 class BiLoRAConfig(Settings):
     """Bi-LoRA settings."""
@@ -100,6 +116,7 @@ class BiLoRAConfig(Settings):
 class BiLoRA(Method):
     """Bi-LoRA: primary LoRA by descent, auxiliary LoRA by ascent in the same pass, global rho-ball."""
 
+    perturbs = True
     cfg: BiLoRAConfig
     rho: float
     aux_rank: int
@@ -110,7 +127,10 @@ class BiLoRA(Method):
     def __init__(self, cfg: BiLoRAConfig | None = None, *, seed: int = 0, **overrides: Any) -> None:
         super().__init__(cfg, seed=seed, **overrides)
         self.last_norm = 0.0
+        self.steps_projected = 0  # optimizer steps after which the auxiliary was scaled back onto the ball
+        self.steps_seen = 0
         self._cache: _StepCache | None = None
+        self._aux_b: list[torch.Tensor] = []  # the auxiliary's B2 while clean() holds it at zero
 
     def prepare(self, model: PeftModel) -> None:
         # Private RNG for the auxiliary's init: the global stream stays identical to LoRA's.
@@ -150,16 +170,63 @@ class BiLoRA(Method):
         else:
             loss = ctx.forward_backward()  # one forward + one backward: grads for A1, B1, A2, B2
         aux_grad = layers.grad_norm(parts.aux)
+        increase = first_order_increase(parts.aux_factors)  # free: gradients of this step's one backward
         grad_norm = ctx.clip_and_step(parts.primary, loss)
         c, clipped = project_to_ball(parts.aux_factors, self.rho)
         self.last_norm = min(c, self.rho) if clipped else c
-        return {"loss": loss, "grad_norm": grad_norm, "aux_grad_norm": float(aux_grad), "aux_norm": c, "aux_clipped": float(clipped)}
+        self.steps_seen += 1
+        self.steps_projected += int(clipped)
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "aux_grad_norm": float(aux_grad),
+            "aux_norm": c,
+            "aux_clipped": float(clipped),
+            "aux.first_order_increase": increase,
+            "aux.relative_first_order_increase": increase / loss if loss else math.nan,
+            "aux.projected_fraction": self.steps_projected / self.steps_seen,
+        }
+
+    # -- diagnostics (bilora.perturbation): clean = auxiliary off, perturbation = auxiliary on ------------
+    @contextmanager
+    def clean(self, model: PeftModel) -> Iterator[None]:
+        """B2 = 0 in every layer for the block (the auxiliary contributes nothing), restored exactly after."""
+        factors = adapters.lora_factors(model, adapters.AUX)
+        self._aux_b = [b.detach().clone() for _, b, _ in factors]
+        with torch.no_grad():
+            for _, b, _ in factors:
+                b.zero_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, b, _), saved in zip(factors, self._aux_b):
+                    b.copy_(saved)
+            self._aux_b = []
+
+    @contextmanager
+    def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
+        """Inside :meth:`clean`: the auxiliary back on; delta_l = s2 B2_l A2_l (n_out, n_in), rank <= aux_rank."""
+        named = adapters.adapter_layers(ctx.model, adapters.AUX)
+        factors = adapters.lora_factors(ctx.model, adapters.AUX)
+        with torch.no_grad():
+            for (_, b, _), saved in zip(factors, self._aux_b):
+                b.copy_(saved)
+            deltas = {name: s * (b.detach().float() @ a.detach().float()) for (name, _), (a, b, s) in zip(named, factors)}
+        try:
+            yield Perturbation(deltas, rank=self.aux_rank)
+        finally:
+            with torch.no_grad():
+                for _, b, _ in factors:
+                    b.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_norm": self.last_norm}
+        return {"last_norm": self.last_norm, "steps_projected": self.steps_projected, "steps_seen": self.steps_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_norm = float(state.get("last_norm", 0.0))
+        self.steps_projected = int(state.get("steps_projected", 0))
+        self.steps_seen = int(state.get("steps_seen", 0))
 
     def config(self) -> dict[str, Any]:
         return {

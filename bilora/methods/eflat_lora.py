@@ -47,7 +47,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, ContextManager, Iterator, Literal
 
 import torch
 from peft import PeftModel
@@ -55,6 +55,7 @@ from peft import PeftModel
 from bilora import adapters
 from bilora.layers import work_dtype
 from bilora.methods.method import Method, StepContext, register
+from bilora.perturbation import Perturbation
 from bilora.settings import Settings, setting
 
 ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first term of G_hat is used
@@ -123,6 +124,8 @@ class EFlatLoraConfig(Settings):
 class EFlatLoRA(Method):
     """EFMLoRA: one gradient per step at (B + E_ema, A); E_ema tracks the full-space SAM perturbation moved onto B."""
 
+    perturbs = True
+
     cfg: EFlatLoraConfig
     rho: float
     beta: float
@@ -180,6 +183,29 @@ class EFlatLoRA(Method):
             with torch.no_grad():
                 for name, _, b, _ in layers:
                     b.copy_(perturbed[name])
+
+    # -- diagnostics (bilora.perturbation): clean = unperturbed B, perturbation = B + E_ema ----------------
+    def clean(self, model: PeftModel) -> ContextManager[PeftModel]:
+        return self.unperturbed(model)
+
+    @contextmanager
+    def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
+        """Inside :meth:`clean`: B + E_ema as the step trains at; delta_l = s (B_pert - B) A (n_out, n_in), rank <= r."""
+        if not self.applied:
+            yield None  # the first step (no E_ema yet) trains at the unperturbed point
+            return
+        layers = self._layers(ctx.model)
+        deltas = {}
+        with torch.no_grad():
+            for name, a, b, s in layers:
+                b.copy_(self.b_clean[name]).add_(self.e_ema[name].to(b.dtype))  # exactly what _apply does
+                deltas[name] = s * ((b.detach().float() - self.b_clean[name].float()) @ a.detach().float())
+        try:
+            yield Perturbation(deltas, rank=min(a.shape[0] for _, a, _, _ in layers))
+        finally:
+            with torch.no_grad():
+                for name, _, b, _ in layers:
+                    b.copy_(self.b_clean[name])
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, ctx: StepContext) -> dict[str, float]:

@@ -51,6 +51,7 @@ from bilora.layers import (
     stream_seed,
 )
 from bilora.methods.method import Method, StepContext, register
+from bilora.perturbation import Perturbation
 from bilora.settings import Settings, setting
 
 
@@ -160,6 +161,7 @@ class FlatLoRA(Method):
     """Flat-LoRA: train A, B at W0 + eps + s·BA with per-row Gaussian eps ramped by a cosine schedule."""
 
     passes_per_step = 1
+    perturbs = True
     cfg: FlatLoraConfig
     sigma: float
 
@@ -177,6 +179,21 @@ class FlatLoRA(Method):
             loss = ctx.forward_backward()  # every micro-batch of the step sees the same eps
         grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
         return {"loss": loss, "grad_norm": grad_norm, "noise_factor": factor, "noise_sigma": sigma_t}
+
+    @contextmanager
+    def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
+        """This step's noise, installed as the step installs it; delta_l = eps_l (n_out, n_in), full rank."""
+        sigma_t = schedule_factor(ctx.step, ctx.max_steps) * self.sigma
+        if sigma_t == 0.0:
+            yield None
+            return
+        named = adapters.adapter_layers(ctx.model)
+        with flat_noise(ctx.model, sigma_t, self.seed, ctx.step) as info:
+            deltas = {
+                name: layer_noise(seed, std_rows, layer.get_base_layer().in_features)
+                for (name, layer), (seed, std_rows) in zip(named, info)
+            }
+            yield Perturbation(deltas, rank=None)
 
     def config(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "schedule": "cosine_ramp_per_optimizer_step", "noise": "per_row_merged_weight", "seed": self.seed}

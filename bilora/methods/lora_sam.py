@@ -28,6 +28,7 @@ so this works unchanged on 4-bit (bitsandbytes nf4) bases, whose PEFT A/B are pl
 
 Cost: two forward+backward passes per micro-batch (``passes_per_step = 2``) plus one copy of the
 A/B tensors. Logged: ``loss`` (unperturbed, pass 1), ``perturbed_loss`` (pass 2),
+``sam.loss_increase`` (pass 2 minus pass 1, the perturbation's effect on this step's loss, free),
 ``sam_grad_norm`` (||g||, pass 1), ``perturbation_norm`` (||e||) and ``grad_norm`` (pass 2,
 before clipping). The deliverable is the plain primary adapter (the base class's export).
 Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, docs/methods.md).
@@ -35,14 +36,16 @@ Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, docs/methods.md).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 
 from bilora import adapters
 from bilora.layers import grad_norm_sumsq
 from bilora.methods.method import Method, StepContext, register
+from bilora.perturbation import Perturbation
 from bilora.settings import Settings, setting
 
 EPS = 1e-12
@@ -61,6 +64,7 @@ class LoRASAM(Method):
     """SAM on the LoRA A/B tensors: ascend by rho along the accumulated gradient, descend from there."""
 
     passes_per_step = 2
+    perturbs = True
 
     cfg: LoraSamConfig
     rho: float
@@ -70,10 +74,8 @@ class LoRASAM(Method):
         """The tensors SAM perturbs: the primary adapter's A and B of every adapted layer (no head)."""
         return adapters.adapter_parameters(model, adapters.PRIMARY)
 
-    def step(self, ctx: StepContext) -> dict[str, float]:
-        lora = self.perturbed_parameters(ctx.model)
-        # Pass 1: accumulated gradient over every micro-batch of this optimizer step.
-        loss = ctx.forward_backward()
+    def ascend(self, lora: list[torch.nn.Parameter]) -> tuple[list[tuple[torch.nn.Parameter, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Add e = rho * g / ||g|| (g: the gradients on ``lora``) in place; returns (saved originals, ||g||, ||e||)."""
         g_norm = grad_norm_sumsq(lora)
         scale = self.rho / (g_norm + EPS)
         saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -86,23 +88,54 @@ class LoRASAM(Method):
                 e_sq = e_sq + e.pow(2).sum()
                 saved.append((p, p.detach().clone()))
                 p.add_(e.to(p.dtype))
+        return saved, g_norm, e_sq.sqrt()
+
+    @staticmethod
+    @torch.no_grad()
+    def restore(saved: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        """Copy the saved originals back (bit-for-bit, not "-= e")."""
+        for p, original in saved:
+            p.copy_(original)
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        lora = self.perturbed_parameters(ctx.model)
+        # Pass 1: accumulated gradient over every micro-batch of this optimizer step.
+        loss = ctx.forward_backward()
+        saved, g_norm, e_norm = self.ascend(lora)
         # Pass 2: the adversarial gradient at the perturbed point, on the same micro-batches.
         for _, p in adapters.trainable_named_parameters(ctx.model):
             p.grad = None  # the head too: it is updated with the pass-2 gradient only
         perturbed_loss = ctx.forward_backward()
         # Restore exactly, then descend with the pass-2 gradient.
-        with torch.no_grad():
-            for p, original in saved:
-                p.copy_(original)
+        self.restore(saved)
         del saved
         grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
         return {
             "loss": loss,
             "perturbed_loss": perturbed_loss,
+            "sam.loss_increase": perturbed_loss - loss,
             "grad_norm": grad_norm,
             "sam_grad_norm": float(g_norm),
-            "perturbation_norm": float(e_sq.sqrt()),
+            "perturbation_norm": float(e_norm),
         }
+
+    @contextmanager
+    def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
+        """SAM's step from the clean gradients on A/B: delta_l = s[(B + e_B)(A + e_A) - BA], rank <= 2r."""
+        if self.rho == 0:
+            yield None
+            return
+        layers = [
+            (name, layer.lora_A[adapters.PRIMARY].weight, layer.lora_B[adapters.PRIMARY].weight, float(layer.scaling[adapters.PRIMARY]))
+            for name, layer in adapters.adapter_layers(ctx.model)
+        ]
+        before = {name: (a.detach().float().clone(), b.detach().float().clone()) for name, a, b, _ in layers}
+        saved, _, _ = self.ascend(self.perturbed_parameters(ctx.model))
+        deltas = {name: s * (b.detach().float() @ a.detach().float() - before[name][1] @ before[name][0]) for name, a, b, s in layers}
+        try:
+            yield Perturbation(deltas, rank=2 * min(a.shape[0] for _, a, _, _ in layers))
+        finally:
+            self.restore(saved)
 
     def config(self) -> dict[str, Any]:
         return {"rho": self.rho, "perturbed": "primary LoRA A/B", "norm": "global", "accumulation": "per optimizer step"}

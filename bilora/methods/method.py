@@ -28,17 +28,19 @@ The method reads its settings as ``self.cfg`` (and, for brevity, as attributes: 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Sequence
 
 import torch
 from peft import PeftModel
 
 from bilora import adapters, distributed, scale
 from bilora.layers import grad_norm
+from bilora.perturbation import Perturbation
 from bilora.settings import Settings
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -162,6 +164,8 @@ class Method:
     config_class: ClassVar[type[Settings]] = NoSettings
     #: Forward+backward passes per micro-batch (documentation and tests).
     passes_per_step: ClassVar[int] = 1
+    #: Does the method perturb the weights it takes its gradient at? (bilora.perturbation diagnostics)
+    perturbs: ClassVar[bool] = False
 
     def __init__(self, cfg: Settings | None = None, *, seed: int = 0, **overrides: Any) -> None:
         """``cfg``: the method's settings (default: its config class's defaults); ``overrides``: field values."""
@@ -183,6 +187,19 @@ class Method:
         loss = ctx.forward_backward()
         grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
         return {"loss": loss, "grad_norm": grad_norm}
+
+    def clean(self, model: PeftModel) -> ContextManager[None]:
+        """Put ``model`` at its unperturbed point for the block (diagnostics); default: it is there."""
+        del model
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
+        """Inside :meth:`clean`, after a clean backward (its gradients are on the parameters): apply the
+        perturbation this step trains at, yield it (:class:`bilora.perturbation.Perturbation`), undo it
+        on exit. Default: the method perturbs nothing (None)."""
+        del ctx
+        yield None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
