@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import validate_dict
 from pipeline.run import load_preset
-from pipeline.science import protocol, report, sweep
+from pipeline.science import protocol, report, stats, sweep
 from pipeline.science.protocol import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,24 +207,29 @@ def test_pre_registered_calls_follow_the_rule_and_the_verdict_is_included_once_c
     assert set(got) == {("H1", "bilora"), ("H1", "bilora_rho0.5"), ("H2", "bilora"), ("H2", "bilora_rho0.5")}
     h1 = got["H1", "bilora"]
     assert h1["radius"] == 0.05 and h1["n"] == 5 and h1["mean"] == pytest.approx(-4e-3)
-    assert h1["half_width"] == pytest.approx(9.81619e-4, rel=1e-5) and h1["call"] == "supported" and h1["resolved"]
+    assert h1["half_width"] == pytest.approx(9.81619e-4, rel=1e-5) and h1["call"] == "supported" and h1["excludes_zero"]
+    assert h1["sd"] == pytest.approx(0.5e-3 * math.sqrt(2.5)) and h1["lora"] == pytest.approx(0.01) and h1["paper"] is None
     assert h1["relative"] == pytest.approx(-0.4)
     assert got["H2", "bilora"]["call"] == "supported" and got["H2", "bilora"]["mean"] == pytest.approx(0.02)
+    # H2 on MRPC carries the power to detect the paper's +0.82 points with the observed paired std (1.58 points, 5 seeds):
+    # noncentrality 0.82·√5/1.5811 = 1.1597 (tests/test_science_stats.py checks the power function itself)
+    assert got["H2", "bilora"]["paper"] == 0.0082 and got["H2", "bilora"]["sd"] == pytest.approx(math.sqrt(2.5e-4))
+    assert got["H2", "bilora"]["power_paper"] == pytest.approx(stats.power(0.0082, math.sqrt(2.5e-4), 5))
     h2 = got["H2", "bilora_rho0.5"]
     assert h2["call"] == "contradicted" and h2["half_width"] == pytest.approx(1.242069e-2, rel=1e-5)
     u = got["H1", "bilora_rho0.5"]
-    assert u["radius"] == 0.5 and u["call"] == "unresolved" and not u["resolved"]
+    assert u["radius"] == 0.5 and u["call"] == "unresolved" and not u["excludes_zero"]
     assert u["half_width"] == pytest.approx(0.131447, rel=1e-5) and u["mean"] == pytest.approx(0.01) and u["relative"] == pytest.approx(0.1)
     # step time against LoRA's run of the same seed: seed 0 ran loaded (load 3.1), so seeds 1.. only, ratio 1.1
     sr = res["tasks"]["mrpc"]["methods"]["bilora"]["vs_lora"]["step_ratio"]
     assert sr["n"] == 4 and sr["mean"] == pytest.approx(1.1)
     md = (tmp_path / "report.md").read_text()
-    assert "| mrpc | H1: flatter at r = 0.05 | bilora | 5 | -0.4 [-0.498, -0.302] | -40.0 % | supported | narrower than the effect" in md
-    assert (
-        "| contradicted |" in md
-        and "| +1 [-12.1, +14.1] | +10.0 % | unresolved | **wider than the effect** (±13.1 ≥ 1): only a difference above ~13.1" in md
-        and "Provisional" in md
-    )
+    # columns: Δ [CI] | LoRA mean on the paired seeds | relative | call | paired std | power for the paper's Δ (H2, MRPC only)
+    assert "| mrpc | H1: flatter at r = 0.05 | bilora | 5 | -0.4 [-0.498, -0.302] | 1 | -40.0 % | supported | 0.0791 | - |" in md
+    pw = f"{stats.power(0.0082, math.sqrt(2.5e-4), 5) * 100:.0f} % for +0.82"
+    assert f"| mrpc | H2: higher test metric | bilora | 5 | +2.00 [+0.04, +3.96] | 80.00 | +2.5 % | supported | 1.58 | {pw} |" in md
+    assert "| contradicted |" in md and "| +1 [-12.1, +14.1] | 10 | +10.0 % | unresolved | 5.29 | - |" in md and "Provisional" in md
+    assert "wider than the effect" not in md and "narrower than |Δ| is the same test" in md
     assert "1.10 (1.10-1.10, n=4)" in md
     assert (tmp_path / "flatness_vs_rho.png").stat().st_size > 0
     # the hand-written verdict appears only once the sweep is complete
@@ -262,6 +267,24 @@ def test_relative_effect_is_over_lora_on_the_paired_seeds_only():
     (h2,) = [c for c in report.calls(report.analyse(runs)) if c["hypothesis"] == "H2"]
     assert h2["n"] == 2 and h2["mean"] == pytest.approx(0.03) and h2["lora"] == pytest.approx(0.75)
     assert h2["relative"] == pytest.approx(0.04)
+
+
+def test_delta_states_the_lora_mean_of_its_own_seeds():
+    """Issue 29 item 5: a run with 3 seeds is paired with LoRA's seeds 0-2, whose mean can differ from LoRA's 5-seed mean;
+    the table says which LoRA mean each Δ is paired with."""
+    # LoRA seeds 0-4: 84, 82, 86, 70, 72 -> mean over all 5 = 78.80, over seeds 0-2 = 84.00.
+    # LoRA-SAM seeds 0-2: 83, 81, 84 -> mean 82.67 ± 1.53 (above LoRA's 78.80), yet paired differences −1, −1, −2 points:
+    # mean −1.33, std 0.57735, half-width t(0.975, 2)·0.57735/√3 = 4.302653·0.33333 = 1.4342 -> [−2.77, +0.10]
+    runs = [_summary("mrpc", "lora", s, acc, 0.2) for s, acc in enumerate((0.84, 0.82, 0.86, 0.70, 0.72))]
+    runs += [_summary("mrpc", "lora_sam", s, acc, 0.2) for s, acc in enumerate((0.83, 0.81, 0.84))]
+    res = report.analyse(runs)
+    vs = res["tasks"]["mrpc"]["methods"]["lora_sam"]["vs_lora"]
+    assert vs["seeds"] == [0, 1, 2] and vs["test"]["base"] == pytest.approx(0.84) and vs["test"]["mean"] == pytest.approx(-0.04 / 3)
+    assert res["tasks"]["mrpc"]["methods"]["lora"]["test"][0] == pytest.approx(0.788)
+    md = report.markdown(res, runs)
+    assert "| lora | 5 | 78.80 ± 7.29 | - | - |" in md
+    assert "| lora_sam | 3 | 82.67 ± 1.53 | -1.33 [-2.77, +0.10] | 84.00 (seeds 0-2) |" in md
+    assert "| run | seeds | test | Δ vs LoRA, same seeds [95 % CI] | LoRA mean, same seeds |" in md
 
 
 def test_committed_mrpc_adapters_cover_every_seed_fit_10_mib_and_are_bf16_peft():

@@ -4,7 +4,9 @@ No pre-registered claim rests on them; they help read the claims:
 
 - **Did Bi-LoRA's auxiliary sit on its ball?** From each Bi-LoRA run's training history: the share of steps whose
   global norm c = ‖s2·B2·A2‖ (over all adapted layers) exceeded ρ before projection, and the median c/ρ over the
-  second half of training. If the auxiliary stays inside the ball, ρ does not bind and the run is LoRA in disguise.
+  second half of training. If the auxiliary stays inside the ball, ρ does not bind and the run is LoRA in disguise;
+  the converse does not hold: an auxiliary on its ball may still raise the loss very little. How much it raises the
+  loss is not in these runs' summaries (issue 29 adds that measurement to training).
 - **How tight is the projected attack?** Its loss increase over the one-step attack's, per run and radius. A ratio
   near 1 means the ascent found little beyond the first step; a large, varying ratio means the 3-step attack is a
   lower bound whose gap to the true worst case differs between models.
@@ -63,7 +65,8 @@ def markdown(runs: list[dict[str, Any]], ball) -> list[str]:
     if aux:
         md += [
             "**Did the auxiliary sit on its ball?** c = global norm of s2·B2·A2 over all adapted layers, before the "
-            "projection; mean over seeds (min-max).",
+            "projection; mean over seeds (min-max). Sitting on the ball shows that ρ bound the auxiliary's norm, not that the "
+            "auxiliary was adversarial: how much it raised the training loss was not measured in these runs.",
             "",
             "| task | run | ρ | seeds | steps with c > ρ (projected) | median c/ρ, second half of training |",
             "|---|---|---|---|---|---|",

@@ -20,12 +20,15 @@ from typing import Any
 
 from bilora.io import atomic_write_json, atomic_write_text
 from pipeline.science import exploratory, protocol
-from pipeline.science.stats import paired
+from pipeline.science.stats import paired, power
 
 PAPER_DIRECTION = (
     "The paper's direction (docs/methods.md, T5-base): Bi-LoRA above LoRA by +0.82 points on MRPC (Table A2, 89.38 vs 88.56) "
     "and +0.51 on RTE (Table A3, 83.61 vs 83.10; STS-B is not in the paper's tables), with LoRA-SAM in between; no flatness numbers at a stated radius."
 )
+# The paper's gain of Bi-LoRA over LoRA on a task of this protocol (T5-base, Table A2), in the primary metric's units; the
+# calls table states the power these seeds had to detect it (a post-hoc planning figure: it uses the observed paired std).
+PAPER_DELTA = {"mrpc": 0.0082}
 KINDS = ("pgd", "one_step", "random")
 H1 = {"bilora": 0.05, "bilora_rho0.5": 0.5}  # PROTOCOL.md hypothesis 1: flatter than LoRA at its own radius r = rho
 H2 = ("bilora", "bilora_rho0.5")  # PROTOCOL.md hypothesis 2: test metric above LoRA's
@@ -141,8 +144,11 @@ def calls(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The pre-registered calls of PROTOCOL.md, per task: H1 (Bi-LoRA at rho has a lower projected-attack increase
     than LoRA at r = rho) and H2 (Bi-LoRA's primary test metric is above LoRA's), each decided by the rule: the
     paired 95 % interval excludes 0. ``call`` is "supported", "contradicted" (excludes 0 the other way) or
-    "unresolved"; ``resolved`` says whether the interval is narrower than the observed effect (half-width < |mean|),
-    and ``half_width`` is the smallest effect these seeds could resolve."""
+    "unresolved"; ``excludes_zero`` is that test (an interval "narrower than the observed effect", half-width < |mean|,
+    is the same test, so it is not reported separately); ``half_width`` is the interval's half-width, ``sd`` the paired
+    differences' std, ``lora`` LoRA's mean over the paired seeds, and for H2 on a task in :data:`PAPER_DELTA`,
+    ``power_paper`` is the chance these seeds had to exclude 0 if the true difference were the paper's, taking the
+    observed ``sd`` as the true one (post-hoc)."""
     out = []
     for task, t in res["tasks"].items():
         lora = t["methods"].get("lora")
@@ -156,10 +162,12 @@ def calls(res: dict[str, Any]) -> list[dict[str, Any]]:
             half = (d["high"] - d["low"]) / 2 if d["n"] > 1 else math.nan
             excl = d["n"] > 1 and (d["low"] > 0 or d["high"] < 0)
             call = "unresolved" if not excl else ("supported" if (d["mean"] > 0) == (want > 0) else "contradicted")
+            paper = PAPER_DELTA.get(task) if hyp == "H2" else None
             out.append({
                 "task": task, "hypothesis": hyp, "method": method, "radius": rad, "n": d["n"], "mean": d["mean"],
-                "low": d["low"], "high": d["high"], "half_width": half, "lora": base,
-                "relative": d["mean"] / base if base else math.nan, "call": call, "resolved": excl,
+                "low": d["low"], "high": d["high"], "half_width": half, "sd": d["std"], "lora": base,
+                "relative": d["mean"] / base if base else math.nan, "call": call, "excludes_zero": excl,
+                "paper": paper, "power_paper": power(paper, d["std"], d["n"]) if paper is not None else None,
             })  # fmt: skip
     return out
 
@@ -172,8 +180,9 @@ def _calls_md(cs: list[dict[str, Any]], complete: bool) -> list[str]:
     if not complete:
         md += ["*Provisional: the sweep is incomplete, and the calls are made on the complete sweep only.*", ""]
     md += [
-        "| task | hypothesis | run | seeds | Δ vs LoRA [95 % CI] | relative to LoRA | call | interval vs effect |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | hypothesis | run | seeds | Δ vs LoRA, same seeds [95 % CI] | LoRA mean, same seeds | relative to LoRA | call "
+        "| paired std | power for the paper's Δ (post-hoc) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cs:
         what = f"flatter at r = {c['radius']:g}" if c["hypothesis"] == "H1" else "higher test metric"
@@ -183,21 +192,33 @@ def _calls_md(cs: list[dict[str, Any]], complete: bool) -> list[str]:
             if c["n"] > 1
             else f"{c['mean'] * scale:{fmt}} (n=1)"
         )
-        if c["n"] < 2:
-            width = "one seed: no interval"
-        elif c["resolved"]:
-            width = f"narrower than the effect (±{abs(c['half_width']) * scale:.3g} < {abs(c['mean']) * scale:.3g})"
-        else:
-            width = (
-                f"**wider than the effect** (±{c['half_width'] * scale:.3g} ≥ {abs(c['mean']) * scale:.3g}): "
-                f"only a difference above ~{c['half_width'] * scale:.3g} is resolvable with {c['n']} seeds"
-            )
+        base = f"{c['lora'] * scale:.3g}" if c["hypothesis"] == "H1" else f"{c['lora'] * scale:.2f}"
+        sd = "-" if c["n"] < 2 else f"{c['sd'] * scale:.3g}"
+        pw = "-"
+        if c.get("paper") is not None and c["n"] > 1:
+            pw = f"{c['power_paper'] * 100:.0f} % for {c['paper'] * scale:+.2f}"
         md.append(
-            f"| {c['task']} | {c['hypothesis']}: {what} | {c['method']} | {c['n']} | {ci} | {c['relative'] * 100:+.1f} % "
-            f"| {c['call']} | {width} |"
+            f"| {c['task']} | {c['hypothesis']}: {what} | {c['method']} | {c['n']} | {ci} | {base} | {c['relative'] * 100:+.1f} % "
+            f"| {c['call']} | {sd} | {pw} |"
         )
-    md += ["", "Δ: flatness ×100 (loss increase), test metric in points; relative: Δ over LoRA's mean.", ""]
+    md += [
+        "",
+        "Δ: flatness ×100 (loss increase), test metric in points, paired with LoRA on the same seeds; relative: Δ over LoRA's "
+        "mean on those seeds. The call is the protocol's rule (the 95 % interval excludes 0); whether the interval is "
+        "narrower than |Δ| is the same test, so it is not a separate column (PROTOCOL.md Revision 7). Power: the chance "
+        "that a paired t-test at 5 % (two-sided) on these seeds excludes 0 if the true Δ were the paper's (Bi-LoRA over "
+        "LoRA on T5-base; MRPC only), taking the observed paired std as the true one (noncentral t). It is a post-hoc "
+        "planning figure, not part of any call.",
+        "",
+    ]
     return md
+
+
+def _seeds(seeds: list[int]) -> str:
+    """0-4 for a run of consecutive seeds, else 0, 2, 5."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)
 
 
 def _paired_from(d: dict) -> Any:
@@ -206,7 +227,8 @@ def _paired_from(d: dict) -> Any:
     return Paired(**{k: v for k, v in d.items() if k != "base"})
 
 
-def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) -> str:
+def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None, stale: list[dict] | None = None) -> str:
+    """report.md; ``stale``: the summaries left out (their wall time is counted in the cost line, as the runs did run)."""
     expected = len(protocol.sweep_runs()) + len(protocol.tune_runs())
     commits = sorted({r["code"]["commit"][:10] for r in runs})
     cpus = sorted({f"{r['cpu']['model']} ({r['cpu']['class']}, {r['cpu']['cores']} cores)" for r in runs})
@@ -218,7 +240,13 @@ def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) 
         "",
         f"- runs summarised: **{len(runs)} of {expected}** (tuning {sum(r['phase'] == 'tune' for r in runs)} of {len(protocol.tune_runs())})",
         f"- code revision(s): {', '.join(commits) or '-'}; CPU(s): {'; '.join(cpus) or '-'}",
-        f"- wall time of the summarised runs: {sum(r['wall_s'] for r in runs) / 3600:.2f} h",
+        f"- wall time of the summarised runs: {sum(r['wall_s'] for r in runs) / 3600:.2f} h"
+        + (
+            f"; of every committed summary, including the {len(stale)} left out as stale: "
+            f"{sum(r['wall_s'] for r in runs + stale) / 3600:.2f} h"
+            if stale
+            else ""
+        ),
         "",
     ]
     complete = len(runs) >= expected
@@ -264,21 +292,27 @@ def markdown(res: dict[str, Any], runs: list[dict], verdict: str | None = None) 
             verdict = "meets" if lora["test"][0] >= need else "**does not meet**"
             md += [f"LoRA's mean test {t['primary']} {_fmt(lora['test'][0])} {verdict} the threshold.", ""]
         md += [
-            "| run | seeds | test | Δ vs LoRA [95 % CI] | test F1 (secondary) | train − test gap | median s/step, quiet runs only "
-            "| s/step ÷ LoRA's, same seed and CPU |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | seeds | test | Δ vs LoRA, same seeds [95 % CI] | LoRA mean, same seeds | test F1 (secondary) | train − test gap "
+            "| median s/step, quiet runs only | s/step ÷ LoRA's, same seed and CPU |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, m in t["methods"].items():
             vs = _pair_cell(_paired_from(m["vs_lora"]["test"])) if "vs_lora" in m else "-"
+            base = f"{_fmt(m['vs_lora']['test']['base'])} (seeds {_seeds(m['vs_lora']['seeds'])})" if "vs_lora" in m else "-"
             st = "; ".join(f"{cls}: {sum(v) / len(v):.3f} (n={len(v)})" for cls, v in m["step_time"].items()) or "- (no quiet run)"
             f1 = "-" if math.isnan(m["f1"][0]) else f"{_fmt(m['f1'][0])} ± {_fmt(m['f1'][1])}"
             gap = f"{_fmt(m['gap'][0])} ± {_fmt(m['gap'][1])}"
             sr = m.get("vs_lora", {}).get("step_ratio", {})
             ratio = f"{sr['mean']:.2f} ({sr['min']:.2f}-{sr['max']:.2f}, n={sr['n']})" if sr.get("n") else "-"
             md.append(
-                f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {f1} | {gap} | {st} | {ratio} |"
+                f"| {method} | {len(m['seeds'])} | {_fmt(m['test'][0])} ± {_fmt(m['test'][1])} | {vs} | {base} | {f1} | {gap} | {st} | {ratio} |"
             )
-        md.append("")
+        md += [
+            "",
+            "Δ is paired: each run against LoRA's run of the same seed, so a run with fewer seeds is compared with LoRA's mean "
+            "on those seeds (the column beside it), not with LoRA's mean over all its seeds in the first row.",
+            "",
+        ]
         radii = sorted({rad for m in t["methods"].values() for rad in m["ball"]})
         if radii:
             md += [
@@ -380,14 +414,15 @@ def write(runs_dir: Path, out_dir: Path, expected: dict[str, str] | None = None)
     """Write report.md, results.json and the figures into ``out_dir``; returns their paths. With ``expected``
     (run name -> hash at the sweep's revision and preset), summaries with another hash are left out as stale."""
     runs = load(runs_dir)
-    stale = [r["name"] for r in runs if expected is not None and expected.get(r["name"]) != r["hash"]]
+    left = [r for r in runs if expected is not None and expected.get(r["name"]) != r["hash"]]
+    stale = [r["name"] for r in left]
     runs = [r for r in runs if r["name"] not in stale]
     res = analyse(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", json.loads(json.dumps(res | {"calls": calls(res)}, default=str)))
     pngs = figures(res, runs, out_dir)
     verdict = out_dir / VERDICT
-    text = markdown(res, runs, verdict.read_text(encoding="utf-8") if verdict.exists() else None)
+    text = markdown(res, runs, verdict.read_text(encoding="utf-8") if verdict.exists() else None, left)
     if stale:
         text += (
             "\nLeft out as stale (another code revision, preset or task set than the current protocol; the RTE tuning runs "

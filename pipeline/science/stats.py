@@ -41,3 +41,14 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paire
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
     half = float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
     return Paired(n, mean, std, mean - half, mean + half, level)
+
+
+def power(delta: float, sd: float, n: int, level: float = 0.95) -> float:
+    """Chance that the paired two-sided t-test at ``level`` (the interval of :func:`paired`) excludes 0 when the true
+    mean difference is ``delta`` and the differences' std is ``sd``, over ``n`` pairs: P(|T| > t_{(1+level)/2, n−1})
+    for T noncentral t with n − 1 degrees of freedom and noncentrality delta·√n/sd. nan where it is undefined."""
+    if n < 2 or not sd > 0 or math.isnan(delta):
+        return math.nan
+    df, nc = n - 1, delta * math.sqrt(n) / sd
+    crit = float(stats.t.ppf((1 + level) / 2, df))
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
