@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = Path("reports/summary.json")
     if summary.exists():
         console.print(summary_table(json.loads(summary.read_text())))
-        console.print("Details: reports/report.md · MLflow UI: see README ('Look at the runs')")
+        console.print("Details: reports/report.md · MLflow UI: docs/tracking.md")
 
 
 if __name__ == "__main__":
