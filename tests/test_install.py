@@ -43,6 +43,13 @@ def test_readme_commands_and_ci_install_with_the_constraints():
     assert len(setups) >= 2 and all("-c constraints.txt" in line for line in setups)
 
 
+def test_install_page_repeats_the_readme_commands_exactly():
+    def commands(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line.startswith("python3 -m venv .venv")]
+
+    assert commands(ROOT / "docs" / "install.md") == commands(ROOT / "README.md")
+
+
 def test_this_environment_is_the_pinned_one():
     pins = _pins()
     wrong = {}
