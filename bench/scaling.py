@@ -64,8 +64,8 @@ def method_names() -> list[str]:
 
 def token_rows(base_dir: Path, length: int, n_rows: int) -> list[dict[str, torch.Tensor]]:
     """MiniLM rows of real SST-2 text, ``length`` tokens each ([CLS] ... [SEP], no padding)."""
-    from pipeline.data import tokenizer_for
-    from pipeline.tasks import get_task
+    from pipeline.data.prepare import tokenizer_for
+    from pipeline.data.catalog import get_task
 
     tok = tokenizer_for(base_dir)
     rows = get_task("sst2").read(ROOT / "data" / "raw", "train")

@@ -10,7 +10,7 @@ Formats
   ``####`` line after ``Answer:``; :func:`extract_answer` reads the number back. This differs from
   the Bi-LoRA authors' ``"Q: ...\\nA: "`` MetaMathQA template (docs/methods.md, "Evaluation") on purpose: the space
   belongs to the target, so BPE tokenisers see ``" Janet"`` as in running text.
-* **Multiple choice** (BoolQ and other fixed-answer tasks, defined as data in ``pipeline.tasks``):
+* **Multiple choice** (BoolQ and other fixed-answer tasks, defined as data in ``pipeline.data.builtin``):
   scored by **log-likelihood** with :func:`loglik_choice`: the prediction is the choice whose
   tokens have the highest summed log-probability after the prompt. It never produces an
   unparseable answer and costs one forward pass per (prompt, choice).

@@ -5,7 +5,7 @@ that uses it (a method's config beside the method, :class:`bilora.train.LoopConf
 loop). :func:`setting` records the help text and the bounds in the field's metadata, and
 :class:`Settings` checks them (plus a class's own :meth:`Settings.problems`) in ``__post_init__``,
 raising :class:`SettingsError` with *every* problem at once, by field name. The pipeline derives
-its ``params.yaml`` schema from the same fields (``pipeline/config.py``), so defaults, bounds and
+its ``params.yaml`` schema from the same fields (``pipeline/config/schema.py``), so defaults, bounds and
 help text exist once.
 """
 

@@ -1,9 +1,9 @@
 """``python -m pipeline.params_doc --write | --check``: ``docs/params.md``, generated from the params schema.
 
 The page lists every key of ``params.yaml`` with its type, default, bounds and help text, read from
-the pydantic schema (:func:`pipeline.config.params_model`) by walking its fields recursively: nested
+the pydantic schema (:func:`pipeline.config.schema.params_model`) by walking its fields recursively: nested
 sections, the ``SourceConfig`` of a declared dataset's splits, and the sections the library's settings
-dataclasses become (``pipeline/sections.py``). ``--check`` exits 1 when the committed page differs
+dataclasses become (``pipeline/config/sections.py``). ``--check`` exits 1 when the committed page differs
 from what ``--write`` would write (``tests/test_params_doc.py`` does the same).
 """
 
@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
 quiet()  # before the schema: it is derived from the method registry, which imports torch/peft/bitsandbytes
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from pipeline.config import params_model  # noqa: E402
+from pipeline.config.schema import params_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "params.md"
@@ -39,8 +39,8 @@ Every key of `params.yaml`: its type, default, bounds and help text. Each settin
 library's settings are fields of frozen dataclasses next to the code that uses them (`bilora/train.py`
 `LoopConfig`, `bilora/methods/<method>.py`, `bilora/sharpness.py` `SharpnessConfig`), whose
 `setting(default, help, ge=..., ...)` (`bilora/settings.py`) carries the help text and bounds;
-`pipeline/sections.py` turns them into pydantic sections. The pipeline's own sections (`data`, `base`,
-`eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in `pipeline/config.py`,
+`pipeline/config/sections.py` turns them into pydantic sections. The pipeline's own sections (`data`, `base`,
+`eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in `pipeline/config/schema.py`,
 which assembles the whole schema (`params_model()`). Each section below names the class it comes from.
 
 `python -m pipeline.validate` (and every stage, and `python -m pipeline.run` before `dvc repro`) checks

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.console import console
-from pipeline.errors import UserError, cli
+from pipeline.terminal.console import console
+from pipeline.terminal.user_error import UserError, cli
 
 VEGA = Path(__file__).parent / "vega"
 SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")

@@ -7,7 +7,7 @@
 * The interpreter's own ``bin/`` goes first on PATH so DVC's ``python -m stages.*`` commands
   run inside this virtual environment even when it is not activated.
 
-* It opens an MLflow parent run (:mod:`pipeline.group`) that every stage run of this repro nests
+* It opens an MLflow parent run (:mod:`pipeline.tracking.parent`) that every stage run of this repro nests
   under; the parent carries params.yaml, the summary table, the headline metrics and the list of
   stages, ``ran`` or ``cached`` (DVC skipped them; their run ids are the ones their outputs record).
   Tracking unreachable: a warning, and the pipeline runs without it.
@@ -23,27 +23,28 @@ by dotted path, naming the preset file) and only then writes the changed keys in
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
 quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
 
-from pipeline import group  # noqa: E402
-from pipeline.catalog import check as check_data
-from pipeline.config import load_params
-from pipeline.console import console, error, header
-from pipeline.errors import cli
-from pipeline.tracking import tracking_uri
+from pipeline.config.load import load_params  # noqa: E402
+from pipeline.config.presets import apply_preset
+from pipeline.data.catalog import check as check_data
+from pipeline.terminal.console import console, error, header
+from pipeline.terminal.user_error import cli
+from pipeline.tracking import parent
+from pipeline.tracking.experiment import tracking_uri
+
+
+quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
 
 
 def pipeline_env() -> dict[str, str]:
@@ -53,89 +54,6 @@ def pipeline_env() -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
-
-
-PRESETS = Path(__file__).resolve().parent / "presets"
-
-
-def merge(base: Any, delta: Any) -> Any:
-    """``delta`` deep-merged over ``base``: mappings merge key by key; anything else (a list, a
-    scalar, an empty mapping) replaces the value. Neither argument is modified."""
-    if not isinstance(delta, dict) or not isinstance(base, dict) or not delta:
-        return copy.deepcopy(delta)
-    out = copy.deepcopy(base)
-    for k, v in delta.items():
-        out[k] = merge(out[k], v) if k in out else copy.deepcopy(v)
-    return out
-
-
-def preset_path(name: str) -> Path:
-    from pipeline.errors import UserError
-
-    src = PRESETS / f"{name}.yaml"
-    if not src.is_file():
-        known = sorted(f.stem for f in PRESETS.glob("*.yaml"))
-        raise UserError(f"--preset {name!r}: no {src}; available presets: {known}")
-    return src
-
-
-def load_preset(name: str, params_path: str = "params.yaml") -> tuple[dict, dict, Any]:
-    """(delta, merged params mapping, validated params) of ``pipeline/presets/<name>.yaml`` over
-    ``params_path``. Problems of the merged result raise one ConfigError naming the preset file."""
-    from pipeline.config import ConfigError, read_yaml, validate_dict
-
-    src = preset_path(name)
-    delta = read_yaml(src) or {}
-    if not isinstance(delta, dict):
-        raise ConfigError(str(src), [("<root>", "a preset is a mapping of the params.yaml keys it changes")])
-    merged = merge(read_yaml(params_path), delta)
-    return delta, merged, validate_dict(merged, f"{src} (merged over {params_path})")
-
-
-def apply_preset(name: str, params_path: str) -> None:
-    """Merge ``pipeline/presets/<name>.yaml`` over ``params_path`` and write it back (nothing is
-    written if the result is invalid). Only the preset's keys change; comments elsewhere stay."""
-    from ruamel.yaml import YAML
-
-    from bilora.io import atomic_write_text
-
-    load_preset(name, params_path)  # validate the merged result first
-    rt = YAML()  # round-trip: keeps params.yaml's comments and key order, and the preset's own style
-    rt.width = 4096
-    rt.indent(mapping=2, sequence=4, offset=2)
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(Path(params_path).read_text(encoding="utf-8"))
-    delta = rt.load(preset_path(name).read_text(encoding="utf-8"))
-
-    def put(node: Any, d: Any) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict) and v and isinstance(node.get(k), dict):
-                put(node[k], v)
-                continue
-            node[k] = v  # the preset's value, with the preset's end-of-line comment (or none)
-            node.ca.items.pop(k, None)
-            if k in d.ca.items:
-                node.ca.items[k] = d.ca.items[k]
-                for tok in node.ca.items[k]:  # drop the blank lines that ended the preset's section
-                    if getattr(tok, "value", None):
-                        tok.value = tok.value.rstrip("\n") + "\n"
-
-    put(doc, delta)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    atomic_write_text(params_path, buf.getvalue())
-    keys = sorted(flatten_keys(delta))
-    console.print(
-        f"[yellow]preset {name}[/]: merged {len(keys)} key(s) of {preset_path(name).relative_to(PRESETS.parent.parent)} over {params_path}: {', '.join(keys)}"
-    )
-
-
-def flatten_keys(d: dict, prefix: str = "") -> list[str]:
-    """Dotted paths of the leaves of a preset (a list or empty mapping is one leaf)."""
-    out = []
-    for k, v in d.items():
-        out += flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
-    return out
 
 
 def summary_table(summary: dict[str, dict]) -> Table:
@@ -159,7 +77,7 @@ def open_parent(params) -> str | None:
     from datetime import datetime
 
     name = "pipeline.run " + datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    return group.open_parent(tracking_uri(), params.tracking.experiment, name, {group.ROLE_TAG: "run"}, "params.yaml")
+    return parent.open_parent(tracking_uri(), params.tracking.experiment, name, {parent.ROLE_TAG: "run"}, "params.yaml")
 
 
 def dvc(*args: str, env: dict[str, str]) -> int:
@@ -191,14 +109,14 @@ def main(argv: list[str] | None = None) -> None:
         error("no .dvc folder here: run from the repository root")
         sys.exit(2)
     header("dvc repro", " ".join(args.dvc_args))
-    env.pop(group.PARENT_ENV, None)  # the parent is this process's own, never inherited
-    parent = open_parent(params)
-    if parent is not None:
-        env[group.PARENT_ENV] = parent
+    env.pop(parent.PARENT_ENV, None)  # the parent is this process's own, never inherited
+    parent_id = open_parent(params)
+    if parent_id is not None:
+        env[parent.PARENT_ENV] = parent_id
     rc = dvc("repro", *args.dvc_args, env=env)
-    if parent is not None:
-        group.close_parent(tracking_uri(), parent, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml")
-        console.print(f"MLflow parent run {parent}: every stage run of this repro is nested under it")
+    if parent_id is not None:
+        parent.close_parent(tracking_uri(), parent_id, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml")
+        console.print(f"MLflow parent run {parent_id}: every stage run of this repro is nested under it")
     if rc != 0:
         error(
             f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
 quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
 
-from pipeline.catalog import check as check_data  # noqa: E402
-from pipeline.config import load_params
-from pipeline.console import console
-from pipeline.errors import cli
+from pipeline.data.catalog import check as check_data  # noqa: E402
+from pipeline.config.load import load_params
+from pipeline.terminal.console import console
+from pipeline.terminal.user_error import cli
 
 
 @cli

@@ -1,5 +1,5 @@
 """Thin entry points, one per DVC stage (``python -m stages.<name>``)."""
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
-quiet()  # before any stage module imports torch / peft / bitsandbytes (see pipeline/quiet.py)
+quiet()  # before any stage module imports torch / peft / bitsandbytes (see pipeline/terminal/quiet.py)

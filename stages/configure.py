@@ -1,20 +1,21 @@
 """DVC stage ``configure``: one resolved settings file per fine-tuning run (``artifacts/runs/``).
 
 Cheap (no model, no data): it validates params.yaml and writes ``<task>-<method>-<seed>.json``
-for each run of the matrix (pipeline/runs.py). ``finetune@<run>`` depends on its own file, not on
+for each run of the matrix (pipeline/config/runs.py). ``finetune@<run>`` depends on its own file, not on
 the ``train`` sections, so a change to one method's settings re-trains only that method's runs.
 """
 
 from __future__ import annotations
 
-# The settings' defaults and checks live in the library (pipeline/config.py imports these by name):
+# The settings' defaults and checks live in the library (pipeline/config/schema.py imports these by name):
 # import them here so they are this stage's code deps (tests/test_dvc_deps.py).
 import bilora.methods  # noqa: F401
 import bilora.train  # noqa: F401
-from pipeline import layout, runs
-from pipeline.console import info
-from pipeline.errors import cli
-from pipeline.stage import Stage
+from pipeline.stage import layout
+from pipeline.config import runs
+from pipeline.terminal.console import info
+from pipeline.terminal.user_error import cli
+from pipeline.stage.runner import Stage
 
 
 @cli

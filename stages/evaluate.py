@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from bilora import layers
 from bilora.base import load_adapted
-from pipeline import evaluation, formats, layout, logged_models
-from pipeline.catalog import adapter_task, head_labels, prepared_task
-from pipeline.console import console
-from pipeline.data import collator_for, tokenizer_for
-from pipeline.errors import cli
-from pipeline.stage import Stage
+from pipeline.stage import scoring, layout
+from pipeline.data import formats
+from pipeline.tracking import logged_models
+from pipeline.data.catalog import adapter_task, head_labels, prepared_task
+from pipeline.terminal.console import console
+from pipeline.data.prepare import collator_for, tokenizer_for
+from pipeline.terminal.user_error import cli
+from pipeline.stage.runner import Stage
 
 
 @cli
@@ -29,17 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})
         model_id = logged_models.adapter_id(layout.finetune_dir(trained), tracker)  # metrics shown on the adapter's model page
-        metrics, predictions = evaluation.score_splits(model, tokenizer, task, args.task, p, tracker, model_id)
+        metrics, predictions = scoring.score_splits(model, tokenizer, task, args.task, p, tracker, model_id)
         sharp = None
         if p.eval.sharpness.enabled:
-            sharp = evaluation.sharpness(model, task, args.task, collator_for(task, tokenizer), p)
+            sharp = scoring.sharpness(model, task, args.task, collator_for(task, tokenizer), p)
             metrics["sharpness"] = sharp.headline(task.main_metric)  # timings stay in sharpness.json, out of DVC metrics
             tracker.log_metrics({f"sharpness.{k}": v for k, v in metrics["sharpness"].items()}, model_id=model_id)
         with stage.output(layout.eval_dir(name), kernel=kernel) as tmp:
-            evaluation.write_outputs(tmp, metrics, predictions, sharp)
-        tracker.log_artifact(evaluation.commit_metrics(name, metrics))
+            scoring.write_outputs(tmp, metrics, predictions, sharp)
+        tracker.log_artifact(scoring.commit_metrics(name, metrics))
         for split, rows in predictions.items():  # a sample of the predictions as an MLflow table
-            tracker.log_table(evaluation.prediction_table(rows[: evaluation.PREDICTION_SAMPLE]), f"predictions_{split}_sample.json")
+            tracker.log_table(scoring.prediction_table(rows[: scoring.PREDICTION_SAMPLE]), f"predictions_{split}_sample.json")
         tracker.log_artifact(layout.finetune_dir(trained) / "summary.json")
         if sharp is not None:
             tracker.log_artifact(layout.eval_dir(name) / "sharpness.json")

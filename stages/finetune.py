@@ -14,12 +14,14 @@ import torch
 from bilora import distributed, layers, methods, scale
 from bilora.methods.method import NonFiniteError
 from bilora.train import FineTuner, LoopConfig
-from pipeline import layout, logged_models, runs, training
-from pipeline.catalog import get_task
-from pipeline.console import info, progress
-from pipeline.data import collator_for, load_split, tokenizer_for
-from pipeline.errors import UserError, cli
-from pipeline.stage import Stage
+from pipeline.stage import layout, training
+from pipeline.tracking import logged_models
+from pipeline.config import runs
+from pipeline.data.catalog import get_task
+from pipeline.terminal.console import info, progress
+from pipeline.data.prepare import collator_for, load_split, tokenizer_for
+from pipeline.terminal.user_error import UserError, cli
+from pipeline.stage.runner import Stage
 
 
 @cli

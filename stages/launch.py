@@ -18,8 +18,8 @@ import importlib
 import os
 import sys
 
-from pipeline.config import load_params
-from pipeline.errors import UserError, cli
+from pipeline.config.load import load_params
+from pipeline.terminal.user_error import UserError, cli
 
 STAGES = ("finetune",)
 

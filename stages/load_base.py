@@ -10,10 +10,10 @@ from bilora.base import QuantSpec, is_causal_lm, quantize, save_quantized
 from bilora.causal import QUALITY_PROMPT, quality_check
 from bilora.sources import BaseModelError, resolve
 from bilora.io import atomic_write_json
-from pipeline import layout
-from pipeline.console import info
-from pipeline.errors import UserError, cli
-from pipeline.stage import Stage
+from pipeline.stage import layout
+from pipeline.terminal.console import info
+from pipeline.terminal.user_error import UserError, cli
+from pipeline.stage.runner import Stage
 
 
 @cli

@@ -11,12 +11,14 @@ from bilora.base import load_adapted, load_for_task, task_model_class
 from bilora.sources import resolve
 from bilora.io import atomic_write_json
 from bilora.merge import agreement_drift, check_agreement, dequantize, merge, reload_max_abs_diff
-from pipeline import formats, layout, logged_models
-from pipeline.catalog import get_task, num_labels
-from pipeline.console import console, info, warn
-from pipeline.data import collator_for, load_split, tokenizer_for
-from pipeline.errors import cli
-from pipeline.stage import Stage
+from pipeline.data import formats
+from pipeline.stage import layout
+from pipeline.tracking import logged_models
+from pipeline.data.catalog import get_task, num_labels
+from pipeline.terminal.console import console, info, warn
+from pipeline.data.prepare import collator_for, load_split, tokenizer_for
+from pipeline.terminal.user_error import cli
+from pipeline.stage.runner import Stage
 
 
 @cli

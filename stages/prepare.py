@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from bilora.base import BaseModelError, resolve
 from bilora.io import atomic_write_json
-from pipeline import layout
-from pipeline.catalog import get_task
-from pipeline.console import info
-from pipeline.data import prepare_task, tokenizer_for
-from pipeline.errors import UserError, cli
-from pipeline.stage import Stage
+from pipeline.stage import layout
+from pipeline.data.catalog import get_task
+from pipeline.terminal.console import info
+from pipeline.data.prepare import prepare_task, tokenizer_for
+from pipeline.terminal.user_error import UserError, cli
+from pipeline.stage.runner import Stage
 
 
 @cli

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from pipeline import layout
-from pipeline.console import console
-from pipeline.errors import cli
+from pipeline.stage import layout
+from pipeline.terminal.console import console
+from pipeline.terminal.user_error import cli
 from pipeline.report.tables import terminal_table
 from pipeline.report.write import write_report
-from pipeline.stage import Stage
+from pipeline.stage.runner import Stage
 
 
 @cli

@@ -1,5 +1,5 @@
 """The built-in tasks are ordinary entries of the format mechanism, and the default run's prepared data
-did not change: SST-2 through pipeline/formats/classification.py gives byte-identical arrow files to the
+did not change: SST-2 through pipeline/data/formats/classification.py gives byte-identical arrow files to the
 hand-written reader + tokenize of the committed run (digests of /work/main artifacts/data/sst2 before
 this change, the inputs behind the committed metrics/)."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import formats
-from pipeline.catalog import get_task
-from pipeline.config import load_params
-from pipeline.tasks import TASKS
+from pipeline.data import formats
+from pipeline.data.catalog import get_task
+from pipeline.config.load import load_params
+from pipeline.data.builtin import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ SST2_ARROW_MD5 = {
 
 def test_default_sst2_prepared_data_is_byte_identical(tmp_path):
     from bilora.base import resolve
-    from pipeline.data import prepare_task, tokenizer_for
+    from pipeline.data.prepare import prepare_task, tokenizer_for
 
     p = load_params(ROOT / "params.yaml")
     assert p.data.tasks == ["sst2"]

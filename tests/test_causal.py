@@ -103,11 +103,11 @@ def test_prompts_and_targets():
 
 
 def test_boolq_prompt_is_defined_once():
-    """BoolQ is data (pipeline/tasks.py, a multiple_choice entry); the library holds no copy of its prompt."""
-    from pipeline import tasks
+    """BoolQ is data (pipeline/data/builtin.py, a multiple_choice entry); the library holds no copy of its prompt."""
+    from pipeline.data import builtin
 
     assert not any(n.startswith("BOOLQ") or n.startswith("boolq") for n in dir(causal))
-    assert tasks.TASKS["boolq"].options["prompt_template"] == tasks.BOOLQ_PREFIX + "{prompt}" + tasks.BOOLQ_SUFFIX + "\nAnswer:"
+    assert builtin.TASKS["boolq"].options["prompt_template"] == builtin.BOOLQ_PREFIX + "{prompt}" + builtin.BOOLQ_SUFFIX + "\nAnswer:"
 
 
 # --------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def tiny_llama_folder(out: Path) -> Path:
 
 
 def causal_params(base: Path) -> dict:
-    from pipeline.run import load_preset
+    from pipeline.config.presets import load_preset
 
     raw = load_preset("smollm2_gsm8k_cpu", str(ROOT / "params.yaml"))[1]
     raw["data"].update(tasks=["gsm8k"], train_subset=24, val_fraction=0.0, max_length=96, test_subset=4)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from bilora.causal import IGNORE_INDEX, CausalCollator
-from pipeline.config import DataConfig, EvalConfig
-from pipeline.data import Collator, collator_for, prepare_task
-from pipeline.tasks import get_task
+from pipeline.config.schema import DataConfig, EvalConfig
+from pipeline.data.formats.classification import Collator
+from pipeline.data.prepare import collator_for, prepare_task
+from pipeline.data.catalog import get_task
 from tests.test_causal_pipeline import tiny_bpe_tokenizer
 
 
@@ -79,7 +80,7 @@ def test_evaluate_generation_gsm8k_and_boolq(tok):
     from datasets import Dataset
 
     from bilora import adapters
-    from pipeline.evaluation import evaluate_generation
+    from pipeline.stage.scoring import evaluate_generation
 
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params, validate_dict
+from pipeline.config.load import ConfigError, load_params, validate_dict
+from pipeline.config.schema import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Bad user data: one clear message naming the file, line (Parquet: row) and column; nothing written.
 
-In-process through ``pipeline.catalog.check`` (what ``python -m pipeline.run`` calls before ``dvc repro``),
+In-process through ``pipeline.data.catalog.check`` (what ``python -m pipeline.run`` calls before ``dvc repro``),
 and three cases through the README's run command itself."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.catalog import check
-from pipeline.config import ConfigError, DataConfig, load_params
-from pipeline.tasks import DataError
+from pipeline.data.catalog import check
+from pipeline.config.load import ConfigError, load_params
+from pipeline.config.schema import DataConfig
+from pipeline.data.readers import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +164,7 @@ def test_multiple_choice_answer_not_a_choice(tmp_path):
 
 
 def _config_problems(raw: dict) -> str:
-    from pipeline.config import validate_dict
+    from pipeline.config.load import validate_dict
 
     with pytest.raises(ConfigError) as e:
         validate_dict(raw)

@@ -161,7 +161,7 @@ def test_closure_follows_submodules_relative_and_stage_imports():
         "stages/finetune.py",
         "stages/launch.py",
         "bilora/fused.py",
-        "pipeline/config.py",
+        "pipeline/config/schema.py",
         "bilora/methods/flat_lora.py",
         "bilora/__init__.py",
         "bilora/methods/__init__.py",

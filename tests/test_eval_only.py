@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from bilora import metrics as M
-from pipeline import formats
-from pipeline.catalog import get_task, prepared_task, read_splits
-from pipeline.config import FORMAT_HEADS, ConfigError, DataConfig, validate_dict
-from pipeline.data import prepare_task
+from pipeline.data import formats
+from pipeline.data.catalog import get_task, prepared_task, read_splits
+from pipeline.config.schema import FORMAT_HEADS, DataConfig
+from pipeline.config.load import ConfigError, validate_dict
+from pipeline.data.prepare import prepare_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ARC = "data/raw/llm_adapters/ARC-Easy/test.json"
@@ -93,7 +94,7 @@ def test_eval_only_schema_errors_name_the_dotted_key():
 def test_readme_eval_only_example_validates_and_reads(monkeypatch):
     import re
 
-    text = (ROOT / "docs" / "data.md").read_text()
+    text = (ROOT / "README.md").read_text()
     section = text[text.index("**Eval-only datasets**") :]
     raw = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     p = validate_dict({"data": raw["data"], "merge": {"task": "boolq"}})
@@ -116,7 +117,7 @@ def tok():
 
 
 def test_llm_adapters_arc_easy_is_an_eval_only_multiple_choice_set(monkeypatch, tok):
-    from pipeline.catalog import check
+    from pipeline.data.catalog import check
 
     monkeypatch.chdir(ROOT)
     data = DataConfig(tasks=["boolq"], eval_tasks=["arc"], datasets={"arc": ARC_DECL}, test_subset=6)
@@ -130,10 +131,10 @@ def test_llm_adapters_arc_easy_is_an_eval_only_multiple_choice_set(monkeypatch, 
 
 
 def test_shipped_commonsense_sets_load_as_eval_only_through_the_preset(monkeypatch):
-    from pipeline import run
+    from pipeline.config import presets
 
     monkeypatch.chdir(ROOT)
-    p = run.load_preset("smollm2_boolq_commonsense_cpu", str(ROOT / "params.yaml"))[2]
+    p = presets.load_preset("smollm2_boolq_commonsense_cpu", str(ROOT / "params.yaml"))[2]
     rows = {t: read_splits(get_task(t, p.data), p.data) for t in p.data.eval_tasks}
     assert {t: (len(tr), len(te)) for t, (tr, te, _) in rows.items()} == {  # the row counts of data/raw/llm_adapters/*/README.md
         "arc_easy": (0, 2376),
@@ -223,7 +224,7 @@ def test_inferred_labels_default_metrics_follow_the_label_count(tmp_path, tok):
     assert keys({"tasks": ["r3"], "datasets": {"r3": decl | {"labels": ["1", "3", "5"], "metrics": ["f1"]}}}) == [
         "data.datasets.r3.metrics"
     ]
-    from pipeline.tasks import DataError
+    from pipeline.data.readers import DataError
 
     bad = DataConfig(tasks=["r3"], datasets={"r3": decl | {"metrics": ["accuracy", "f1"]}})
     with pytest.raises(DataError, match=r"data\.datasets\.r3\.metrics: f1 is the binary F1.*use f1_macro"):

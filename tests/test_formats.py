@@ -13,11 +13,11 @@ import torch
 
 from bilora import adapters, methods
 from bilora.train import FineTuner, LoopConfig
-from pipeline import formats
-from pipeline.catalog import get_task, options
-from pipeline.config import DataConfig
-from pipeline.data import prepare_task
-from pipeline.formats.chat import CHATML
+from pipeline.data import formats
+from pipeline.data.catalog import get_task, options
+from pipeline.config.schema import DataConfig
+from pipeline.data.prepare import prepare_task
+from pipeline.data.formats.chat import CHATML
 from tests.test_causal_pipeline import tiny_bpe_tokenizer
 
 IGNORE = -100
@@ -264,7 +264,7 @@ def test_chat_template_and_assistant_mask_token_by_token(tok):
 
 
 def test_chat_uses_the_tokenizers_own_template_and_says_when_none(tok):
-    from pipeline.tasks import DataError
+    from pipeline.data.readers import DataError
 
     fmt = formats.get("chat")
     opts = {

@@ -1,5 +1,5 @@
-"""Parent runs (pipeline/group.py) through the real ``python -m pipeline.run``, ``dvc repro`` and ``dvc exp run``
-on a pipeline of small stand-in stages that open real :class:`pipeline.tracking.Tracker` runs in a sqlite store
+"""Parent runs (pipeline/tracking/parent.py) through the real ``python -m pipeline.run``, ``dvc repro`` and ``dvc exp run``
+on a pipeline of small stand-in stages that open real :class:`pipeline.tracking.tracker.Tracker` runs in a sqlite store
 (checked through MLflow's client): nesting under the parent, cached stages listed with their run ids, plain
 ``dvc repro`` without a parent. The real stages' runs are checked the same way in tests/test_pipeline.py."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.group import ROLE_TAG, STAGES_FILE
+from pipeline.tracking.parent import ROLE_TAG, STAGES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

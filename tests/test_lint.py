@@ -48,5 +48,5 @@ def test_ruff_format_is_applied():
 def test_no_duplicate_code_in_library_pipeline_and_stages():
     res = _tool("pylint", *DUPLICATE_CODE, "bilora", "pipeline", "stages")
     assert res.returncode == 0, (
-        f"pylint duplicate-code: a block is repeated; move it into one function (pipeline/stage.py for stage setup):\n{res.stdout}{res.stderr}"
+        f"pylint duplicate-code: a block is repeated; move it into one function (pipeline/stage/runner.py for stage setup):\n{res.stdout}{res.stderr}"
     )

@@ -22,8 +22,8 @@ from tiny import SPEC, nf4_bert, tiny_bert  # noqa: E402
 
 from bilora import adapters  # noqa: E402
 from bilora.base import load_adapted, load_for_task  # noqa: E402
-from pipeline import logged_models, tracking  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
+from pipeline.tracking import logged_models, tracker  # noqa: E402
+from pipeline.tracking.tracker import Tracker  # noqa: E402
 
 MINILM = (
     Path(sys.prefix)
@@ -180,7 +180,7 @@ def test_a_failing_model_log_warns_once_and_the_stage_goes_on(store, run_files, 
 
     base, adapter, settings = run_files
     warnings: list[str] = []
-    monkeypatch.setattr(tracking, "warn", warnings.append)
+    monkeypatch.setattr(tracker, "warn", warnings.append)
 
     def boom(*a, **k):
         raise ConnectionError("server went away")

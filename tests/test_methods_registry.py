@@ -17,8 +17,8 @@ from bilora import methods
 from bilora.methods.method import _REGISTRY
 from bilora.sharpness.config import SharpnessConfig
 from bilora.train import FineTuner, LoopConfig
-from pipeline.config import ConfigError, validate_dict
-from pipeline.sections import to_settings
+from pipeline.config.load import ConfigError, validate_dict
+from pipeline.config.sections import to_settings
 from tests.tiny import cls_examples, collate, peft_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_finetune_depends_on_its_run_file_and_configure_on_the_train_section():
 
 
 def test_run_files_change_only_for_the_runs_a_setting_determines(tmp_path):
-    from pipeline import runs
+    from pipeline.config import runs
 
     raw = raw_params()
     raw["train"]["methods"] = ["lora", "bilora", "flat_lora", "bilora_rho0.2"]
@@ -167,8 +167,9 @@ def test_run_files_change_only_for_the_runs_a_setting_determines(tmp_path):
 
 
 def test_finetune_refuses_a_stale_or_missing_run_file(tmp_path, monkeypatch):
-    from pipeline import layout, runs
-    from pipeline.errors import UserError
+    from pipeline.stage import layout
+    from pipeline.config import runs
+    from pipeline.terminal.user_error import UserError
 
     monkeypatch.chdir(tmp_path)
     p = validate_dict(raw_params())

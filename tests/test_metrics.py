@@ -174,7 +174,7 @@ def test_no_forbidden_imports():
 
 
 def test_committed_figures_are_rounded_to_significant_digits():
-    from pipeline.figures import rounded
+    from pipeline.report.precision import rounded
 
     # hand-derived: 4 significant digits, nested containers, exact types kept
     assert rounded(0.8061926605504587) == 0.8062

@@ -11,9 +11,10 @@ from transformers import AutoTokenizer
 from bilora import adapters, methods
 from bilora.base import QuantSpec, load_for_task, quantize, resolve, save_quantized
 from bilora.train import FineTuner, LoopConfig
-from pipeline.config import TrainConfig
-from pipeline.data import Collator, tokenize
-from pipeline.tasks import get_task
+from pipeline.config.schema import TrainConfig
+from pipeline.data.formats.classification import Collator
+from pipeline.data.prepare import tokenize
+from pipeline.data.catalog import get_task
 
 pytestmark = pytest.mark.slow
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import run
-from pipeline.config import ConfigError, load_params, validate_dict
-from pipeline.errors import UserError
+from pipeline.config import presets
+from pipeline.config.load import ConfigError, load_params, validate_dict
+from pipeline.terminal.user_error import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted(run.PRESETS.glob("*.yaml"))
+PRESETS = sorted(presets.PRESETS.glob("*.yaml"))
 PARAMS = str(ROOT / "params.yaml")
 
 
@@ -30,7 +30,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_merges_over_params_and_validates(path: Path):
-    delta, merged, p = run.load_preset(path.stem, PARAMS)
+    delta, merged, p = presets.load_preset(path.stem, PARAMS)
     assert p.model_dump() == validate_dict(merged).model_dump()
     for key, value in leaves(delta).items():  # the preset's values win
         node = p.model_dump()
@@ -59,7 +59,7 @@ def test_preset_lists_only_keys_it_changes(path: Path):
 
 def test_merge_is_deep_and_lists_replace():
     base = {"a": {"b": 1, "c": [1, 2]}, "d": {"e": {}}}
-    assert run.merge(base, {"a": {"c": [3]}, "d": {"e": {"x": 1}}}) == {"a": {"b": 1, "c": [3]}, "d": {"e": {"x": 1}}}
+    assert presets.deep_merge(base, {"a": {"c": [3]}, "d": {"e": {"x": 1}}}) == {"a": {"b": 1, "c": [3]}, "d": {"e": {"x": 1}}}
     assert base == {"a": {"b": 1, "c": [1, 2]}, "d": {"e": {}}}  # not modified
 
 
@@ -67,12 +67,12 @@ def test_unknown_keys_are_reported_by_dotted_path_naming_the_preset(tmp_path, mo
     bad = tmp_path / "presets"
     bad.mkdir()
     (bad / "typo.yaml").write_text("train:\n  loop:\n    lrr: 0.1\n  bilora:\n    rhoo: 0.1\nevall: {}\n")
-    monkeypatch.setattr(run, "PRESETS", bad)
+    monkeypatch.setattr(presets, "PRESETS", bad)
     target = tmp_path / "params.yaml"
     original = (ROOT / "params.yaml").read_text()
     target.write_text(original)
     with pytest.raises(ConfigError) as e:
-        run.apply_preset("typo", str(target))
+        presets.apply_preset("typo", str(target))
     assert sorted(loc for loc, _ in e.value.problems) == ["evall", "train.bilora.rhoo", "train.loop.lrr"]
     assert all("unknown key" in msg for _, msg in e.value.problems)
     assert str(bad / "typo.yaml") in str(e.value) and "merged over" in str(e.value)
@@ -83,17 +83,17 @@ def test_apply_preset_writes_only_its_keys_and_keeps_comments(tmp_path):
     target = tmp_path / "params.yaml"
     original = (ROOT / "params.yaml").read_text()
     target.write_text(original)
-    run.apply_preset("smollm2_gsm8k_cpu", str(target))
+    presets.apply_preset("smollm2_gsm8k_cpu", str(target))
     text = target.read_text()
     assert text.startswith("# bilora pipeline parameters.")
     assert "cpu_kernel: fp32        # the project picks the 4-bit CPU kernel" in text  # untouched line kept verbatim
     written = load_params(target).model_dump()
-    _, merged, expected = run.load_preset("smollm2_gsm8k_cpu", str(ROOT / "params.yaml"))
+    _, merged, expected = presets.load_preset("smollm2_gsm8k_cpu", str(ROOT / "params.yaml"))
     assert written == expected.model_dump()
     changed = {k for k, v in leaves(yaml.safe_load(text)).items() if leaves(yaml.safe_load(original)).get(k) != v}
-    assert changed == set(leaves(yaml.safe_load((run.PRESETS / "smollm2_gsm8k_cpu.yaml").read_text())))
+    assert changed == set(leaves(yaml.safe_load((presets.PRESETS / "smollm2_gsm8k_cpu.yaml").read_text())))
     with pytest.raises(UserError, match="available presets"):
-        run.apply_preset("no_such_preset", str(target))
+        presets.apply_preset("no_such_preset", str(target))
 
 
 @pytest.mark.parametrize(
@@ -101,9 +101,9 @@ def test_apply_preset_writes_only_its_keys_and_keeps_comments(tmp_path):
 )
 def test_worked_example_presets_pass_the_data_check(name):
     """The worked examples' declared datasets read cleanly (what pipeline.run checks before dvc repro)."""
-    from pipeline.catalog import check, get_task
+    from pipeline.data.catalog import check, get_task
 
-    p = load_params(run.PRESETS / f"{name}.yaml")
+    p = load_params(presets.PRESETS / f"{name}.yaml")
     check(p.data, tracked="data")
     assert all(get_task(t, p.data).declared == (t in p.data.datasets) for t in p.data.evaluated)
     assert set(p.data.datasets) <= set(p.data.evaluated)  # every dataset it declares is run
@@ -112,7 +112,7 @@ def test_worked_example_presets_pass_the_data_check(name):
 def test_comparison_preset_covers_the_method_matrix():
     from bilora import methods
 
-    _, _, p = run.load_preset("glue_comparison", PARAMS)
+    _, _, p = presets.load_preset("glue_comparison", PARAMS)
     assert sorted(p.train.methods) == sorted(methods.available())  # every registered method
     assert len(p.train.seeds) >= 3 and len(p.data.tasks) >= 2
     assert p.base.quant.enabled and p.eval.sharpness.enabled and p.eval.sharpness.spaces == ["full", "lora"]
@@ -123,7 +123,7 @@ def test_llama8b_gpu_preset_turns_on_the_scale_switches_and_fits_24gb():
     length-grouped batches, bf16 via compute_dtype auto on CUDA, and a predicted peak under 24 GiB."""
     from bilora import memory, scale
 
-    _, _, p = run.load_preset("llama8b_gsm8k_gpu", PARAMS)
+    _, _, p = presets.load_preset("llama8b_gsm8k_gpu", PARAMS)
     loop = p.train.loop
     assert loop.gradient_checkpointing and loop.optimizer == "paged_adamw_8bit" and loop.length_grouped
     assert p.base.quant.compute_dtype == "auto" and scale.autocast_dtype("cuda", p.base.quant.compute_dtype) is not None

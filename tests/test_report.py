@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_params
+from pipeline.config.load import load_params
 from pipeline.report.collect import collect, mean_std
-from pipeline.figures import rounded
+from pipeline.report.precision import rounded
 from pipeline.report.tables import headline_metrics, split_note
 from pipeline.report.write import write_report
 from tests.helpers.report_fixture import CASES, write_inputs

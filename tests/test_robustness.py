@@ -468,7 +468,7 @@ def test_tracker_against_a_live_mlflow_server(tmp_path):
         mlserver.wait_healthy(server, base, log)
         code = (
             f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from pipeline.tracking import Tracker\n"
+            "from pipeline.tracking.tracker import Tracker\n"
             "with Tracker('probe', 'robustness', {'a': 1, 'b': 'x'}, tags={'task': 'sst2'}) as t:\n"
             "    t.log_metrics({'m': 0.5}, step=1)\n"
             "print('RUN', t.run_id, t.info()['tracked'])\n"

@@ -252,12 +252,12 @@ def test_launcher_runs_in_process_or_reexecs_through_torchrun():
     ]
     assert launch._params_path([*args, "--params", "p.yaml"]) == "p.yaml" and launch._params_path(args) == "params.yaml"
     dvc = (ROOT / "dvc.yaml").read_text()
-    # the process count is part of each run's resolved settings file (pipeline/runs.py), finetune's dep
+    # the process count is part of each run's resolved settings file (pipeline/config/runs.py), finetune's dep
     assert "python -m stages.launch finetune --task" in dvc and "artifacts/runs/${item.task}-${item.method}-${item.seed}.json" in dvc
 
 
 def test_distributed_params_are_validated():
-    from pipeline.config import ConfigError, validate_dict
+    from pipeline.config.load import ConfigError, validate_dict
 
     import yaml
 

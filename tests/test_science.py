@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import validate_dict
-from pipeline.run import load_preset
+from pipeline.config.load import validate_dict
+from pipeline.config.presets import load_preset
 from pipeline.science import protocol, report, stats, sweep
 from pipeline.science.protocol import Run
 
@@ -248,7 +248,7 @@ def test_pre_registered_calls_follow_the_rule_and_the_verdict_is_included_once_c
 
 
 def test_sweep_status_prints_no_third_party_noise():
-    """The sweep is an entry point like the stages: pipeline.quiet filters bitsandbytes' optional-kernel notice
+    """The sweep is an entry point like the stages: pipeline.terminal.quiet filters bitsandbytes' optional-kernel notice
     (printed on import on avx512_bf16 CPUs) before the method registry imports it."""
     import subprocess
     import sys

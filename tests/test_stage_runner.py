@@ -1,4 +1,4 @@
-"""pipeline/stage.py: the common arguments, the tracker's disabled mode (ranks other than 0) and the
+"""pipeline/stage/runner.py: the common arguments, the tracker's disabled mode (ranks other than 0) and the
 atomic output folder closed by run_info.json."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stage import Stage
-from pipeline.tracking import Tracker
+from pipeline.stage.runner import Stage
+from pipeline.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""pipeline.tasks: the real raw files read with the right counts, and every bad-input case as a DataError
+"""pipeline.data.builtin: the real raw files read with the right counts, and every bad-input case as a DataError
 that names the file and the line."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from bilora import metrics
-from pipeline.tasks import BOOLQ_PREFIX, BOOLQ_SUFFIX, TASKS, DataError, TaskSpec, get_task
+from pipeline.data.builtin import BOOLQ_PREFIX, BOOLQ_SUFFIX, TASKS
+from pipeline.data.readers import DataError
+from pipeline.data.task import TaskSpec
+from pipeline.data.catalog import get_task
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipeline.quiet import only_head_missing, quiet
+from pipeline.terminal.quiet import only_head_missing, quiet
 from pipeline.run import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,6 @@ def test_report_stage_table_fits_80_columns_uncut():
 
 def test_non_finite_error_is_a_user_error_once_the_methods_are_imported():
     from bilora.methods.method import NonFiniteError
-    from pipeline.errors import user_errors
+    from pipeline.terminal.user_error import user_errors
 
     assert NonFiniteError in user_errors()

@@ -1,4 +1,4 @@
-"""pipeline.tracking against a real sqlite store: experiment kind, dataset inputs, system metrics, outage."""
+"""pipeline.tracking.tracker against a real sqlite store: experiment kind, dataset inputs, system metrics, outage."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from pipeline import tracking
-from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, split_digest
+from pipeline.tracking import tracker
+from pipeline.tracking.experiment import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracking_uri
+from pipeline.tracking.tracker import Tracker, split_digest
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_tracking_down_everything_still_completes(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     warnings: list[str] = []
-    monkeypatch.setattr(tracking, "warn", warnings.append)
+    monkeypatch.setattr(tracker, "warn", warnings.append)
     start = time.monotonic()
     with Tracker("finetune", "down", {"a": 1}, system_metrics=True) as t:
         t.log_dataset("sst2/train", "0123456789abcdef", "artifacts/data/sst2/train", 120, "training")
@@ -117,15 +118,15 @@ def test_tracking_down_everything_still_completes(tmp_path, monkeypatch):
     assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
 
     # the parent run (pipeline.run / dvc exp run) is optional too: no parent, one warning each, the stage goes on
-    from pipeline import group
+    from pipeline.tracking import parent
 
-    monkeypatch.setattr(group, "warn", warnings.append)
-    assert group.open_parent(tracking.tracking_uri(), "down", "p", {}) is None
+    monkeypatch.setattr(parent, "warn", warnings.append)
+    assert parent.open_parent(tracking_uri(), "down", "p", {}) is None
     monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
     with Tracker("finetune", "down", {"a": 1}) as t:
         pass
-    assert group.exp_parent(tracking.tracking_uri(), "down", "some-exp") is None
-    group.close_parent(tracking.tracking_uri(), "0" * 32)
+    assert parent.exp_parent(tracking_uri(), "down", "some-exp") is None
+    parent.close_parent(tracking_uri(), "0" * 32)
     assert t.info()["tracked"] is False and t.info()["parent_run_id"] is None
     assert len(warnings) == 5 and sum("parent run" in w for w in warnings) == 3
     assert time.monotonic() - start < 120
@@ -138,7 +139,7 @@ def test_sampler_is_stopped_when_end_run_fails(store, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "30")
     warnings: list[str] = []
-    monkeypatch.setattr(tracking, "warn", warnings.append)
+    monkeypatch.setattr(tracker, "warn", warnings.append)
     t = Tracker("finetune", "sys-fail", {"a": 1}, system_metrics=True)
     assert [th for th in threading.enumerate() if th.name == "SystemMetricsMonitor"]
 
@@ -171,7 +172,7 @@ def test_log_split_names_digests_and_sources_a_prepared_split(store, tmp_path):
 
 
 def test_prediction_sample_is_logged_as_a_table(store):
-    from pipeline.evaluation import prediction_table
+    from pipeline.stage.scoring import prediction_table
 
     rows = [{"generation": "so 4", "prediction": "4", "gold": "4"}, {"generation": "x", "prediction": None, "gold": "2"}]
     with Tracker("probe", "tables", {"a": 1}) as t:

@@ -7,9 +7,9 @@ import statistics
 from dataclasses import dataclass, field
 
 from bilora.sharpness.result import SharpnessResult
-from pipeline import layout
-from pipeline.config import Params
-from pipeline.figures import rounded
+from pipeline.stage import layout
+from pipeline.config.schema import Params
+from pipeline.report.precision import rounded
 
 SPACES = ("full", "lora")
 
@@ -62,7 +62,7 @@ class Collected:
 
 
 def _read(path) -> object:
-    # everything the report records and plots is read at the committed precision (pipeline/figures.py)
+    # everything the report records and plots is read at the committed precision (pipeline/report/precision.py)
     return rounded(json.loads(path.read_text()))
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline import layout
-from pipeline.config import Params
+from pipeline.stage import layout
+from pipeline.config.schema import Params
 from pipeline.report.collect import SPACES, Collected, Group, mean_std
-from pipeline.catalog import get_task
+from pipeline.data.catalog import get_task
 from bilora.metrics import improvement
 
 # Paper anchors for context only (GLUE dev, %; MRPC and SST-2 accuracy, CoLA MCC). LoRA, LoRA-SAM and

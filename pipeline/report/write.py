@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from bilora.io import atomic_write_json, atomic_write_text
-from pipeline.config import Params
-from pipeline.figures import rounded
+from pipeline.config.schema import Params
+from pipeline.report.precision import rounded
 from pipeline.report.collect import collect
-from pipeline.report.plots import plot_losses, plot_sharpness, write_histories
+from pipeline.report.charts import plot_losses, plot_sharpness, write_histories
 from pipeline.report.tables import detail_tables, headline_metrics, main_table
 
 

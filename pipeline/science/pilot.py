@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
 quiet()
 
@@ -81,10 +81,10 @@ def train_one(task_name: str, setting: str, steps: int, every: int, base: Path) 
     from bilora import adapters, methods
     from bilora.base import load_for_task
     from bilora.train import FineTuner, LoopConfig
-    from pipeline import formats
-    from pipeline.config import DataConfig
-    from pipeline.data import collator_for, prepare_task, tokenizer_for
-    from pipeline.tasks import get_task
+    from pipeline.data import formats
+    from pipeline.config.schema import DataConfig
+    from pipeline.data.prepare import collator_for, prepare_task, tokenizer_for
+    from pipeline.data.catalog import get_task
 
     task = get_task(task_name)
     tok = tokenizer_for(base)

@@ -361,7 +361,7 @@ def figures(res: dict[str, Any], runs: list[dict], out_dir: Path) -> list[Path]:
     """flatness_vs_radius.png (projected-attack increase against r, mean ± std over seeds), flatness_vs_rho.png
     (the same against Bi-LoRA's ρ, LoRA as ρ = 0, a line per radius) and accuracy_vs_flatness.png (every run: test
     metric against its increase at r = 0.05 and 0.5, the radii the two Bi-LoRA runs defend); [] without ball data."""
-    from pipeline.report.plots import _save, plt
+    from pipeline.report.charts import save as _save, plt
 
     tasks = [t for t, v in res["tasks"].items() if any(m["ball"] for m in v["methods"].values())]
     if not tasks:

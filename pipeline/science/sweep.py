@@ -29,16 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.quiet import quiet
+from pipeline.terminal.quiet import quiet
 
 quiet()  # before the imports below, which import torch/peft/bitsandbytes through the method registry
 
 from bilora.io import atomic_write_json  # noqa: E402
-from pipeline.config import validate_dict
-from pipeline.console import console, error
-from pipeline.errors import UserError, cli
-from pipeline.run import merge, pipeline_env, preset_path
-from pipeline.runs import run_settings
+from pipeline.config.load import validate_dict
+from pipeline.terminal.console import console, error
+from pipeline.terminal.user_error import UserError, cli
+from pipeline.config.presets import deep_merge, preset_path
+from pipeline.run import pipeline_env
+from pipeline.config.runs import run_settings
 from pipeline.science import protocol
 from pipeline.science.protocol import Run
 
@@ -63,11 +64,11 @@ def code_identity(rev: str) -> dict[str, str]:
 
 def run_params(default: dict, run: Run) -> dict:
     """The workspace's params.yaml as a mapping: the revision's params.yaml + the preset (+ a tuning run's lr)."""
-    from pipeline.config import read_yaml
+    from pipeline.config.load import read_yaml
 
-    p = merge(default, read_yaml(preset_path(protocol.PRESET)) or {})
+    p = deep_merge(default, read_yaml(preset_path(protocol.PRESET)) or {})
     if run.phase == "tune":
-        p = merge(
+        p = deep_merge(
             p,
             {
                 "train": {"methods": ["lora"], "seeds": [run.seed], "loop": {"lr": run.lr}},

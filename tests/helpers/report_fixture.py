@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.figures import rounded
+from pipeline.report.precision import rounded
 
 CASES = {
     # two GLUE tasks, three methods, two seeds; radii given unsorted; attack metrics on one task only
@@ -75,7 +75,7 @@ def _flat_headline(result: dict, main: str) -> dict[str, float]:
 
 def write_inputs(root: Path, case: str, repo: Path) -> Path:
     """Write the case's inputs and params file under ``root``; return the params path."""
-    from pipeline.tasks import get_task
+    from pipeline.data.catalog import get_task
 
     spec = CASES[case]
     raw = yaml.safe_load((repo / "params.yaml").read_text())

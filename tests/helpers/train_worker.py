@@ -25,7 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from bilora import checkpoint, methods  # noqa: E402
 from bilora.train import FineTuner, LoopConfig  # noqa: E402
-from pipeline.errors import cli  # noqa: E402
+from pipeline.terminal.user_error import cli  # noqa: E402
 from tiny import cls_examples, collate, peft_bert  # noqa: E402
 
 CFG = {"lora": {}, "bilora": {"rho": 0.05, "aux_rank": 4, "aux_alpha": 8.0}, "flat_lora": {"sigma": 0.05}, "lora_sam": {"rho": 0.01}}
