@@ -17,7 +17,7 @@ Needs only torch, transformers, peft and bitsandbytes (no pydantic, dvc, mlflow,
 tests/test_gpu_check.py checks the import closure). Budget: ~4 minutes on one H100/H200
 (the base of each shape is built once on the GPU and reused; adapters are attached per row and
 removed with ``unload()``). Until it has run on a GPU, reports/gpu.md does not exist and the
-README says the GPU path is unverified.
+docs/scaling.md says the GPU path is unverified.
 """
 
 from __future__ import annotations

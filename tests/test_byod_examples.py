@@ -1,4 +1,4 @@
-"""The README's "Fine-tune on your own data" example validates, and the datasets it names that ship
+"""The "Fine-tune on your own data" example (docs/data.md) validates, and the datasets it names that ship
 with the repo pass the data check; the LLM-Adapters commonsense files load through multiple_choice."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_example() -> dict:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "data.md").read_text()
     section = text[text.index("## Fine-tune on your own data") :]
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     return yaml.safe_load(block)

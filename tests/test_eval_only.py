@@ -94,7 +94,7 @@ def test_eval_only_schema_errors_name_the_dotted_key():
 def test_readme_eval_only_example_validates_and_reads(monkeypatch):
     import re
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "data.md").read_text()
     section = text[text.index("**Eval-only datasets**") :]
     raw = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     p = validate_dict({"data": raw["data"], "merge": {"task": "boolq"}})

@@ -160,7 +160,7 @@ DDP_WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
 # 2 ranks vs 1 process: same global batch, only the summation order of the mean differs (float32, ~1e-7 on each
 # gradient). The adapters come out of 4 AdamW steps, though, whose per-coordinate normalisation amplifies that for
 # coordinates with tiny gradients (see test_fused.py::test_training_run_fused_matches_unfused), so 1e-5 of each
-# tensor's largest entry (floor 1e-3 for tensors still at 0) is the measured agreement (README), not a derived bound.
+# tensor's largest entry (floor 1e-3 for tensors still at 0) is the measured agreement (docs/scaling.md), not a derived bound.
 # The logged loss (a mean over ranks, first-order insensitive to those coordinates) is well inside it.
 REL_TOL = 1e-5
 
