@@ -37,7 +37,7 @@ HEADER = f"""# Parameters (`params.yaml`)
 
 Every key of `params.yaml`: its type, default, bounds and help text. Each setting is declared once. The
 library's settings are fields of frozen dataclasses next to the code that uses them (`bilora/train.py`
-`LoopConfig`, `bilora/methods/<method>.py`, `bilora/sharpness.py` `SharpnessConfig`), whose
+`LoopConfig`, `bilora/methods/<method>.py`, `bilora/sharpness/config.py` `SharpnessConfig`), whose
 `setting(default, help, ge=..., ...)` (`bilora/settings.py`) carries the help text and bounds;
 `pipeline/config/sections.py` turns them into pydantic sections. The pipeline's own sections (`data`, `base`,
 `eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in `pipeline/config/schema.py`,
