@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
                 tokenizer.model_input_names,
                 tags,
             )
-        tracker.log_metrics({"final_loss": summary["final_loss"], "median_step_time": summary["median_step_time"]})
+        tracker.log_metrics(
+            {
+                "final_loss": summary["final_loss"],
+                "median_step_time": summary["median_step_time"],
+                **{f"{k}.second_half_median": v for k, v in summary["perturbation"].items()},
+            }
+        )
         tracker.log_artifacts(out / "adapter", "adapter")
         tracker.log_artifact(out / "summary.json")
         training.mark_complete(name, summary["steps"])

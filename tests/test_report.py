@@ -48,6 +48,7 @@ def test_report_writes_the_same_bytes_as_before_the_split(case, tmp_path, monkey
     }
     assert set(written.files) <= set(got)
     got.pop("metrics.json")  # the headline file came after the split (test_headline_metrics_file)
+    got.pop("perturbation.png")  # so did the diagnostics figure (test_perturbation_figure_...)
     assert got == DIGESTS[case]
     assert json.loads(Path("reports/metrics.json").read_text()) == rounded(headline_metrics(params, collect(params)))
 
@@ -82,3 +83,25 @@ def test_collect_reads_the_headline_from_sharpness_json(tmp_path, monkeypatch):
     assert g.headline("random", "full") == [m["full.random.r0.05.mean"] for m in flat]  # largest radius, not the last one
     assert g.headline("attack", "lora", "accuracy") == [m["lora.attack.a2.5.accuracy"] for m in flat]
     assert data.groups[("mrpc", "lora")].headline("attack", "full", "accuracy") is None  # no metric evaluated there
+
+
+def test_perturbation_figure_is_drawn_and_linked_only_when_a_run_measured_one(tmp_path, monkeypatch):
+    params = load_params(write_inputs(tmp_path, "sharp", ROOT))
+    monkeypatch.chdir(tmp_path)
+    written = write_report(params, Path("reports"))
+    assert "perturbation.png" not in Path("reports/report.md").read_text() and "perturbation.png" not in written.files
+    assert Path("reports/perturbation.png").is_file()  # the declared DVC out is still written: a placeholder saying why
+
+    hist_file = Path("artifacts/finetune/mrpc-bilora-0/history.json")
+    hist = json.loads(hist_file.read_text())
+    for h in hist[4::5]:
+        h |= {"perturbation.loss_increase": 0.01, "perturbation.relative_increase": 0.0123456, "perturbation.alignment": 0.4}
+    hist_file.write_text(json.dumps(hist))
+    written = write_report(params, Path("reports"))
+    assert "![perturbation diagnostics](perturbation.png)" in Path("reports/report.md").read_text()
+    assert "perturbation.png" in written.files
+    from pipeline.report.charts import _series
+
+    steps, pct = _series(collect(params).histories, "mrpc-bilora-0", "perturbation.relative_increase", 100)
+    assert steps == [h["step"] for h in hist[4::5]] and set(pct) == {1.23}  # percent, 3 significant digits
+    assert "perturbation" not in json.dumps(headline_metrics(params, collect(params)))  # a plain figure, not a DVC metric

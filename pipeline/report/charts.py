@@ -59,6 +59,56 @@ def plot_losses(p: Params, histories: dict, path: Path) -> None:
     save(fig, path)
 
 
+PERTURBATION_FILE = "perturbation.png"
+
+
+def _sig(x: float, digits: int = 3) -> float:
+    """``x`` to ``digits`` significant digits: the figure must not change with the CPU class (the diagnostics
+    are differences of nearly equal losses, so their last committed digits are not shared across classes)."""
+    return float(f"{x:.{digits - 1}e}")
+
+
+def _series(histories: dict, name: str, key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+    h = [x for x in histories.get(name, []) if key in x]
+    return [x["step"] for x in h], [_sig(scale * x[key]) for x in h]
+
+
+def plot_perturbation(p: Params, histories: dict, path: Path) -> bool:
+    """Per task: how much each method's perturbation raises the same-batch loss (%) and its alignment with the
+    full-weight gradient, over training, one line per method (seed: the first); Bi-LoRA's free first-order
+    estimate dashed. False (a placeholder figure) when no run measured a perturbation (docs/perturbation.md)."""
+    tasks = p.data.tasks
+    seed = p.train.seeds[0]
+    measured = [
+        m for m in p.train.methods for t in tasks if _series(histories, layout.run_name(t, m, seed), "perturbation.loss_increase")[0]
+    ]
+    if not measured:  # still write the declared output, saying why it is empty
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no perturbation measured (no perturbing method, or train.loop.perturbation_every: 0)", ha="center", va="center")
+        save(fig, path)
+        return False
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        for method in dict.fromkeys(measured):
+            name = layout.run_name(task, method, seed)
+            line = row[0].plot(*_series(histories, name, "perturbation.relative_increase", 100), marker="o", ms=3, label=method)[0]
+            free = _series(histories, name, "aux.relative_first_order_increase", 100)
+            if free[0]:
+                row[0].plot(*free, ls="--", lw=0.8, color=line.get_color(), label=f"{method}: first-order, every step")
+            row[1].plot(*_series(histories, name, "perturbation.alignment"), marker="o", ms=3, color=line.get_color(), label=method)
+        row[0].set_title(f"{task}: same-batch loss increase from the perturbation (seed {seed})")
+        row[0].set_ylabel("% of the clean loss")
+        row[1].set_title(f"{task}: alignment with the full-weight gradient (1 = SAM's direction)")
+        row[1].set_ylabel("cosine")
+        for ax in row:
+            ax.set_xlabel("optimizer step")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.legend(fontsize=8)
+    save(fig, path)
+    return True
+
+
 def write_histories(histories: dict, out_dir: Path) -> None:
     """One JSON per run ([{step, loss}, ...]) for ``dvc plots show`` (dvc.yaml ``plots:``)."""
     with atomic_dir(out_dir) as tmp:

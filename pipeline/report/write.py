@@ -10,7 +10,7 @@ from bilora.io import atomic_write_json, atomic_write_text
 from pipeline.config.schema import Params
 from pipeline.report.precision import rounded
 from pipeline.report.collect import collect
-from pipeline.report.charts import plot_losses, plot_sharpness, write_histories
+from pipeline.report.charts import PERTURBATION_FILE, plot_losses, plot_perturbation, plot_sharpness, write_histories
 from pipeline.report.tables import detail_tables, headline_metrics, main_table
 
 
@@ -30,6 +30,9 @@ def write_report(p: Params, out_dir: Path) -> Written:
     extra = plot_sharpness(p, data, out_dir)
     md += [f"![{f[:-4].replace('_', ' ')}]({f})" for f in extra] + [""]
     plot_losses(p, data.histories, out_dir / "loss_curves.png")
+    if plot_perturbation(p, data.histories, out_dir / PERTURBATION_FILE):  # a plain figure: not in metrics.json (docs/perturbation.md)
+        md += [f"![perturbation diagnostics]({PERTURBATION_FILE})", ""]
+        extra.append(PERTURBATION_FILE)
     write_histories(data.histories, out_dir / "history")
     atomic_write_text(out_dir / "report.md", "\n".join(md))
     atomic_write_json(out_dir / "summary.json", rounded(summary))
