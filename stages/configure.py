@@ -7,8 +7,8 @@ the ``train`` sections, so a change to one method's settings re-trains only that
 
 from __future__ import annotations
 
-# The settings' defaults and checks live in the library (pipeline/config/schema.py imports these by name):
-# import them here so they are this stage's code deps (tests/test_dvc_deps.py).
+# Each run's resolved settings come from the library's settings classes. The schema's imports of them are
+# not followed for DVC deps (pipeline/deps.py EXCLUDED): importing them here makes them this stage's deps.
 import bilora.methods  # noqa: F401
 import bilora.train  # noqa: F401
 from pipeline.stage import layout

@@ -14,7 +14,6 @@ Multi-node: run the stage on every node yourself with torchrun's rendezvous argu
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -48,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     stage, args = argv[0], argv[1:]
     nproc = load_params(_params_path(args)).train.distributed.nproc_per_node
     if nproc <= 1:
-        importlib.import_module(f"stages.{stage}").main(args)
+        from stages import finetune  # the one stage in STAGES
+
+        finetune.main(args)
         return
     cmd = launch_command(stage, args, nproc)
     sys.stdout.flush()

@@ -9,12 +9,15 @@ Reading and validating a file is :mod:`pipeline.config.load`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
+import bilora.methods
+import bilora.methods.lora
+import bilora.sharpness.config
+import bilora.train
 from pipeline.config.sections import SectionProblems, problems_of, section_model
 from pipeline.data.builtin import TASKS
 
@@ -386,17 +389,13 @@ class DistributedConfig(_Section):
 
 # -- sections derived from the library --------------------------------------------------------
 # The library's settings dataclasses are the single source of these sections' defaults, bounds and
-# help text. They are imported by name: validating params.yaml is every stage's first step, but only
-# the stages whose outputs depend on that code (finetune: methods and loop; evaluate: sharpness)
-# import it themselves and list it as a DVC dep, so editing a method does not re-run prepare.
-def _library(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(module), name)
-
-
-LoopConfig = section_model(_library("bilora.train", "LoopConfig"), "LoopConfig", _Section)
-LoraConfig = section_model(_library("bilora.methods.lora", "LoraConfig"), "LoraConfig", _Section)
+# help text. Only the stages that run that code (configure and finetune: methods and loop; evaluate:
+# sharpness) depend on it in dvc.yaml: pipeline/deps.py does not follow these imports (EXCLUDED), so
+# editing a method does not re-run prepare.
+LoopConfig = section_model(bilora.train.LoopConfig, "LoopConfig", _Section)
+LoraConfig = section_model(bilora.methods.lora.LoraConfig, "LoraConfig", _Section)
 SharpnessParams = section_model(
-    _library("bilora.sharpness.config", "SharpnessConfig"),
+    bilora.sharpness.config.SharpnessConfig,
     "SharpnessParams",
     _Section,
     extra={
@@ -410,14 +409,10 @@ FIXED_TRAIN_KEYS = ("methods", "seeds", "plugins", "variants", "loop", "lora", "
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
 
 
-def _methods() -> Any:
-    return importlib.import_module("bilora.methods")
-
-
 def method_sections() -> dict[str, type[BaseModel]]:
     """``train.<key>`` section model of every registered method that has settings of its own."""
     out = {}
-    for key, cls in _methods().registry().items():
+    for key, cls in bilora.methods.registry().items():
         if dataclasses.fields(cls.config_class):
             if key in FIXED_TRAIN_KEYS:
                 raise ValueError(f"method {key!r}: its settings section would clash with train.{key}")
@@ -456,7 +451,7 @@ class _TrainBase(_Section):
     @field_validator("methods")
     @classmethod
     def _known_runs(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        registry, variants = _methods().registry(), info.data.get("variants", {})
+        registry, variants = bilora.methods.registry(), info.data.get("variants", {})
         problems = [
             (str(i), f"unknown method or variant {name!r}; methods: {list(registry)}, variants: {list(variants)}")
             for i, name in enumerate(v)
@@ -469,7 +464,7 @@ class _TrainBase(_Section):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        registry, sections = _methods().registry(), method_sections()
+        registry, sections = bilora.methods.registry(), method_sections()
         problems: list[tuple[str, str]] = []
         for name, spec in v.items():
             if name in registry:
@@ -526,7 +521,7 @@ class _TrainBase(_Section):
         """(method key, method settings) of a run name: a method key or a variant name."""
         spec = self.variants.get(run)
         key = spec["method"] if spec is not None else run
-        cls = _methods().config_class(key)
+        cls = bilora.methods.config_class(key)
         section = getattr(self, key, None)
         cfg = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
         return key, cfg | {k: v for k, v in (spec or {}).items() if k != "method"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def close_parent(
         if headline.is_file():
             from mlflow.entities import Metric
 
-            now = int(__import__("time").time() * 1000)
+            now = int(time.time() * 1000)
             values = [
                 Metric(k, float(v), now, 0) for k, v in flatten(json.loads(headline.read_text())).items() if isinstance(v, (int, float))
             ]
