@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,17 @@ CODE = {"commit": "c" * 40, "tree": "t" * 64}
 
 def default_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@functools.cache
+def pinned_code() -> dict[str, str]:
+    """The pinned revision's code identity: resolutions with it share the sweep's cache with expected()."""
+    return sweep.code_identity(protocol.CODE_REV)
+
+
+def revision_params() -> dict:
+    """The pinned revision's params.yaml: what a run's workspace starts from (the preset is merged over it)."""
+    return yaml.safe_load(sweep.git("show", f"{protocol.CODE_REV}:params.yaml", cwd=ROOT))
 
 
 def test_preset_validates_and_covers_every_run_of_the_protocol(monkeypatch):
@@ -44,47 +56,84 @@ def test_preset_validates_and_covers_every_run_of_the_protocol(monkeypatch):
     assert len({r.name for r in protocol.tune_runs() + runs}) == len(protocol.tune_runs()) + len(runs)
 
 
-def _hash(run: Run, params: dict, code=CODE) -> str:
-    return sweep.run_hash(run, validate_dict(params, "test"), code)
+def _hash(run: Run, params: dict, code: dict[str, str] | None = None) -> str:
+    return sweep.run_hash(run, params, code or pinned_code())
+
+
+def _changed(params: dict, path: str, value) -> dict:
+    p = json.loads(json.dumps(params))
+    node = p
+    *parents, leaf = path.split(".")
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[leaf] = value
+    return p
+
+
+def test_every_committed_protocol_run_has_the_hash_the_sweep_computes_now(monkeypatch):
+    """The committed summaries are the evidence of PROTOCOL.md: the hash the sweep expects for each run at the pinned
+    revision and the current preset must be the one its summary holds, or status/report call it stale and `sweep run`
+    reruns it. Fails when the hash starts to depend on anything but the revision, the preset and the run."""
+    monkeypatch.chdir(ROOT)
+    want = sweep.expected(protocol.CODE_REV)
+    runs = protocol.tune_runs() + protocol.sweep_runs()
+    summaries = {r.name: json.loads((ROOT / sweep.RUNS / f"{r.name}.json").read_text()) for r in runs}
+    stale = [name for name, s in summaries.items() if s["hash"] != want[name]]
+    assert not stale, f"{len(stale)} of {len(runs)} committed summaries no longer match: {stale}"
+    code = pinned_code()
+    with_params = [(r, summaries[r.name]) for r in runs if "params" in summaries[r.name]]  # the early tuning runs lack them
+    assert len(with_params) >= len(protocol.sweep_runs())
+    resolved = sweep.resolve([(r, s["params"]) for r, s in with_params], code)  # from the params each run really had
+    assert [x["hash"] for x in resolved] == [s["hash"] for _, s in with_params]
+    assert [x["settings"] for x in resolved] == [s["settings"] for _, s in with_params]
 
 
 def test_hash_covers_what_determines_a_run_and_nothing_else(monkeypatch):
     monkeypatch.chdir(ROOT)
-    run = Run("sweep", "mrpc", "bilora", 1)
-    base = sweep.run_params(default_params(), run)
-    h = _hash(run, base)
-    assert h == _hash(run, sweep.run_params(default_params(), run))  # deterministic
-    assert h != _hash(Run("sweep", "mrpc", "bilora", 2), base) and h != _hash(run, base, CODE | {"tree": "u" * 64})
+    run, other = Run("sweep", "mrpc", "bilora", 1), Run("sweep", "mrpc", "bilora", 2)
+    base = sweep.run_params(revision_params(), run)
+    variants = {
+        "flatness setting": ("eval.sharpness.ball_steps", 7),
+        "this run's method": ("train.bilora.rho", 0.1),
+        "lr": ("train.loop.lr", 1e-3),
+        "bookkeeping": ("tracking.experiment", "elsewhere"),
+        "another method's setting": ("train.flat_lora.sigma", 0.1),
+    }
+    items = [(run, base), (run, sweep.run_params(revision_params(), run)), (other, base)]
+    items += [(run, _changed(base, *v)) for v in variants.values()]
+    hashes = [r["hash"] for r in sweep.resolve(items, pinned_code())]  # one subprocess in the revision's tree for all of them
+    h, again, seed2, *rest = hashes
+    changed = dict(zip(variants, rest))
+    assert h == again and h != seed2  # deterministic; the seed counts
+    assert h != _hash(run, base, pinned_code() | {"tree": "u" * 64})  # the code digest counts
+    assert changed["flatness setting"] != h and changed["this run's method"] != h and changed["lr"] != h
+    assert changed["bookkeeping"] == h and changed["another method's setting"] == h
 
-    def changed(path: str, value) -> str:
-        p = json.loads(json.dumps(base))
-        node = p
-        *parents, leaf = path.split(".")
-        for k in parents:
-            node = node[k]
-        node[leaf] = value
-        return _hash(run, p)
 
-    assert changed("eval.sharpness.ball_steps", 7) != h  # a flatness setting
-    assert changed("train.bilora.rho", 0.1) != h  # this run's method
-    assert changed("train.loop.lr", 1e-3) != h
-    assert changed("tracking.experiment", "elsewhere") == h  # bookkeeping only
-    assert changed("train.flat_lora.sigma", 0.1) == h  # another method's setting
+def test_hash_is_resolved_by_the_pinned_revisions_code_not_this_checkouts(monkeypatch):
+    """train.loop.perturbation_every came after the pinned revision (3be0001): its schema rejects the key, and the
+    revision's resolved settings do not hold it, whatever this checkout's schema holds (this changed every hash once)."""
+    monkeypatch.chdir(ROOT)
+    run = Run("sweep", "mrpc", "bilora", 0)
+    (resolved,) = sweep.resolve([(run, sweep.run_params(revision_params(), run))], pinned_code())
+    assert "perturbation_every" not in resolved["settings"]["loop"]
+    with pytest.raises(sweep.UserError, match=f"(?s){protocol.CODE_REV[:10]}.*perturbation_every: unknown key"):
+        sweep.run_hash(run, _changed(sweep.run_params(revision_params(), run), "train.loop.perturbation_every", 10), pinned_code())
 
 
 def test_a_run_whose_hash_is_committed_is_skipped(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    default = default_params()
+    default = revision_params()
     runs = [Run("sweep", "mrpc", "lora", 0), Run("sweep", "mrpc", "bilora", 0), Run("sweep", "stsb", "lora", 0)]
     hashes = [_hash(r, sweep.run_params(default, r)) for r in runs]
     monkeypatch.setattr(sweep, "RUNS", tmp_path / "runs")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / f"{runs[0].name}.json").write_text(json.dumps({"hash": hashes[0]}))  # finished at this code
     (tmp_path / "runs" / f"{runs[1].name}.json").write_text(json.dumps({"hash": "stale"}))  # finished at other settings
-    todo = sweep.pending(runs, default, CODE)
+    todo = sweep.pending(runs, default, pinned_code())
     assert [r for r, _, _ in todo] == runs[1:]
     assert [h for _, _, h in todo] == hashes[1:]
-    assert sweep.pending(runs[:1], default, CODE) == []
+    assert sweep.pending(runs[:1], default, pinned_code()) == []
 
 
 def test_code_identity_ignores_the_sweep_and_presets(monkeypatch):

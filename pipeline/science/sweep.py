@@ -13,18 +13,23 @@ checkout's ``params.yaml``, ``dvc.lock`` and ``metrics/`` are never touched. A r
 MLflow runs are grouped), then its summary (metrics, history, sharpness, CPU, hash) is written to
 ``reports/science/runs/<name>.json`` here, and with ``--commit`` committed at once. The hash covers the
 run's resolved settings, the data, base and eval sections, and the revision's code and data trees, so a
-run whose file holds the same hash is skipped: the sweep continues on a fresh clone from git alone.
+run whose file holds the same hash is skipped: the sweep continues on a fresh clone from git alone. The
+settings are resolved by the revision's own code (:mod:`pipeline.science.pinned`, run in an extracted
+tree of the revision), never by this checkout's schema: a later schema change leaves the hashes as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +39,11 @@ from pipeline.terminal.quiet import quiet
 quiet()  # before the imports below, which import torch/peft/bitsandbytes through the method registry
 
 from bilora.io import atomic_write_json  # noqa: E402
-from pipeline.config.load import validate_dict
 from pipeline.terminal.console import console, error
 from pipeline.terminal.user_error import UserError, cli
 from pipeline.config.presets import deep_merge, preset_path
 from pipeline.run import pipeline_env
-from pipeline.config.runs import run_settings
-from pipeline.science import protocol
+from pipeline.science import pinned, protocol
 from pipeline.science.protocol import Run
 
 ROOT = Path("reports/science")
@@ -48,6 +51,8 @@ RUNS = ROOT / "runs"
 ADAPTERS = ROOT / "adapters"
 CODE = ("bilora", "pipeline", "stages", "data", "dvc.yaml", "pyproject.toml", "constraints.txt")
 NOT_CODE = ("pipeline/science/", "pipeline/presets/")  # the sweep itself and the presets (their keys enter as params)
+PACKAGES = ("bilora", "pipeline", "stages")  # what pinned.py imports from a revision's tree
+_RESOLVED: dict[str, dict[str, Any]] = {}  # request key -> {"hash", "settings"}: one subprocess per new batch
 
 
 def git(*args: str, cwd: str | Path = ".") -> str:
@@ -79,18 +84,48 @@ def run_params(default: dict, run: Run) -> dict:
     return p
 
 
-def run_hash(run: Run, params: Any, code: dict[str, str]) -> str:
-    """sha256 of what determines the run's numbers: its resolved settings, data/base/eval sections, the code."""
-    data = params.data.model_dump(mode="json")
-    data.pop("tasks"), data.pop("eval_tasks")
-    key = {
-        "run": run_settings(params, run.task, run.method, run.seed),
-        "data": data,
-        "base": params.base.model_dump(mode="json"),
-        "eval": params.eval.model_dump(mode="json"),
-        "code_tree": code["tree"],
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+def extract(commit: str, dest: Path) -> Path:
+    """The revision's Python packages (:data:`PACKAGES`, from git's objects: no worktree, nothing local) under ``dest``."""
+    present = [p for p in PACKAGES if p in git("ls-tree", "--name-only", commit).splitlines()]
+    tar = subprocess.run(["git", "archive", "--format=tar", commit, "--", *present], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(dest, filter="data")
+    return dest
+
+
+def resolve(items: list[tuple[Run, dict]], code: dict[str, str]) -> list[dict[str, Any]]:
+    """Each run's ``{"hash", "settings"}``: its raw params (the workspace's params.yaml) validated and resolved
+    by the code of ``code["commit"]``, hashed with ``code["tree"]`` (:mod:`pipeline.science.pinned`)."""
+    keys = [json.dumps([code, run.task, run.method, run.seed, params], sort_keys=True) for run, params in items]
+    todo = {k: (run, params) for k, (run, params) in zip(keys, items) if k not in _RESOLVED}
+    if todo:
+        source = f"{preset_path(protocol.PRESET)} (merged over params.yaml of {code['commit'][:10]})"
+        request = {
+            "tree": code["tree"],
+            "runs": [{"task": r.task, "method": r.method, "seed": r.seed, "params": p, "source": source} for r, p in todo.values()],
+        }
+        with tempfile.TemporaryDirectory(prefix="bilora-pinned-") as tmp:
+            tree, out = extract(code["commit"], Path(tmp) / "tree"), Path(tmp) / "resolved.json"
+            env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            proc = subprocess.run(
+                [sys.executable, "-c", Path(pinned.__file__).read_text(encoding="utf-8"), str(out)],
+                cwd=tree,
+                env=env,
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+            )
+            answer = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {"error": proc.stderr.strip()[-2000:]}
+        if proc.returncode != 0 or "error" in answer:
+            raise UserError(f"resolving the science runs with the code of {code['commit'][:10]}: {answer.get('error')}")
+        _RESOLVED.update(zip(todo, answer))
+    return [_RESOLVED[k] for k in keys]
+
+
+def run_hash(run: Run, params: dict, code: dict[str, str]) -> str:
+    """sha256 of what determines the run's numbers at ``code["commit"]``: its resolved settings, data/base/eval
+    sections (resolved from the raw ``params`` by that revision's code), and the code digest."""
+    return resolve([(run, params)], code)[0]["hash"]
 
 
 def done(run: Run, h: str) -> bool:
@@ -148,6 +183,7 @@ def execute(run: Run, ws: Path, params: dict) -> tuple[float, list[float]]:
 
 
 def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, load: list[float], params: dict) -> dict[str, Any]:
+    resolved = resolve([(run, params)], code)[0]  # cached: pending() resolved it before the run
     stem = f"{run.task}-{run.method}-{run.seed}"
 
     def read(rel: str) -> Any:
@@ -166,7 +202,7 @@ def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, loa
         "wall_s": wall,
         "load_avg": load,  # 1-min load average every 10 s of the run: step times under load are not comparable
         "versions": versions(),
-        "settings": run_settings(validate_dict(params, "summary"), run.task, run.method, run.seed),  # what the hash covers
+        "settings": resolved["settings"],  # what the hash covers, resolved by the revision's code
         "params": params,  # the workspace's whole params.yaml for this run
         "metrics": read(f"artifacts/eval/{stem}/metrics.json"),  # full precision, every split
         "sharpness": read(f"artifacts/eval/{stem}/sharpness.json") if (ws / f"artifacts/eval/{stem}/sharpness.json").is_file() else None,
@@ -219,13 +255,9 @@ def expected(rev: str) -> dict[str, str]:
 
 
 def pending(runs: list[Run], default: dict, code: dict[str, str], skip_done: bool = True) -> list[tuple[Run, dict, str]]:
-    out = []
-    for run in runs:
-        merged = run_params(default, run)
-        h = run_hash(run, validate_dict(merged, f"{preset_path(protocol.PRESET)} (merged)"), code)
-        if not (skip_done and done(run, h)):
-            out.append((run, merged, h))
-    return out
+    merged = [run_params(default, run) for run in runs]
+    hashes = [r["hash"] for r in resolve(list(zip(runs, merged)), code)]
+    return [(run, p, h) for run, p, h in zip(runs, merged, hashes) if not (skip_done and done(run, h))]
 
 
 def sweep(phase: str, rev: str, ws_path: Path, max_hours: float, commit: bool) -> None:
