@@ -204,7 +204,7 @@ def naive_bilora_step(method: Any, ctx: Any) -> dict[str, float]:
     ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    c, clipped = project_to_ball(adapters.lora_factors(ctx.model, adapters.AUX), method.rho)
+    c, clipped = project_to_ball(adapters.lora_factors(ctx.model, adapters.AUX), method.cfg.rho)
     return {"loss": total, "grad_norm": float(norm), "aux_grad_norm": aux_grad, "aux_norm": c}
 
 

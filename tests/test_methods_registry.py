@@ -101,7 +101,7 @@ def test_variant_validates_and_resolves():
     p = validate_dict(raw)
     key, cfg = p.train.resolve("bilora_rho0.2")
     assert key == "bilora" and cfg == p.train.method_config("bilora") | {"rho": 0.2}
-    assert methods.build(key, cfg).rho == 0.2
+    assert methods.build(key, cfg).cfg.rho == 0.2
 
 
 def test_variant_mistakes_reported_together_by_dotted_path():
@@ -207,7 +207,7 @@ class ToyScaled(Method):
         loss = ctx.forward_backward()
         for p in adapters.primary_parameters(ctx.model):
             if p.grad is not None:
-                p.grad.mul_(self.scale)
+                p.grad.mul_(self.cfg.scale)
         return {"loss": loss, "grad_norm": ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)}
 '''
 
@@ -271,6 +271,6 @@ def test_variant_through_validate_cli_and_one_step(tmp_path):
     from bilora import adapters
     from bilora.methods.bilora import aux_norm
 
-    assert method.rho == 0.2 and ft.history[0]["aux_clipped"] == 1.0  # lr 1e-2 ascent leaves the 0.2-ball
+    assert method.cfg.rho == 0.2 and ft.history[0]["aux_clipped"] == 1.0  # lr 1e-2 ascent leaves the 0.2-ball
     # projected back onto the variant's radius; float32 rescale by sqrt(rho/c) rounds at ~1e-7 relative
     assert float(aux_norm(adapters.lora_factors(model, adapters.AUX))) == pytest.approx(0.2, rel=1e-5)

@@ -142,7 +142,7 @@ def _reference_deltas(name: str, model, ft, batch) -> tuple[dict[str, torch.Tens
         norm = math.sqrt(sum(float(ga.pow(2).sum() + gb.pow(2).sum()) for ga, gb in gs))
         for (n, layer), (ga, gb) in zip(named, gs):
             a, b, s = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(), layer.scaling["default"]
-            ea, eb = m.rho * ga / norm, m.rho * gb / norm
+            ea, eb = m.cfg.rho * ga / norm, m.cfg.rho * gb / norm
             out[n] = s * ((b + eb) @ (a + ea) - b @ a)
         for p in model.parameters():
             p.grad = None
@@ -155,7 +155,7 @@ def _reference_deltas(name: str, model, ft, batch) -> tuple[dict[str, torch.Tens
             base = layer.get_base_layer()
             a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
             w = base.weight.detach() + s * b.detach() @ a.detach()
-            std = f * m.sigma / math.sqrt(base.in_features) * w.norm(dim=1)
+            std = f * m.cfg.sigma / math.sqrt(base.in_features) * w.norm(dim=1)
             g = torch.Generator().manual_seed(noise_seed(m.seed, ft.step, index))
             out[n] = torch.randn(w.shape, generator=g, dtype=torch.float32).double() * std.float().double()[:, None]
         return out, None

@@ -113,6 +113,13 @@ class BilevelLoRA(Method):
     """Bi-level BiLoRA: P, Q (and head) on D1 at the lower level, Λ on D2 at the upper level (first-order)."""
 
     passes_per_step = 1
+    notes = {
+        "lambda_form": "real",
+        "r2": "gamma2 * sum ||lambda||^2",
+        "hypergradient": "first_order",
+        "protocol": "unverified (paper publishes no split ratio, T1/T2, gamma or lr)",
+        "export": "B = P diag(lambda), A = Q",
+    }
     cfg: BilevelLoraConfig
     split_ratio: float
     lower_steps: int
@@ -138,7 +145,7 @@ class BilevelLoRA(Method):
 
     # -- data -------------------------------------------------------------------------------
     def split_train(self, n: int) -> None:
-        self.d1, self.upper_indices = split_indices(n, self.split_ratio, self.seed)
+        self.d1, self.upper_indices = split_indices(n, self.cfg.split_ratio, self.seed)
 
     def train_indices(self) -> Sequence[int] | None:
         return self.d1
@@ -170,13 +177,15 @@ class BilevelLoRA(Method):
 
     # -- schedule ---------------------------------------------------------------------------
     def is_lower(self, step: int) -> bool:
-        return step % (self.lower_steps + self.upper_steps) < self.lower_steps
+        return step % (self.cfg.lower_steps + self.cfg.upper_steps) < self.cfg.lower_steps
 
     def counts_before(self, step: int) -> tuple[int, int]:
         """(lower steps, upper steps) taken before loop step ``step``."""
-        period = self.lower_steps + self.upper_steps
+        period = self.cfg.lower_steps + self.cfg.upper_steps
         cycles, within = divmod(step, period)
-        return cycles * self.lower_steps + min(within, self.lower_steps), cycles * self.upper_steps + max(0, within - self.lower_steps)
+        return cycles * self.cfg.lower_steps + min(within, self.cfg.lower_steps), cycles * self.cfg.upper_steps + max(
+            0, within - self.cfg.lower_steps
+        )
 
     # -- model ------------------------------------------------------------------------------
     def prepare(self, model: PeftModel) -> None:
@@ -191,7 +200,7 @@ class BilevelLoRA(Method):
             self._hooks.append(layer.lora_B[adapters.PRIMARY].register_forward_pre_hook(_scale_by(lam)))
             self._lambdas.append(lam)
             self._lambda_names.append(name)
-        self.upper_optimizer = torch.optim.AdamW(self._lambdas, lr=self.upper_lr, weight_decay=0.0)
+        self.upper_optimizer = torch.optim.AdamW(self._lambdas, lr=self.cfg.upper_lr, weight_decay=0.0)
 
     def lambdas(self) -> dict[str, torch.nn.Parameter]:
         """Λ per adapted layer (module name -> (r,) parameter), in layer order."""
@@ -226,14 +235,14 @@ class BilevelLoRA(Method):
         try:
             loss = ctx.forward_backward()
             r1 = 0.0
-            if self.gamma1:
+            if self.cfg.gamma1:
                 reg = orthogonality_penalty(ctx.model)
-                (self.gamma1 * reg).backward()
+                (self.cfg.gamma1 * reg).backward()
                 r1 = float(reg.detach())
         finally:
             for lam in self._lambdas:
                 lam.requires_grad_(True)
-        grad_norm = ctx.clip_and_step(self.lower_parameters(ctx.model), loss + self.gamma1 * r1)
+        grad_norm = ctx.clip_and_step(self.lower_parameters(ctx.model), loss + self.cfg.gamma1 * r1)
         self.lower_done += 1
         return {"loss": loss, "grad_norm": grad_norm, "reg_r1": r1, "upper": 0.0}
 
@@ -247,15 +256,15 @@ class BilevelLoRA(Method):
         try:
             loss = ctx.forward_backward(batches)
             r2 = 0.0
-            if self.gamma2:
+            if self.cfg.gamma2:
                 reg = torch.stack([lam.pow(2).sum() for lam in self._lambdas]).sum()
-                (self.gamma2 * reg).backward()
+                (self.cfg.gamma2 * reg).backward()
                 r2 = float(reg.detach())
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         norm = layers.grad_norm(self._lambdas)
-        total = loss + self.gamma2 * r2
+        total = loss + self.cfg.gamma2 * r2
         if not (math.isfinite(total) and torch.isfinite(norm)):
             raise NonFiniteError(f"non-finite value at optimizer step {ctx.step + 1} (upper level): loss={total}, grad_norm={norm.item()}")
         if ctx.max_grad_norm:
@@ -302,20 +311,7 @@ class BilevelLoRA(Method):
         self.upper_done = int(state["upper_done"])
 
     def config(self) -> dict[str, Any]:
-        return {
-            "split_ratio": self.split_ratio,
-            "lower_steps": self.lower_steps,
-            "upper_steps": self.upper_steps,
-            "gamma1": self.gamma1,
-            "gamma2": self.gamma2,
-            "upper_lr": self.upper_lr,
-            "seed": self.seed,
-            "lambda_form": "real",
-            "r2": "gamma2 * sum ||lambda||^2",
-            "hypergradient": "first_order",
-            "protocol": "unverified (paper publishes no split ratio, T1/T2, gamma or lr)",
-            "export": "B = P diag(lambda), A = Q",
-        }
+        return super().config() | {"seed": self.seed}
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:
         """Plain PEFT LoRA with Λ folded into B (B ← P·diag(Λ)); the model itself is not modified."""

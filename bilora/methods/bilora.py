@@ -117,6 +117,7 @@ class BiLoRA(Method):
     """Bi-LoRA: primary LoRA by descent, auxiliary LoRA by ascent in the same pass, global rho-ball."""
 
     perturbs = True
+    notes = {"projection": "global"}
     cfg: BiLoRAConfig
     rho: float
     aux_rank: int
@@ -136,14 +137,14 @@ class BiLoRA(Method):
         # Private RNG for the auxiliary's init: the global stream stays identical to LoRA's.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 7919)
-            adapters.add_auxiliary(model, self.aux_rank, self.aux_alpha)
+            adapters.add_auxiliary(model, self.cfg.aux_rank, self.cfg.aux_alpha)
 
     def param_groups(self, model: PeftModel, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         aux = adapters.adapter_parameters(model, adapters.AUX)
         primary = adapters.primary_parameters(model)
         return [
             {"params": primary, "lr": lr, "weight_decay": weight_decay, "name": "primary"},
-            {"params": aux, "lr": self.aux_lr or lr, "weight_decay": 0.0, "maximize": True, "name": "aux"},
+            {"params": aux, "lr": self.cfg.aux_lr or lr, "weight_decay": 0.0, "maximize": True, "name": "aux"},
         ]
 
     def _parts(self, model: PeftModel) -> "_StepCache":
@@ -158,7 +159,7 @@ class BiLoRA(Method):
                 primary=adapters.primary_parameters(model),
                 aux=adapters.adapter_parameters(model, adapters.AUX),
                 aux_factors=adapters.lora_factors(model, adapters.AUX),
-                fused=FusedAdapters(model) if self.fused else None,
+                fused=FusedAdapters(model) if self.cfg.fused else None,
             )
         return self._cache
 
@@ -172,8 +173,8 @@ class BiLoRA(Method):
         aux_grad = layers.grad_norm(parts.aux)
         increase = first_order_increase(parts.aux_factors)  # free: gradients of this step's one backward
         grad_norm = ctx.clip_and_step(parts.primary, loss)
-        c, clipped = project_to_ball(parts.aux_factors, self.rho)
-        self.last_norm = min(c, self.rho) if clipped else c
+        c, clipped = project_to_ball(parts.aux_factors, self.cfg.rho)
+        self.last_norm = min(c, self.cfg.rho) if clipped else c
         self.steps_seen += 1
         self.steps_projected += int(clipped)
         return {
@@ -214,7 +215,7 @@ class BiLoRA(Method):
                 b.copy_(saved)
             deltas = {name: s * (b.detach().float() @ a.detach().float()) for (name, _), (a, b, s) in zip(named, factors)}
         try:
-            yield Perturbation(deltas, rank=self.aux_rank)
+            yield Perturbation(deltas, rank=self.cfg.aux_rank)
         finally:
             with torch.no_grad():
                 for _, b, _ in factors:
@@ -229,12 +230,4 @@ class BiLoRA(Method):
         self.steps_seen = int(state.get("steps_seen", 0))
 
     def config(self) -> dict[str, Any]:
-        return {
-            "rho": self.rho,
-            "aux_rank": self.aux_rank,
-            "aux_alpha": self.aux_alpha,
-            "aux_scaling": self.aux_alpha / self.aux_rank,
-            "aux_lr": self.aux_lr,
-            "projection": "global",
-            "fused": self.fused,
-        }
+        return super().config() | {"aux_scaling": self.cfg.aux_alpha / self.cfg.aux_rank}

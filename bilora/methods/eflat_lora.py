@@ -125,6 +125,11 @@ class EFlatLoRA(Method):
     """EFMLoRA: one gradient per step at (B + E_ema, A); E_ema tracks the full-space SAM perturbation moved onto B."""
 
     perturbs = True
+    notes = {
+        "beta_note": "placeholder: unpublished in the paper; default of the public re-implementation",
+        "perturbed": "B only (E_A = 0)",
+        "scaling": "real s = alpha / r",
+    }
 
     cfg: EFlatLoraConfig
     rho: float
@@ -141,7 +146,7 @@ class EFlatLoRA(Method):
     # -- helpers ------------------------------------------------------------------------------
     def rho_at(self, t: int) -> float:
         """rho_t for the 1-based step t."""
-        return self.rho / math.sqrt(t) if self.rho_schedule == "inv_sqrt" else self.rho
+        return self.cfg.rho / math.sqrt(t) if self.cfg.rho_schedule == "inv_sqrt" else self.cfg.rho
 
     @staticmethod
     def _layers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
@@ -229,7 +234,7 @@ class EFlatLoRA(Method):
             g_norm = torch.stack(sq_norms).sum().sqrt() if sq_norms else torch.zeros(())
             e_b: dict[str, torch.Tensor] = {}
             for (name, _, _, s), sq, gpa in zip(layers, sq_norms, g_pinv_a):
-                denom = (sq.sqrt() if self.normalize == "per_layer" else g_norm) + EPS
+                denom = (sq.sqrt() if self.cfg.normalize == "per_layer" else g_norm) + EPS
                 e_b[name] = (rho_t / denom) * gpa / s  # (1/s) E_W pinv(A), E_W = rho_t G_hat / ||G_hat||
         if self.applied:
             self._restore(ctx.model)  # update from the unperturbed point
@@ -238,7 +243,7 @@ class EFlatLoRA(Method):
             if not self.e_ema:
                 self.e_ema = {name: e.float().clone() for name, e in e_b.items()}
             else:
-                self.e_ema = {name: (1.0 - self.beta) * self.e_ema[name] + self.beta * e.float() for name, e in e_b.items()}
+                self.e_ema = {name: (1.0 - self.cfg.beta) * self.e_ema[name] + self.cfg.beta * e.float() for name, e in e_b.items()}
         if ctx.step + 1 < ctx.max_steps:
             self._apply(ctx.model)
         e_b_norm = torch.stack([e.float().pow(2).sum() for e in e_b.values()]).sum().sqrt() if e_b else torch.zeros(())
@@ -267,17 +272,6 @@ class EFlatLoRA(Method):
         self.applied = bool(state.get("applied", False))
         if self.applied and not self.b_clean:
             raise ValueError("eflat_lora state says the model is perturbed but holds no unperturbed B")
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "rho": self.rho,
-            "beta": self.beta,
-            "beta_note": "placeholder: unpublished in the paper; default of the public re-implementation",
-            "normalize": self.normalize,
-            "rho_schedule": self.rho_schedule,
-            "perturbed": "B only (E_A = 0)",
-            "scaling": "real s = alpha / r",
-        }
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:
         """Write the primary adapter with the UNPERTURBED B (even if called mid-training)."""

@@ -162,6 +162,7 @@ class FlatLoRA(Method):
 
     passes_per_step = 1
     perturbs = True
+    notes = {"schedule": "cosine_ramp_per_optimizer_step", "noise": "per_row_merged_weight"}
     cfg: FlatLoraConfig
     sigma: float
 
@@ -174,7 +175,7 @@ class FlatLoRA(Method):
 
     def step(self, ctx: StepContext) -> dict[str, float]:
         factor = schedule_factor(ctx.step, ctx.max_steps)
-        sigma_t = factor * self.sigma
+        sigma_t = factor * self.cfg.sigma
         with flat_noise(ctx.model, sigma_t, self.seed, ctx.step):
             loss = ctx.forward_backward()  # every micro-batch of the step sees the same eps
         grad_norm = ctx.clip_and_step(adapters.primary_parameters(ctx.model), loss)
@@ -183,7 +184,7 @@ class FlatLoRA(Method):
     @contextmanager
     def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
         """This step's noise, installed as the step installs it; delta_l = eps_l (n_out, n_in), full rank."""
-        sigma_t = schedule_factor(ctx.step, ctx.max_steps) * self.sigma
+        sigma_t = schedule_factor(ctx.step, ctx.max_steps) * self.cfg.sigma
         if sigma_t == 0.0:
             yield None
             return
@@ -196,4 +197,4 @@ class FlatLoRA(Method):
             yield Perturbation(deltas, rank=None)
 
     def config(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "schedule": "cosine_ramp_per_optimizer_step", "noise": "per_row_merged_weight", "seed": self.seed}
+        return super().config() | {"seed": self.seed}

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -65,6 +65,7 @@ class LoRASAM(Method):
 
     passes_per_step = 2
     perturbs = True
+    notes = {"perturbed": "primary LoRA A/B", "norm": "global", "accumulation": "per optimizer step"}
 
     cfg: LoraSamConfig
     rho: float
@@ -77,7 +78,7 @@ class LoRASAM(Method):
     def ascend(self, lora: list[torch.nn.Parameter]) -> tuple[list[tuple[torch.nn.Parameter, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Add e = rho * g / ||g|| (g: the gradients on ``lora``) in place; returns (saved originals, ||g||, ||e||)."""
         g_norm = grad_norm_sumsq(lora)
-        scale = self.rho / (g_norm + EPS)
+        scale = self.cfg.rho / (g_norm + EPS)
         saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         e_sq = torch.zeros((), dtype=torch.float32)
         with torch.no_grad():
@@ -122,7 +123,7 @@ class LoRASAM(Method):
     @contextmanager
     def perturbation(self, ctx: StepContext) -> Iterator[Perturbation | None]:
         """SAM's step from the clean gradients on A/B: delta_l = s[(B + e_B)(A + e_A) - BA], rank <= 2r."""
-        if self.rho == 0:
+        if self.cfg.rho == 0:
             yield None
             return
         layers = [
@@ -136,6 +137,3 @@ class LoRASAM(Method):
             yield Perturbation(deltas, rank=2 * min(a.shape[0] for _, a, _, _ in layers))
         finally:
             self.restore(saved)
-
-    def config(self) -> dict[str, Any]:
-        return {"rho": self.rho, "perturbed": "primary LoRA A/B", "norm": "global", "accumulation": "per optimizer step"}

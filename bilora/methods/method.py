@@ -22,7 +22,7 @@ Each method registers under its key together with its settings class, a frozen
     @register("toy", config=ToyConfig)
     class Toy(Method): ...
 
-The method reads its settings as ``self.cfg`` (and, for brevity, as attributes: ``self.scale``).
+The method reads its settings from ``self.cfg`` (``self.cfg.scale``): one declaration, no copies.
 ``pipeline/config.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class.
 """
 
@@ -173,8 +173,6 @@ class Method:
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{self.name}: expected {self.config_class.__name__}, got {type(cfg).__name__}")
         self.cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-        for f in dataclasses.fields(self.cfg):
-            setattr(self, f.name, getattr(self.cfg, f.name))
         self.seed = seed
 
     def prepare(self, model: PeftModel) -> None:
@@ -207,9 +205,12 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
 
+    #: Fixed facts about the method (not settings) written beside its settings in ``bilora_config.json``.
+    notes: ClassVar[dict[str, str]] = {}
+
     def config(self) -> dict[str, Any]:
-        """Method settings, written to ``bilora_config.json`` beside the adapter."""
-        return {}
+        """The method's settings (its settings dataclass, whole) and its notes, for ``bilora_config.json``."""
+        return dataclasses.asdict(self.cfg) | dict(self.notes)
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:
         adapters.save_primary(model, out_dir)
