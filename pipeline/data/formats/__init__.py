@@ -1,4 +1,4 @@
-"""One module per record format, each behind the small :class:`Format` interface.
+"""One module per record format, each behind the small :class:`~pipeline.data.formats.base.Format` interface.
 
 A format turns validated records into model inputs and scores a model on them:
 
@@ -7,10 +7,11 @@ A format turns validated records into model inputs and scores a model on them:
 * ``render(rows, tokenizer, opts, max_length)``: canonical records -> prepared columns
   (``input_ids``, ``attention_mask``, ``labels`` + what evaluation needs) and stats (truncation);
 * ``score(model, tokenizer, ds, opts, metrics, batch_size, max_new_tokens)``: (metrics, predictions);
+* ``collator(tokenizer)``: training and loss batches (right-padded causal batches by default; classification and
+  regression pad dynamically with their own :class:`~pipeline.data.formats.classification.Collator`);
 * ``kind``: the model head (``classification`` | ``regression`` | ``generation``).
 
-Adding a format = one new module here (a :class:`~pipeline.data.formats.base.Format`), registered in :data:`FORMATS`. ``opts`` is a plain dict
-(the fields of ``pipeline.config.schema.DatasetConfig``; the built-in tasks ship theirs in pipeline/data/builtin.py).
+Adding a format = one new module here, registered in :data:`FORMATS` below. ``opts`` is a plain dict (the fields of ``pipeline.config.schema.DatasetConfig``; the built-in tasks ship theirs in pipeline/data/builtin.py).
 """
 
 from __future__ import annotations
