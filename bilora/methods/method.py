@@ -67,9 +67,8 @@ def register(name: str, *, config: type[Settings] = NoSettings) -> Callable[[typ
 
 
 def registry() -> dict[str, type["Method"]]:
-    """Every registered method by key (importing :mod:`bilora.methods` registers the built-in ones)."""
-    from bilora import methods as _  # noqa: F401
-
+    """Every registered method by key. The built-in ones are registered by ``bilora/methods/__init__.py``,
+    which Python runs before this module (importing a submodule imports its package first)."""
     return dict(sorted(_REGISTRY.items()))
 
 

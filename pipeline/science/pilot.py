@@ -1,7 +1,7 @@
 """Exploratory pilot of the issue "Does the perturbation bite?": how much each perturbing method raises
 its own training loss, and how well its perturbation is aimed, in the science preset's regime.
 
-    python -m pipeline.science.pilot run [--steps 80] [--every 8] [--shard 0/2] [--commit]
+    python -m pipeline.science.pilot run [--steps 48] [--every 6] [--shard 0/2] [--commit]
     python -m pipeline.science.pilot report
 
 The science preset's regime (pipeline/presets/science.yaml): 4-bit nf4 MiniLM-L6, fp32 compute, MRPC and
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.science.pilot", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--steps", type=int, default=80)
-    r.add_argument("--every", type=int, default=8)
+    r.add_argument("--steps", type=int, default=48)
+    r.add_argument("--every", type=int, default=6)
     r.add_argument("--shard", default="0/1")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--cache", default="~/.cache/bilora/pilot")
