@@ -5,8 +5,8 @@ that uses it (a method's config beside the method, :class:`bilora.train.LoopConf
 loop). :func:`setting` records the help text and the bounds in the field's metadata, and
 :class:`Settings` checks them (plus a class's own :meth:`Settings.problems`) in ``__post_init__``,
 raising :class:`SettingsError` with *every* problem at once, by field name. The pipeline derives
-its ``params.yaml`` schema from the same fields (``pipeline/config/schema.py``), so defaults, bounds and
-help text exist once.
+its ``params.yaml`` schema from the same fields (``pipeline/config/sections.py``), so defaults, bounds and
+help text exist once. A field the code sets rather than the user is :func:`internal` (no params key).
 """
 
 from __future__ import annotations
@@ -35,6 +35,28 @@ def setting(default: Any, help: str, *, min_len: int | None = None, items: dict[
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting(): use a tuple for a sequence default (settings are frozen)")
     return dataclasses.field(default=default, metadata=meta)
+
+
+def internal(default: Any, help: str) -> Any:
+    """A dataclass field the code sets, not the user: no ``params.yaml`` key, left out of run files and
+    MLflow params (e.g. the task head a format trains next to the primary adapter)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("internal(): use a tuple for a sequence default (settings are frozen)")
+    return dataclasses.field(default=default, metadata={"help": help, "internal": True})
+
+
+def setting_fields(cls: Any) -> tuple[dataclasses.Field, ...]:
+    """The fields of a settings class (or object) a user sets: every field but the :func:`internal` ones."""
+    return tuple(f for f in dataclasses.fields(cls) if not f.metadata.get("internal"))
+
+
+def values(settings: Any) -> dict[str, Any]:
+    """A settings object's user-set values by field name (tuples as lists, as JSON and YAML hold them)."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in setting_fields(settings)}
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 class SettingsError(ValueError):
@@ -92,7 +114,8 @@ class Settings:
             raise SettingsError(getattr(self, "section", type(self).__name__), problems)
 
     def problems(self) -> list[tuple[str, str]]:
-        """Cross-field checks of a subclass: (field name, message) pairs (default: none)."""
+        """Cross-field checks of a subclass: (field name, message) pairs (default: none). Read only the
+        fields: the params schema runs this on its validated section, which has the same field names."""
         return []
 
 

@@ -50,7 +50,8 @@ _SETTINGS_ONLY = (
 EXCLUDED: tuple[Exclusion, ...] = (
     Exclusion("pipeline.config.schema", "bilora.train", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.train")),
     Exclusion("pipeline.config.schema", "bilora.methods", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
-    Exclusion("pipeline.config.schema", "bilora.methods.lora", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
+    Exclusion("pipeline.config.schema", "bilora.adapters", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
+    Exclusion("pipeline.config.schema", "bilora.distributed", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
     Exclusion("pipeline.config.schema", "bilora.sharpness.config", _SETTINGS_ONLY.format(runs="evaluate imports bilora.sharpness")),
 )
 

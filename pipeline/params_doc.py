@@ -37,11 +37,13 @@ HEADER = f"""# Parameters (`params.yaml`)
 
 Every key of `params.yaml`: its type, default, bounds and help text. Each setting is declared once. The
 library's settings are fields of frozen dataclasses next to the code that uses them (`bilora/train.py`
-`LoopConfig`, `bilora/methods/<method>.py`, `bilora/sharpness/config.py` `SharpnessConfig`), whose
+`LoopConfig`, `bilora/adapters.py` `LoraSpec`, `bilora/distributed.py` `DistributedConfig`,
+`bilora/methods/<method>.py`, `bilora/sharpness/config.py` `SharpnessConfig`), whose
 `setting(default, help, ge=..., ...)` (`bilora/settings.py`) carries the help text and bounds;
-`pipeline/config/sections.py` turns them into pydantic sections. The pipeline's own sections (`data`, `base`,
-`eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in `pipeline/config/schema.py`,
-which assembles the whole schema (`params_model()`). Each section below names the class it comes from.
+`pipeline/config/sections.py` turns them into pydantic sections, which check them. The pipeline's own
+sections (`data`, `base`, `eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in
+`pipeline/config/schema.py`, and `params_model()` there assembles the whole schema. Each section below names
+the class it comes from.
 
 `python -m pipeline.validate` (and every stage, and `python -m pipeline.run` before `dvc repro`) checks
 `params.yaml` against this schema and reports every problem at once by dotted path, exit code 2. Beyond

@@ -14,7 +14,10 @@ import torch
 import yaml
 
 from bilora import methods
+from bilora.adapters import LoraSpec
+from bilora.distributed import DistributedConfig
 from bilora.methods.method import _REGISTRY
+from bilora.settings import setting_fields
 from bilora.sharpness.config import SharpnessConfig
 from bilora.train import FineTuner, LoopConfig
 from pipeline.config.load import ConfigError, validate_dict
@@ -46,16 +49,13 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def library_defaults() -> dict:
     """params.yaml keys of every library-derived section, at the dataclass defaults."""
-    sections = {"train.loop": LoopConfig, "eval.sharpness": SharpnessConfig, "train.lora": methods.method._get("lora").__module__}
+    sections = {"train.loop": LoopConfig, "eval.sharpness": SharpnessConfig, "train.lora": LoraSpec, "train.distributed": DistributedConfig}
     out = {}
     for key, cls in methods.registry().items():
         for f in dataclasses.fields(cls.config_class):
             out[f"train.{key}.{f.name}"] = f.default
-    from bilora.methods.lora import LoraConfig
-
-    sections["train.lora"] = LoraConfig
     for prefix, cls in sections.items():
-        for f in dataclasses.fields(cls):
+        for f in setting_fields(cls):
             out[f"{prefix}.{f.name}"] = list(f.default) if isinstance(f.default, tuple) else f.default
     return out
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from bilora import adapters, methods
 from bilora.base import QuantSpec, load_for_task, quantize, resolve, save_quantized
 from bilora.train import FineTuner, LoopConfig
-from pipeline.config.schema import TrainConfig
+from pipeline.config.schema import train_model
 from pipeline.data.formats.classification import Collator
 from pipeline.data.prepare import tokenize
 from pipeline.data.catalog import get_task
@@ -48,7 +48,7 @@ def test_every_method_trains_real_minilm_nf4(name, nf4_base, sst2, tmp_path):
     frozen = {n: p.detach().clone() for n, p in base.named_parameters() if "classifier" not in n}
     spec = adapters.LoraSpec(r=8, alpha=16, target_modules=("query", "key", "value", "dense"), modules_to_save=("classifier",))
     model = adapters.attach_lora(base, spec, "SEQ_CLS")
-    method = methods.build(name, TrainConfig().method_config(name), seed=0)
+    method = methods.build(name, train_model()().method_config(name), seed=0)
     ft = FineTuner(model, method, ds, collate, LoopConfig(max_steps=5, batch_size=8, lr=1e-3), seed=0)
     ft.train()
     losses = [h["loss"] for h in ft.history]

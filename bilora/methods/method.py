@@ -23,7 +23,7 @@ Each method registers under its key together with its settings class, a frozen
     class Toy(Method): ...
 
 The method reads its settings from ``self.cfg`` (``self.cfg.scale``): one declaration, no copies.
-``pipeline/config.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class.
+``pipeline/config/sections.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class.
 """
 
 from __future__ import annotations

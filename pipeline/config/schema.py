@@ -8,17 +8,18 @@ Reading and validating a file is :mod:`pipeline.config.load`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
+import bilora.adapters
+import bilora.distributed
 import bilora.methods
-import bilora.methods.lora
 import bilora.sharpness.config
 import bilora.train
-from pipeline.config.sections import SectionProblems, problems_of, section_model
+from bilora.settings import setting_fields
+from pipeline.config.sections import Section, SectionProblems, problems_of, section_model
 from pipeline.data.builtin import TASKS
 
 
@@ -27,11 +28,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 _Problems = SectionProblems  # raised by a model validator: (path relative to that model, message) pairs
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: every float (list entries included) must be finite
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+_Section = Section
 
 
 # Record format -> the model head it trains (each pipeline/data/formats/<name>.py's ``kind``; tests/test_eval_only.py
@@ -378,33 +375,33 @@ class BaseModelConfig(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit quantization of the base.")
 
 
-class DistributedConfig(_Section):
-    nproc_per_node: int = Field(
-        1,
-        ge=1,
-        description="Processes (GPUs) per machine for finetune: > 1 launches it under torchrun (data parallel, explicit gradient all-reduce; batch_size is the global micro-batch and must be divisible by it). Only rank 0 writes outputs, checkpoints and MLflow.",
-    )
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU.")
-
-
 # -- sections derived from the library --------------------------------------------------------
 # The library's settings dataclasses are the single source of these sections' defaults, bounds and
-# help text. Only the stages that run that code (configure and finetune: methods and loop; evaluate:
-# sharpness) depend on it in dvc.yaml: pipeline/deps.py does not follow these imports (EXCLUDED), so
-# editing a method does not re-run prepare.
-LoopConfig = section_model(bilora.train.LoopConfig, "LoopConfig", _Section)
-LoraConfig = section_model(bilora.methods.lora.LoraConfig, "LoraConfig", _Section)
-SharpnessParams = section_model(
-    bilora.sharpness.config.SharpnessConfig,
-    "SharpnessParams",
-    _Section,
-    extra={
-        "enabled": (bool, Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")),
-        "examples": (int, Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")),
-        "metric_examples": (int, Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
-    },
-    doc="Flatness measurements in evaluate: bilora.sharpness.config.SharpnessConfig plus which examples to measure on.",
-)
+# help text (pipeline/config/sections.py builds each section from its class when the schema is built).
+# Only the stages that run that code (configure and finetune: methods, loop, primary adapter,
+# distributed; evaluate: sharpness) depend on it in dvc.yaml: pipeline/deps.py does not follow these
+# imports (EXCLUDED), so editing a method does not re-run prepare.
+SHARPNESS_EXTRA = {
+    "enabled": (bool, Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")),
+    "examples": (int, Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")),
+    "metric_examples": (int, Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
+}
+
+
+def sharpness_section() -> type[Section]:
+    """``eval.sharpness``: bilora.sharpness.config.SharpnessConfig plus which examples to measure on."""
+    if "sharpness" not in _sharpness_cache:
+        _sharpness_cache["sharpness"] = section_model(
+            bilora.sharpness.config.SharpnessConfig,
+            extra=SHARPNESS_EXTRA,
+            doc="Flatness measurements in evaluate: bilora.sharpness.config.SharpnessConfig plus which examples to measure on.",
+        )
+    return _sharpness_cache["sharpness"]
+
+
+_sharpness_cache: dict[str, type[Section]] = {}
+
+
 FIXED_TRAIN_KEYS = ("methods", "seeds", "plugins", "variants", "loop", "lora", "distributed")
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
 
@@ -413,17 +410,17 @@ def method_sections() -> dict[str, type[BaseModel]]:
     """``train.<key>`` section model of every registered method that has settings of its own."""
     out = {}
     for key, cls in bilora.methods.registry().items():
-        if dataclasses.fields(cls.config_class):
+        if setting_fields(cls.config_class):
             if key in FIXED_TRAIN_KEYS:
                 raise ValueError(f"method {key!r}: its settings section would clash with train.{key}")
-            out[key] = _section_cache.setdefault(cls.config_class, section_model(cls.config_class, cls.config_class.__name__, _Section))
+            out[key] = section_model(cls.config_class)
     return out
 
 
-_section_cache: dict[type, type[BaseModel]] = {}
+class TrainConfig(_Section):
+    """The ``train`` section's matrix keys; :func:`train_model` adds the sections derived from the library
+    (``loop``, ``lora``, one per method with settings, ``distributed``)."""
 
-
-class _TrainBase(_Section):
     plugins: list[str] = Field(
         [],
         description="Python modules to import before validation, each registering methods of its own (docs/extending.md); e.g. my_project.my_method.",
@@ -436,10 +433,6 @@ class _TrainBase(_Section):
         ["lora", "bilora"], min_length=1, description="Runs to train (the matrix): method keys or names of train.variants."
     )
     seeds: list[int] = Field([0], min_length=1, description="Seeds to train (the matrix).")
-    loop: LoopConfig = Field(default_factory=LoopConfig, description="Optimisation settings shared by every method.")
-    lora: LoraConfig = Field(
-        default_factory=LoraConfig, description="Primary adapter, used by every method; also all the lora method's settings (it adds none)."
-    )
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -489,7 +482,7 @@ class _TrainBase(_Section):
                     )
                 )
                 continue
-            fields = [f.name for f in dataclasses.fields(registry[key].config_class)]
+            fields = [f.name for f in setting_fields(registry[key].config_class)]
             overrides = {k: val for k, val in spec.items() if k != "method"}
             unknown = [k for k in overrides if k not in fields]
             problems += [(f"{name}.{k}", f"unknown key (typo?); {key}'s settings: {fields}") for k in unknown]
@@ -503,27 +496,13 @@ class _TrainBase(_Section):
             raise _Problems(problems)
         return v
 
-    @model_validator(mode="after")
-    def _batch_splits_over_processes(self) -> "_TrainBase":
-        n, bs = self.distributed.nproc_per_node, self.loop.batch_size  # type: ignore[attr-defined]
-        if bs % n:  # bilora.train.FineTuner checks the same at run time (world size)
-            raise _Problems(
-                [
-                    (
-                        "distributed.nproc_per_node",
-                        f"train.loop.batch_size ({bs}) is the global micro-batch and must be divisible by nproc_per_node ({n}): set nproc_per_node to a divisor of {bs}, or batch_size to a multiple of {n}",
-                    )
-                ]
-            )
-        return self
-
     def resolve(self, run: str) -> tuple[str, dict[str, Any]]:
         """(method key, method settings) of a run name: a method key or a variant name."""
         spec = self.variants.get(run)
         key = spec["method"] if spec is not None else run
         cls = bilora.methods.config_class(key)
         section = getattr(self, key, None)
-        cfg = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+        cfg = {f.name: getattr(section, f.name) for f in setting_fields(cls)}
         return key, cfg | {k: v for k, v in (spec or {}).items() if k != "method"}
 
     def method_config(self, run: str) -> dict[str, Any]:
@@ -531,26 +510,57 @@ class _TrainBase(_Section):
         return self.resolve(run)[1]
 
 
-def train_model() -> type[_TrainBase]:
+def _batch_splits_over_processes(self: TrainConfig) -> TrainConfig:
+    """train.loop.batch_size is the global micro-batch: it must split over train.distributed.nproc_per_node."""
+    n, bs = self.distributed.nproc_per_node, self.loop.batch_size  # type: ignore[attr-defined]
+    if bs % n:  # bilora.train.FineTuner checks the same at run time (world size)
+        raise _Problems(
+            [
+                (
+                    "distributed.nproc_per_node",
+                    f"train.loop.batch_size ({bs}) is the global micro-batch and must be divisible by nproc_per_node ({n}): set nproc_per_node to a divisor of {bs}, or batch_size to a multiple of {n}",
+                )
+            ]
+        )
+    return self
+
+
+def train_model() -> type[TrainConfig]:
     """The ``train`` section for the methods registered now (built-in ones and train.plugins)."""
     sections = method_sections()
     key = tuple(sorted((k, id(m)) for k, m in sections.items()))
     if key not in _train_cache:
         fields: dict[str, Any] = {
-            k: (m, Field(default_factory=m, description=(m.__doc__ or k).strip().splitlines()[0])) for k, m in sections.items()
+            "loop": (
+                loop := section_model(bilora.train.LoopConfig),
+                Field(default_factory=loop, description="Optimisation settings shared by every method."),
+            ),
+            "lora": (
+                lora := section_model(bilora.adapters.LoraSpec),
+                Field(
+                    default_factory=lora,
+                    description="Primary adapter, used by every method; also all the lora method's settings (it adds none).",
+                ),
+            ),
         }
-        fields["distributed"] = (
-            DistributedConfig,
-            Field(default_factory=DistributedConfig, description="Data-parallel finetune (torchrun); see docs/scaling.md."),
+        fields |= {k: (m, Field(default_factory=m, description=(m.__doc__ or k).strip().splitlines()[0])) for k, m in sections.items()}
+        dist = section_model(bilora.distributed.DistributedConfig)
+        fields["distributed"] = (dist, Field(default_factory=dist, description="Data-parallel finetune (torchrun); see docs/scaling.md."))
+        _train_cache[key] = create_model(
+            "TrainConfig",
+            __base__=TrainConfig,
+            __validators__={"_batch_splits_over_processes": model_validator(mode="after")(_batch_splits_over_processes)},
+            **fields,
         )
-        _train_cache[key] = create_model("TrainConfig", __base__=_TrainBase, **fields)
     return _train_cache[key]
 
 
-_train_cache: dict[tuple, type[_TrainBase]] = {}
+_train_cache: dict[tuple, type[TrainConfig]] = {}
 
 
 class EvalConfig(_Section):
+    """The ``eval`` section; :func:`eval_model` adds ``sharpness`` (derived from the library)."""
+
     batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
     train_subset: int = Field(256, ge=0, description="Also score this many training examples to report the train-test gap (0: skip).")
     max_new_tokens: int = Field(
@@ -558,9 +568,23 @@ class EvalConfig(_Section):
         ge=1,
         description="Generation tasks (gsm8k): greedy decoding budget per test question; exact match of the final number. Unused by boolq (log-likelihood) and encoder tasks.",
     )
-    sharpness: SharpnessParams = Field(
-        default_factory=SharpnessParams, description="Flatness measurements (random, worst-case, 1-D curves)."
-    )
+
+
+def eval_model() -> type[EvalConfig]:
+    """The ``eval`` section with its ``sharpness`` settings."""
+    if not _eval_cache:
+        sharp = sharpness_section()
+        _eval_cache.append(
+            create_model(
+                "EvalConfig",
+                __base__=EvalConfig,
+                sharpness=(sharp, Field(default_factory=sharp, description="Flatness measurements (random, worst-case, 1-D curves).")),
+            )
+        )
+    return _eval_cache[0]
+
+
+_eval_cache: list[type[EvalConfig]] = []
 
 
 class MergeConfig(_Section):
@@ -589,15 +613,19 @@ class TrackingConfig(_Section):
     )
 
 
-class _ParamsBase(_Section):
+class Params(_Section):
+    """The whole ``params.yaml``; :func:`params_model` builds it with the ``train`` and ``eval`` sections of
+    the methods registered now (a plain ``Params`` has only their matrix keys; use it for annotations)."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _merge_target_in_matrix(self) -> "_ParamsBase":
+    def _merge_target_in_matrix(self) -> "Params":
         problems = []
         if self.merge.mode != "none":
             if self.merge.task not in self.data.tasks:
@@ -611,17 +639,15 @@ class _ParamsBase(_Section):
         return self
 
 
-def params_model() -> type[_ParamsBase]:
+def params_model() -> type[Params]:
     """The whole ``params.yaml`` schema for the methods registered now (sections in file order)."""
     train = train_model()
     if train not in _params_cache:
-        fields = {n: (f.annotation, f) for n, f in _ParamsBase.model_fields.items()}
-        order = ["data", "base", "train", "eval", "merge", "tracking"]
+        fields = {n: (f.annotation, f) for n, f in Params.model_fields.items()}
         fields["train"] = (train, Field(default_factory=train))
-        _params_cache[train] = create_model("Params", __base__=_ParamsBase, **{n: fields[n] for n in order})
+        fields["eval"] = (ev := eval_model(), Field(default_factory=ev))
+        _params_cache[train] = create_model("Params", __base__=Params, **fields)
     return _params_cache[train]
 
 
-_params_cache: dict[type, type[_ParamsBase]] = {}
-Params = params_model()  # the schema with the built-in methods (train.plugins may add sections)
-TrainConfig = train_model()
+_params_cache: dict[type, type[Params]] = {}
