@@ -83,14 +83,15 @@ def base_dir(cache: Path) -> Path:
     return out
 
 
-def train_one(task_name: str, setting: str, steps: int, every: int, base: Path) -> dict[str, Any]:
+def fine_tuner(task_name: str, method: str, cfg: dict[str, Any], steps: int, every: int, base: Path):
+    """A :class:`bilora.train.FineTuner` of ``method`` on ``task_name``'s train split, in the pilot's regime."""
     from bilora import adapters, methods
     from bilora.base import load_for_task
     from bilora.train import FineTuner, LoopConfig
-    from pipeline.data import formats
     from pipeline.config.schema import DataConfig
-    from pipeline.data.prepare import collator_for, prepare_task, tokenizer_for
+    from pipeline.data import formats
     from pipeline.data.catalog import get_task
+    from pipeline.data.prepare import collator_for, prepare_task, tokenizer_for
 
     task = get_task(task_name)
     tok = tokenizer_for(base)
@@ -103,12 +104,30 @@ def train_one(task_name: str, setting: str, steps: int, every: int, base: Path) 
         r=8, alpha=16.0, dropout=0.0, target_modules=("query", "key", "value", "dense"), modules_to_save=fmt.modules_to_save
     )
     model = adapters.attach_lora(model, spec, fmt.peft_task_type)
-    name, cfg = SETTINGS[setting]
     loop = LoopConfig(
-        batch_size=32, lr=LR, max_steps=steps, warmup_ratio=0.03, perturbation_every=every, log_every=every, checkpoint_every=0
+        batch_size=32, lr=LR, max_steps=steps, warmup_ratio=0.03, perturbation_every=every, log_every=max(1, every), checkpoint_every=0
     )
     train = dd["train"]
-    ft = FineTuner(model, methods.build(name, cfg, seed=0), [train[i] for i in range(len(train))], collator_for(task, tok), loop, seed=0)
+    return FineTuner(
+        model, methods.build(method, cfg, seed=0), [train[i] for i in range(len(train))], collator_for(task, tok), loop, seed=0
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": next(
+            (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?"
+        ),
+        "cpu_class": cpu_class(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def train_one(task_name: str, setting: str, steps: int, every: int, base: Path) -> dict[str, Any]:
+    name, cfg = SETTINGS[setting]
+    ft = fine_tuner(task_name, name, cfg, steps, every, base)
     t0 = time.perf_counter()
     summary = ft.train()
     keep = ("step", "loss", "step_time", "perturbation.seconds", *KEYS, "aux.first_order_increase", "aux_norm", "sam.loss_increase")
@@ -127,15 +146,7 @@ def train_one(task_name: str, setting: str, steps: int, every: int, base: Path) 
         "wall_s": time.perf_counter() - t0,
         "final_loss": summary["final_loss"],
         "history": [{k: h[k] for k in keep if k in h} for h in ft.history if "perturbation.loss_increase" in h or h["step"] % every == 0],
-        "machine": {
-            "cpu": next(
-                (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?"
-            ),
-            "cpu_class": cpu_class(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "code_rev": CODE_REV,
     }
 
