@@ -21,7 +21,7 @@ import yaml
 from bilora import metrics as M
 from pipeline.data import formats
 from pipeline.data.catalog import get_task, prepared_task, read_splits
-from pipeline.config.schema import FORMAT_HEADS, DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.config.load import ConfigError, validate_dict
 from pipeline.data.prepare import prepare_task
 
@@ -103,8 +103,13 @@ def test_readme_eval_only_example_validates_and_reads(monkeypatch):
     assert p.data.eval_tasks == ["piqa"] and train == [] and len(test) == 1838
 
 
-def test_format_heads_match_the_format_modules():
-    assert FORMAT_HEADS == {n: formats.get(n).kind for n in formats.NAMES}
+def test_the_schema_takes_the_formats_from_the_registry():
+    from typing import get_args
+
+    ann = DataConfig.model_fields["datasets"].annotation
+    dataset = get_args(ann)[1]
+    assert get_args(dataset.model_fields["format"].annotation) == formats.NAMES
+    assert all(f"{n} ({formats.get(n).help})" in dataset.model_fields["format"].description for n in formats.NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ def test_every_key_of_params_yaml_has_a_row_with_type_default_bounds_and_help():
 
 def test_every_declared_dataset_key_is_documented():
     text = (ROOT / "docs" / "params.md").read_text(encoding="utf-8")
-    from pipeline.config.schema import DatasetConfig, SourceConfig
+    from pipeline.config.schema import DatasetConfig
+    from pipeline.config.split_source import SourceConfig
 
     assert all(f"| `data.datasets.<name>.{k}` |" in text for k in DatasetConfig.model_fields)
     assert all(f"| `data.datasets.<name>.train.{k}` |" in text for k in SourceConfig.model_fields)

@@ -1,7 +1,8 @@
 """``params.yaml``: its schema, reading and validating it, presets, and each run's resolved settings.
 
 * :mod:`.schema`: the pydantic schema of every section (sections derived from the library's settings
-  dataclasses come from :mod:`.sections`);
+  dataclasses come from :mod:`.sections`, a dataset split's source from :mod:`.split_source`; the record
+  formats are the registry's, :mod:`pipeline.data.formats`);
 * :mod:`.load`: read a params (or preset) file and validate it, every problem at once by dotted path;
 * :mod:`.presets`: ``pipeline/presets/<name>.yaml`` deltas merged over params.yaml;
 * :mod:`.runs`: the resolved settings of each fine-tuning run (``artifacts/runs/<run>.json``).

@@ -20,6 +20,8 @@ import bilora.sharpness.config
 import bilora.train
 from bilora.settings import setting_fields
 from pipeline.config.sections import Section, SectionProblems, problems_of, section_model
+from pipeline.config.split_source import SourceConfig
+from pipeline.data import formats
 from pipeline.data.builtin import TASKS
 
 
@@ -31,39 +33,9 @@ _Problems = SectionProblems  # raised by a model validator: (path relative to th
 _Section = Section
 
 
-# Record format -> the model head it trains (each pipeline/data/formats/<name>.py's ``kind``; tests/test_eval_only.py
-# checks they agree). Here so the schema can check an eval-only dataset against its adapter's task without
-# importing the format modules (and their model code) into every stage that validates params.
-FORMAT_HEADS = {
-    "classification": "classification",
-    "regression": "regression",
-    "alpaca": "generation",
-    "prompt_completion": "generation",
-    "chat": "generation",
-    "multiple_choice": "generation",
-}
-FORMATS = tuple(FORMAT_HEADS)
-FileType = Literal["jsonl", "json", "csv", "tsv", "parquet"]
-
-
-class SourceConfig(_Section):
-    """Where one split's records come from: a local file or folder, or a Hugging Face dataset."""
-
-    path: str | None = Field(
-        None,
-        description="Local file (JSONL, JSON list of records, CSV, TSV, Parquet) or a folder of such files, relative to the repository root. Keep user data under data/ (prepare's DVC dep).",
-    )
-    hf: str | None = Field(None, description="Hugging Face dataset id (needs network access: HF_HUB_OFFLINE unset). Exclusive with path.")
-    config: str | None = Field(None, description="Hugging Face dataset config (subset) name.")
-    split: str = Field("train", description="Hugging Face split to read.")
-    revision: str | None = Field(None, description="Hugging Face dataset revision (commit, tag or branch).")
-    type: FileType | None = Field(None, description="File type; null: taken from the extension (.jsonl, .json, .csv, .tsv, .parquet).")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "SourceConfig":
-        if (self.path is None) == (self.hf is None):
-            raise _Problems([("path", "give exactly one of path (a local file or folder) or hf (a Hugging Face dataset id)")])
-        return self
+# The record formats are the registry's (pipeline/data/formats/__init__.py): their names, the head each
+# trains (an eval-only dataset's head must match its adapter's) and the few words the help text shows.
+FormatName = Literal[formats.NAMES]  # type: ignore[valid-type]
 
 
 def label_count(labels: list[str] | dict[str, int] | None) -> int | None:
@@ -83,8 +55,10 @@ def _as_source(v: Any) -> Any:
 class DatasetConfig(_Section):
     """A user-declared dataset (``data.datasets.<name>``); its name is usable in ``data.tasks``."""
 
-    format: Literal["classification", "regression", "alpaca", "prompt_completion", "chat", "multiple_choice"] = Field(
-        description="Record format (one module per format in pipeline/data/formats/): classification (text [+ text pair] + label), regression (text [+ pair] + numeric score), alpaca (instruction, optional input, output), prompt_completion, chat (messages with role/content), multiple_choice (prompt + fixed answer strings, scored by log-likelihood)."
+    format: FormatName = Field(
+        description="Record format (one module per format in pipeline/data/formats/): "
+        + ", ".join(f"{f.name} ({f.help})" for f in formats.FORMATS.values())
+        + "."
     )
     train: SourceConfig | None = Field(
         None,
@@ -348,7 +322,7 @@ def _task_format(name: str, data: "DataConfig") -> tuple[str, Any]:
 
 def _head(fmt: str, labels: Any) -> tuple[str, int | None]:
     """(model head kind, label count or None) of a format: what an adapter trained on it can be evaluated on."""
-    return FORMAT_HEADS[fmt], label_count(labels) if fmt == "classification" else None
+    return formats.get(fmt).kind, label_count(labels) if fmt == "classification" else None
 
 
 class QuantConfig(_Section):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.config.schema import SourceConfig
+from pipeline.config.split_source import SourceConfig
 from pipeline.data.readers import DataError
 from pipeline.data.builtin import read_json_array, read_jsonl, read_text
 

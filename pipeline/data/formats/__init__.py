@@ -11,7 +11,7 @@ A format turns validated records into model inputs and scores a model on them:
   regression pad dynamically with their own :class:`~pipeline.data.formats.classification.Collator`);
 * ``kind``: the model head (``classification`` | ``regression`` | ``generation``).
 
-Adding a format = one new module here, registered in :data:`FORMATS` below. ``opts`` is a plain dict (the fields of ``pipeline.config.schema.DatasetConfig``; the built-in tasks ship theirs in pipeline/data/builtin.py).
+Adding a format = one new module here, registered in :data:`FORMATS` below (the one list of formats: the params schema takes its names, head kinds and help from it). ``opts`` is a plain dict (the fields of ``pipeline.config.schema.DatasetConfig``; the built-in tasks ship theirs in pipeline/data/builtin.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ NO_INPUT = (
 
 class Alpaca(Generation):
     name = "alpaca"
+    help = "instruction, optional input, output"
 
     def normalise(self, record, opts, where):
         return {

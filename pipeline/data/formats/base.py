@@ -7,6 +7,7 @@ from typing import Any
 
 class Format:
     name: str = ""
+    help: str = ""  # the records it reads, in a few words (the params schema's help of data.datasets.<name>.format)
     kind: str = "generation"  # model head: classification | regression | generation (bilora.base.load_for_task)
     peft_task_type: str = "CAUSAL_LM"  # PEFT task type of the adapter
     modules_to_save: tuple[str, ...] = ()  # trained in full next to the adapter (a fresh task head)

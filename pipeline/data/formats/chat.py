@@ -73,6 +73,7 @@ def segments(tokenizer, template: str, messages: list[dict]) -> list[tuple[str, 
 
 class Chat(Generation):
     name = "chat"
+    help = "messages with role/content"
 
     def normalise(self, record, opts, where):
         name = opts.get("name", "?")

@@ -42,6 +42,7 @@ def raw_label(value: Any) -> str:
 
 class Classification(Format):
     name = "classification"
+    help = "text [+ text pair] + label"
     kind = "classification"
     peft_task_type = "SEQ_CLS"
     modules_to_save = ("classifier",)

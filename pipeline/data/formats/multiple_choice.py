@@ -17,6 +17,7 @@ from pipeline.data.readers import DataError
 
 class MultipleChoice(Generation):
     name = "multiple_choice"
+    help = "prompt + fixed answer strings, scored by log-likelihood"
 
     def default_metrics(self, opts):
         return ("accuracy",)

@@ -13,6 +13,7 @@ from pipeline.data.formats._text import fill, text
 
 class PromptCompletion(Generation):
     name = "prompt_completion"
+    help = "prompt + completion"
 
     def normalise(self, record, opts, where):
         return {"prompt": text(record, opts, "prompt", where), "completion": text(record, opts, "completion", where)}

@@ -15,6 +15,7 @@ from pipeline.data.readers import DataError
 
 class Regression(Classification):
     name = "regression"
+    help = "text [+ pair] + numeric score"
     kind = "regression"
 
     def default_metrics(self, opts):
