@@ -9,39 +9,17 @@ Naming: the primary adapter is PEFT's ``"default"``; the Bi-LoRA auxiliary is ``
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from bilora.settings import Settings, internal, setting
+from bilora.config import LoraSpec
 
 PRIMARY = "default"
 AUX = "bilora_aux"
-
-
-@dataclass(frozen=True)
-class LoraSpec(Settings):
-    """Primary adapter, used by every method (``train.lora``); PEFT's ``LoraConfig`` is built from it
-    (:func:`attach_lora`). It is also the whole configuration of the ``lora`` method, which adds nothing."""
-
-    section: ClassVar[str] = "train.lora"
-    r: int = setting(8, "Rank of the primary adapter (every method).", ge=1)
-    alpha: float = setting(16.0, "LoRA alpha; scaling s = alpha / r.", gt=0)
-    dropout: float = setting(0.0, "Dropout on the adapter input.", ge=0, lt=1)
-    target_modules: tuple[str, ...] = setting(
-        ("query", "key", "value", "dense"), "Module name suffixes that get adapters (MiniLM: query, key, value, dense).", min_len=1
-    )
-    modules_to_save: tuple[str, ...] = internal(
-        (), "Modules trained in full next to the adapter: the task's format decides (a fresh head)."
-    )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 def attach_lora(model: torch.nn.Module, spec: LoraSpec, task_type: str | None) -> PeftModel:

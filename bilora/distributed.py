@@ -29,26 +29,10 @@ than one process). Set ``train_subset`` to a multiple of ``batch_size`` for exac
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import ClassVar, Iterable, Literal
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
-
-from bilora.settings import Settings, setting
-
-
-@dataclass(frozen=True)
-class DistributedConfig(Settings):
-    """Data-parallel finetune (torchrun) (``train.distributed``); see docs/scaling.md."""
-
-    section: ClassVar[str] = "train.distributed"
-    nproc_per_node: int = setting(
-        1,
-        "Processes (GPUs) per machine for finetune: > 1 launches it under torchrun (data parallel, explicit gradient all-reduce; batch_size is the global micro-batch and must be divisible by it). Only rank 0 writes outputs, checkpoints and MLflow.",
-        ge=1,
-    )
-    backend: Literal["auto", "gloo", "nccl"] = setting("auto", "torch.distributed backend: auto = nccl on CUDA, gloo on CPU.")
 
 
 def active() -> bool:

@@ -8,9 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from bilora.errors import BaseModelError
 from bilora.io import atomic_dir
 
@@ -42,6 +39,9 @@ def materialise_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str =
         import gguf
     except ImportError:
         raise BaseModelError("loading a GGUF checkpoint needs the 'gguf' package (pip install gguf)") from None
+    import torch  # here, not at the top: bilora.sources (base.source resolution, torch-free) imports this module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     t0 = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

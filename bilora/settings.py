@@ -1,12 +1,13 @@
 """Typed settings: stdlib dataclasses whose fields carry their help text and bounds.
 
-Every setting of the library is declared once, as a field of a frozen dataclass next to the code
-that uses it (a method's config beside the method, :class:`bilora.train.LoopConfig` beside the
-loop). :func:`setting` records the help text and the bounds in the field's metadata, and
-:class:`Settings` checks them (plus a class's own :meth:`Settings.problems`) in ``__post_init__``,
-raising :class:`SettingsError` with *every* problem at once, by field name. The pipeline derives
-its ``params.yaml`` schema from the same fields (``pipeline/config/sections.py``), so defaults, bounds and
-help text exist once. A field the code sets rather than the user is :func:`internal` (no params key).
+Every setting of the library is declared once, as a field of a frozen dataclass that the code using
+it imports: those ``params.yaml`` sets live in :mod:`bilora.config` (the loop, the primary adapter, data
+parallelism, each built-in method; torch-free, so the params schema loads without the training stack)
+and :class:`bilora.sharpness.config.SharpnessConfig`. :func:`setting` records the help text and the
+bounds in the field's metadata, and :class:`Settings` checks them (plus a class's own
+:meth:`Settings.problems`) in ``__post_init__``, raising :class:`SettingsError` with *every* problem at
+once, by field name. The pipeline derives its ``params.yaml`` schema from the same fields
+(``pipeline/config/sections.py``), so defaults, bounds and help text exist once. A field the code sets rather than the user is :func:`internal` (no params key).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from peft import PeftModel
@@ -23,57 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from bilora import checkpoint, distributed, perturbation, scale
 from bilora.methods.method import Method, StepContext
-from bilora.settings import Settings, setting
-
-
-@dataclass(frozen=True)
-class LoopConfig(Settings):
-    """Optimisation settings shared by every method (``train.loop`` in params.yaml).
-
-    The single source of these defaults: the pipeline's schema is derived from these fields.
-    """
-
-    section: ClassVar[str] = "train.loop"
-
-    epochs: float = setting(2.0, "Passes over the training subset.", gt=0)
-    batch_size: int = setting(16, "Micro-batch size (examples).", ge=1)
-    grad_accum: int = setting(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).", ge=1)
-    lr: float = setting(5e-4, "Peak learning rate of the primary adapter (AdamW).", gt=0)
-    weight_decay: float = setting(0.0, "AdamW weight decay of the primary adapter.", ge=0)
-    warmup_ratio: float = setting(0.03, "Linear warm-up as a fraction of all steps, then cosine decay to 0.", ge=0, lt=1)
-    max_grad_norm: float | None = setting(1.0, "Gradient-norm clip over primary parameters only (null: off).", gt=0)
-    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
-    log_every: int = setting(5, "Log step metrics to MLflow every N optimizer steps.", ge=1)
-    checkpoint_every: int = setting(50, "Write a resumable checkpoint every N optimizer steps (0: never).", ge=0)
-    gradient_checkpointing: bool = setting(
-        False,
-        "Recompute each decoder layer's activations in backward instead of storing them (transformers' gradient checkpointing; same gradients, less memory, ~1 more forward per step). Correct for every method.",
-    )
-    checkpoint_reentrant: bool = setting(
-        False,
-        "With gradient_checkpointing: use torch's reentrant checkpoint (enables input gradients on the embeddings, as PEFT does); false: the non-reentrant one torch recommends.",
-    )
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = setting(
-        "adamw",
-        "Primary optimizer: adamw (torch; fused on CUDA) or bitsandbytes adamw_8bit / paged_adamw_8bit / paged_adamw_32bit (paged falls back to unpaged on CPU). Bi-LoRA's auxiliary ascends on the same optimizer (gradient negated for bitsandbytes, which has no maximize).",
-    )
-    perturbation_every: int = setting(
-        50,
-        "Every N optimizer steps, measure how much the method's weight perturbation raises the loss and how it aligns with the full-weight gradient (bilora/perturbation.py, docs/perturbation.md); logged as perturbation.* (0: never). Methods that perturb nothing skip it. At 50 it costs about 3 % of training time.",
-        ge=0,
-    )
-    length_grouped: bool = setting(
-        False, "Group each batch by example length (seeded, resumable; cuts padding on causal-LM data). Off: uniformly shuffled batches."
-    )
-
-    def steps_per_epoch(self, n_examples: int) -> int:
-        micro = math.ceil(n_examples / self.batch_size)
-        return math.ceil(micro / self.grad_accum)
-
-    def total_steps(self, n_examples: int) -> int:
-        if self.max_steps:
-            return self.max_steps
-        return max(1, math.ceil(self.epochs * self.steps_per_epoch(n_examples)))
+from bilora.config import LoopConfig
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -48,10 +48,9 @@ _SETTINGS_ONLY = (
     "a stage through params.yaml, which DVC tracks key by key, so the code is a dep of the stages that run it ({runs})"
 )
 EXCLUDED: tuple[Exclusion, ...] = (
-    Exclusion("pipeline.config.schema", "bilora.train", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.train")),
-    Exclusion("pipeline.config.schema", "bilora.methods", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
-    Exclusion("pipeline.config.schema", "bilora.adapters", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
-    Exclusion("pipeline.config.schema", "bilora.distributed", _SETTINGS_ONLY.format(runs="configure and finetune import bilora.methods")),
+    Exclusion(
+        "pipeline.config.schema", "bilora.config", _SETTINGS_ONLY.format(runs="configure imports bilora.config, finetune bilora.train")
+    ),
     Exclusion("pipeline.config.schema", "bilora.sharpness.config", _SETTINGS_ONLY.format(runs="evaluate imports bilora.sharpness")),
     Exclusion(
         "pipeline.config.schema",

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pipeline.terminal.quiet import quiet
 
-quiet()  # before the schema: it is derived from the method registry, which imports torch/peft/bitsandbytes
+quiet()  # first: a train.plugins module, imported to validate, may import torch/peft/bitsandbytes
 
 from pydantic import BaseModel  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
@@ -36,9 +36,9 @@ HEADER = f"""# Parameters (`params.yaml`)
 <!-- Generated from the schema by `{COMMAND}`; do not edit by hand (tests/test_params_doc.py fails when it is stale). -->
 
 Every key of `params.yaml`: its type, default, bounds and help text. Each setting is declared once. The
-library's settings are fields of frozen dataclasses next to the code that uses them (`bilora/train.py`
-`LoopConfig`, `bilora/adapters.py` `LoraSpec`, `bilora/distributed.py` `DistributedConfig`,
-`bilora/methods/<method>.py`, `bilora/sharpness/config.py` `SharpnessConfig`), whose
+library's settings are fields of frozen dataclasses that the code using them imports, declared in modules
+that import no torch (`bilora/config.py`: `LoopConfig`, `LoraSpec`, `DistributedConfig` and each built-in
+method's settings; `bilora/sharpness/config.py` `SharpnessConfig`), whose
 `setting(default, help, ge=..., ...)` (`bilora/settings.py`) carries the help text and bounds;
 `pipeline/config/sections.py` turns them into pydantic sections, which check them. The pipeline's own
 sections (`data`, `base`, `eval`, `merge`, `tracking` and the matrix keys of `train`) are pydantic models in

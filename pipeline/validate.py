@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.terminal.quiet import quiet
 
-quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
+quiet()  # first: a train.plugins module, imported to validate, may import torch/peft/bitsandbytes
 
 from pipeline.data.catalog import check as check_data  # noqa: E402
 from pipeline.config.load import load_params

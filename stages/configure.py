@@ -9,8 +9,7 @@ from __future__ import annotations
 
 # Each run's resolved settings come from the library's settings classes. The schema's imports of them are
 # not followed for DVC deps (pipeline/deps.py EXCLUDED): importing them here makes them this stage's deps.
-import bilora.methods  # noqa: F401
-import bilora.train  # noqa: F401
+import bilora.config  # noqa: F401
 from pipeline.stage import layout
 from pipeline.config import runs
 from pipeline.terminal.console import info

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bilora.base import BaseModelError, resolve
+from bilora.sources import BaseModelError, resolve
 from bilora.io import atomic_write_json
 from pipeline.stage import layout
 from pipeline.data.catalog import get_task

@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from bilora import methods
-from bilora.adapters import LoraSpec
-from bilora.distributed import DistributedConfig
+from bilora.config import DistributedConfig, LoraSpec
 from bilora.methods.method import _REGISTRY
 from bilora.settings import setting_fields
 from bilora.sharpness.config import SharpnessConfig

@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from peft import PeftModel
@@ -57,7 +56,7 @@ from safetensors.torch import load_file, save_file
 from bilora import adapters
 from bilora import layers
 from bilora.methods.method import Method, NonFiniteError, StepContext, register
-from bilora.settings import Settings, setting
+from bilora.config import BilevelLoraConfig
 
 
 def lambda_layers(model: torch.nn.Module, adapter: str = adapters.PRIMARY) -> list[tuple[str, torch.nn.Module]]:
@@ -87,25 +86,6 @@ def split_indices(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]
     perm = torch.randperm(n, generator=gen).tolist()
     n1 = min(max(int(round(ratio * n)), 1), n - 1)
     return sorted(perm[:n1]), sorted(perm[n1:])
-
-
-@dataclass(frozen=True)
-class BilevelLoraConfig(Settings):
-    """Bi-level BiLoRA (Qiang et al.) settings. Every value is our choice: the paper publishes none.
-
-    ``upper_steps`` >= 1: the method alternates T1 lower and T2 upper iterations (methods.md §6.2);
-    with T2 = 0 Λ would never train and the method would be LoRA on D1 only.
-    """
-
-    section: ClassVar[str] = "train.bilevel_lora"
-    split_ratio: float = setting(
-        0.8, "Fraction of train used by the lower level (D1); the rest (D2) trains Lambda. Our choice: unpublished.", gt=0, lt=1
-    )
-    lower_steps: int = setting(4, "Lower-level (P, Q) steps per cycle. Our choice.", ge=1)
-    upper_steps: int = setting(1, "Upper-level (Lambda) steps per cycle. Our choice.", ge=1)
-    gamma1: float = setting(0.1, "Weight of the orthogonality regulariser on P, Q. Our choice.", ge=0)
-    gamma2: float = setting(0.0, "Weight of the L2 regulariser on Lambda. Our choice.", ge=0)
-    upper_lr: float = setting(1e-3, "Learning rate of Lambda. Our choice.", gt=0)
 
 
 @register("bilevel_lora", config=BilevelLoraConfig)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import torch
 from peft import PeftModel
@@ -44,7 +44,7 @@ from bilora.fused import FusedAdapters
 from bilora import layers
 from bilora.methods.method import Method, StepContext, register
 from bilora.perturbation import Perturbation
-from bilora.settings import Settings, setting
+from bilora.config import BiLoRAConfig
 
 
 @dataclass
@@ -95,21 +95,6 @@ def first_order_increase(factors: list[tuple[torch.Tensor, torch.Tensor, float]]
         if b.grad is not None:
             total = total + (b.grad.detach().double() * b.detach().double()).sum()
     return float(total)
-
-
-@dataclass(frozen=True)
-class BiLoRAConfig(Settings):
-    """Bi-LoRA settings."""
-
-    section: ClassVar[str] = "train.bilora"
-    rho: float = setting(0.05, "Radius of the global Frobenius ball of the auxiliary perturbation s2*B2*A2 (paper: 0.05 GLUE).", ge=0)
-    aux_rank: int = setting(8, "Rank r2 of the auxiliary adapter.", ge=1)
-    aux_alpha: float = setting(16.0, "Alpha of the auxiliary adapter (s2 = aux_alpha / aux_rank).", gt=0)
-    aux_lr: float | None = setting(None, "Learning rate of the auxiliary ascent (null: same as train.loop.lr).", gt=0)
-    fused: bool = setting(
-        False,
-        "Compute primary and auxiliary in one matmul pair per layer (A=[A1;A2], B=[s1*B1, s2*B2]); same result up to float32 rounding (<=1e-6 relative), each part keeps its own optimizer direction, the auxiliary is still dropped at export.",
-    )
 
 
 @register("bilora", config=BiLoRAConfig)

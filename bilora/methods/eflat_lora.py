@@ -46,8 +46,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, ClassVar, ContextManager, Iterator, Literal
+from typing import Any, ContextManager, Iterator
 
 import torch
 from peft import PeftModel
@@ -56,7 +55,7 @@ from bilora import adapters
 from bilora.layers import work_dtype
 from bilora.methods.method import Method, StepContext, register
 from bilora.perturbation import Perturbation
-from bilora.settings import Settings, setting
+from bilora.config import EFlatLoraConfig
 
 ZERO_B = 1e-12  # ||B||_F below this: B is treated as zero and only the first term of G_hat is used
 EPS = 1e-12
@@ -103,21 +102,6 @@ def factored_estimate(
     r_u = torch.linalg.qr(U, mode="r").R
     r_v = torch.linalg.qr(V.T, mode="r").R
     return (r_u @ r_v.T).pow(2).sum(), g_pinv_a
-
-
-@dataclass(frozen=True)
-class EFlatLoraConfig(Settings):
-    """EFlat-LoRA (Deng et al.) settings.
-
-    ``beta`` is in (0, 1]: with beta = 0 the EMA would keep the first step's perturbation forever
-    (methods.md: E_ema <- (1 - beta) E_ema + beta E_B is an EMA of the per-step perturbation).
-    """
-
-    section: ClassVar[str] = "train.eflat_lora"
-    rho: float = setting(0.05, "Full-weight SAM radius, transferred onto B.", ge=0)
-    beta: float = setting(0.9, "EMA factor of the B perturbation (placeholder: unpublished).", gt=0, le=1)
-    normalize: Literal["global", "per_layer"] = setting("global", "Normalise the estimated full gradient globally or per layer.")
-    rho_schedule: Literal["inv_sqrt", "constant"] = setting("inv_sqrt", "rho_t = rho/sqrt(t) (paper Theorem 2) or constant.")
 
 
 @register("eflat_lora", config=EFlatLoraConfig)

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import torch
 from peft import PeftModel
@@ -52,7 +51,7 @@ from bilora.layers import (
 )
 from bilora.methods.method import Method, StepContext, register
 from bilora.perturbation import Perturbation
-from bilora.settings import Settings, setting
+from bilora.config import FlatLoraConfig
 
 
 def schedule_factor(step: int, max_steps: int) -> float:
@@ -146,14 +145,6 @@ def flat_noise(
             info.append((seed, std_rows))
     with forwards_replaced(pairs):
         yield info
-
-
-@dataclass(frozen=True)
-class FlatLoraConfig(Settings):
-    """Flat-LoRA (Li et al.) settings."""
-
-    section: ClassVar[str] = "train.flat_lora"
-    sigma: float = setting(0.05, "Relative std of the merged-weight noise (Flat-LoRA paper: 0.05); ramps up with a cosine schedule.", ge=0)
 
 
 @register("flat_lora", config=FlatLoraConfig)

@@ -37,8 +37,7 @@ Defaults: rho = 0.01 (Bi-LoRA's GLUE/Llama setting, docs/methods.md).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import torch
 
@@ -46,17 +45,9 @@ from bilora import adapters
 from bilora.layers import grad_norm_sumsq
 from bilora.methods.method import Method, StepContext, register
 from bilora.perturbation import Perturbation
-from bilora.settings import Settings, setting
+from bilora.config import LoraSamConfig
 
 EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class LoraSamConfig(Settings):
-    """LoRA-SAM settings."""
-
-    section: ClassVar[str] = "train.lora_sam"
-    rho: float = setting(0.01, "SAM radius on the LoRA A/B tensors (Bi-LoRA paper: 0.01 GLUE).", ge=0)
 
 
 @register("lora_sam", config=LoraSamConfig)

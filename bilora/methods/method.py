@@ -12,7 +12,8 @@ A method plugs into :class:`bilora.train.FineTuner` at the optimizer-step bounda
   (bi-level: its D2 split). Both default to no-ops.
 
 Each method registers under its key together with its settings class, a frozen
-:class:`bilora.settings.Settings` dataclass in the method's own file::
+:class:`bilora.settings.Settings` dataclass (a plugin's in its own file; the built-in methods' in
+:mod:`bilora.config`, which imports no torch, so the params schema loads without the training stack)::
 
     @dataclass(frozen=True)
     class ToyConfig(Settings):
@@ -23,7 +24,8 @@ Each method registers under its key together with its settings class, a frozen
     class Toy(Method): ...
 
 The method reads its settings from ``self.cfg`` (``self.cfg.scale``): one declaration, no copies.
-``pipeline/config/sections.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class.
+``pipeline/config/sections.py`` derives the ``train.<key>`` section of ``params.yaml`` from the config class,
+which :func:`register` records where :func:`bilora.config.method_settings` reads it without importing torch.
 """
 
 from __future__ import annotations
@@ -41,20 +43,18 @@ from peft import PeftModel
 from bilora import adapters, distributed, scale
 from bilora.layers import grad_norm
 from bilora.perturbation import Perturbation
+from bilora.config import BUILTIN_METHODS, REGISTERED, NoSettings
 from bilora.settings import Settings
 
-_REGISTRY: dict[str, type["Method"]] = {}
-
-
-@dataclass(frozen=True)
-class NoSettings(Settings):
-    """A method without settings of its own (it has no ``train.<key>`` section)."""
+_REGISTRY: dict[str, type["Method"]] = REGISTERED  # kept by bilora.config, so the params schema reads the settings torch-free
 
 
 def register(name: str, *, config: type[Settings] = NoSettings) -> Callable[[type["Method"]], type["Method"]]:
     """Class decorator: make a method selectable as ``name``, with its settings class ``config``."""
     if not (dataclasses.is_dataclass(config) and issubclass(config, Settings)):
         raise TypeError(f"method {name!r}: config must be a Settings dataclass, got {config!r}")
+    if BUILTIN_METHODS.get(name, config) is not config:
+        raise ValueError(f"method {name!r} is built in, with {BUILTIN_METHODS[name].__name__} (bilora/config.py), not {config.__name__}")
 
     def deco(cls: type["Method"]) -> type["Method"]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:

@@ -13,11 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
-import bilora.adapters
-import bilora.distributed
-import bilora.methods
+import bilora.config
 import bilora.sharpness.config
-import bilora.train
 from bilora.settings import setting_fields
 from pipeline.config.sections import Section, SectionProblems, problems_of, section_model
 from pipeline.config.split_source import SourceConfig
@@ -383,11 +380,11 @@ VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
 def method_sections() -> dict[str, type[BaseModel]]:
     """``train.<key>`` section model of every registered method that has settings of its own."""
     out = {}
-    for key, cls in bilora.methods.registry().items():
-        if setting_fields(cls.config_class):
+    for key, cls in bilora.config.method_settings().items():
+        if setting_fields(cls):
             if key in FIXED_TRAIN_KEYS:
                 raise ValueError(f"method {key!r}: its settings section would clash with train.{key}")
-            out[key] = section_model(cls.config_class)
+            out[key] = section_model(cls)
     return out
 
 
@@ -418,7 +415,7 @@ class TrainConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_runs(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        registry, variants = bilora.methods.registry(), info.data.get("variants", {})
+        registry, variants = bilora.config.method_settings(), info.data.get("variants", {})
         problems = [
             (str(i), f"unknown method or variant {name!r}; methods: {list(registry)}, variants: {list(variants)}")
             for i, name in enumerate(v)
@@ -431,7 +428,7 @@ class TrainConfig(_Section):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        registry, sections = bilora.methods.registry(), method_sections()
+        registry, sections = bilora.config.method_settings(), method_sections()
         problems: list[tuple[str, str]] = []
         for name, spec in v.items():
             if name in registry:
@@ -456,7 +453,7 @@ class TrainConfig(_Section):
                     )
                 )
                 continue
-            fields = [f.name for f in setting_fields(registry[key].config_class)]
+            fields = [f.name for f in setting_fields(registry[key])]
             overrides = {k: val for k, val in spec.items() if k != "method"}
             unknown = [k for k in overrides if k not in fields]
             problems += [(f"{name}.{k}", f"unknown key (typo?); {key}'s settings: {fields}") for k in unknown]
@@ -474,7 +471,7 @@ class TrainConfig(_Section):
         """(method key, method settings) of a run name: a method key or a variant name."""
         spec = self.variants.get(run)
         key = spec["method"] if spec is not None else run
-        cls = bilora.methods.config_class(key)
+        cls = bilora.config.method_settings()[key]
         section = getattr(self, key, None)
         cfg = {f.name: getattr(section, f.name) for f in setting_fields(cls)}
         return key, cfg | {k: v for k, v in (spec or {}).items() if k != "method"}
@@ -506,11 +503,11 @@ def train_model() -> type[TrainConfig]:
     if key not in _train_cache:
         fields: dict[str, Any] = {
             "loop": (
-                loop := section_model(bilora.train.LoopConfig),
+                loop := section_model(bilora.config.LoopConfig),
                 Field(default_factory=loop, description="Optimisation settings shared by every method."),
             ),
             "lora": (
-                lora := section_model(bilora.adapters.LoraSpec),
+                lora := section_model(bilora.config.LoraSpec),
                 Field(
                     default_factory=lora,
                     description="Primary adapter, used by every method; also all the lora method's settings (it adds none).",
@@ -518,7 +515,7 @@ def train_model() -> type[TrainConfig]:
             ),
         }
         fields |= {k: (m, Field(default_factory=m, description=(m.__doc__ or k).strip().splitlines()[0])) for k, m in sections.items()}
-        dist = section_model(bilora.distributed.DistributedConfig)
+        dist = section_model(bilora.config.DistributedConfig)
         fields["distributed"] = (dist, Field(default_factory=dist, description="Data-parallel finetune (torchrun); see docs/scaling.md."))
         _train_cache[key] = create_model(
             "TrainConfig",

@@ -11,8 +11,6 @@ import math
 import re
 from typing import Any
 
-import torch
-
 from pipeline.data.formats.base import Format
 from pipeline.data.readers import DataError
 
@@ -56,22 +54,24 @@ def extract(text: str, opts: dict[str, Any]) -> str | None:
     return (m.group(1) if m.groups() else m.group(0)).strip()
 
 
-@torch.no_grad()
 def heldout_loss(model, ds, collate, batch_size: int) -> float:
     """Mean per-token cross-entropy of the reference completions (the label tokens)."""
+    import torch  # here, not at the top: the params schema imports the formats registry, which stays torch-free
+
     model.eval()
     total, count = 0.0, 0
     dev = next(model.parameters()).device
-    for start in range(0, len(ds), batch_size):
-        batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))])
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        tgt = batch["labels"][:, 1:]
-        lp = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        total += float(lp)
-        count += int((tgt != IGNORE).sum())
+    with torch.no_grad():
+        for start in range(0, len(ds), batch_size):
+            batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))])
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            tgt = batch["labels"][:, 1:]
+            lp = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            total += float(lp)
+            count += int((tgt != IGNORE).sum())
     return total / max(1, count)
 
 
