@@ -20,7 +20,8 @@ sum over tokens of dL/dy^T x at each adapted layer (y = x W^T), captured by hook
 4-bit bases whose W0 has no gradient.
 
 Cost: one forward+backward at the clean point, one forward at the perturbed point, and one small
-eigendecomposition per adapted layer; at ``k`` = 50 this is about 3 % of training (bench/perturbation_cost.py).
+eigendecomposition per adapted layer: about 1.7 optimizer steps' worth, measured (reports/science/pilot/), so
+about 1.7 % of training at the default ``k`` = 100.
 """
 
 from __future__ import annotations
