@@ -32,7 +32,7 @@ _LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)")
 
 def top_level_seconds(importtime: str) -> float:
     """Sum of the cumulative microseconds of the top-level lines of ``-X importtime`` output, in seconds."""
-    return sum(int(m[1]) for m in map(_LINE.match, importtime.splitlines()) if m and len(m[2]) == 1) / 1e6
+    return sum(int(m[1]) for m in map(_LINE.match, importtime.splitlines()) if m and not m[2]) / 1e6
 
 
 def measure(module: str, tree: Path) -> tuple[float, float, list[str]]:

@@ -9,8 +9,11 @@
 
 * It opens an MLflow parent run (:mod:`pipeline.tracking.parent`) that every stage run of this repro nests
   under; the parent carries params.yaml, the summary table, the headline metrics and the list of
-  stages, ``ran`` or ``cached`` (DVC skipped them; their run ids are the ones their outputs record).
-  Tracking unreachable: a warning, and the pipeline runs without it.
+  stages, ``ran`` or ``cached`` (DVC skipped them; their run ids are the ones their outputs record), and the
+  time table below. Tracking unreachable: a warning, and the pipeline runs without it.
+* While DVC runs it prints ``stage k of N: <name>`` before each stage that runs, and it ends with where the
+  time went: each stage's wall-clock seconds, ran or cached (:mod:`pipeline.repro`), after this command's own
+  checks and DVC's start. ``--times FILE`` also writes that table as JSON (``bench/first_run.py`` reads it).
 
 Extra arguments go to ``dvc repro`` (e.g. ``python -m pipeline.run -- --force``).
 
@@ -22,10 +25,13 @@ by dotted path, naming the preset file) and only then writes the changed keys in
 
 from __future__ import annotations
 
-import argparse
+import time
+
+STARTED = time.monotonic()  # the first row of the time table counts from here
+
+import argparse  # noqa: E402
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +39,10 @@ from rich.table import Table
 
 from pipeline.terminal.quiet import quiet
 
-quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
+quiet()  # first: a train.plugins module, imported to validate, may import torch/peft/bitsandbytes
 
-from pipeline.config.load import load_params  # noqa: E402
+from pipeline import repro  # noqa: E402
+from pipeline.config.load import load_params
 from pipeline.config.presets import apply_preset
 from pipeline.data.catalog import check as check_data
 from pipeline.terminal.console import console, error, header
@@ -43,8 +50,7 @@ from pipeline.terminal.user_error import cli
 from pipeline.tracking import parent
 from pipeline.tracking.experiment import tracking_uri
 
-
-quiet()  # before the imports below: the params schema is derived from the method registry, which imports torch/peft/bitsandbytes
+CHECKS = "checks"  # the time table's first row: this command's own work before dvc (params, data, MLflow parent run)
 
 
 def pipeline_env() -> dict[str, str]:
@@ -80,8 +86,30 @@ def open_parent(params) -> str | None:
     return parent.open_parent(tracking_uri(), params.tracking.experiment, name, {parent.ROLE_TAG: "run"}, "params.yaml")
 
 
-def dvc(*args: str, env: dict[str, str]) -> int:
-    return subprocess.call([str(Path(sys.executable).parent / "dvc"), *args], env=env)
+def times_table(times: list[repro.StageTime]) -> Table:
+    """Where the time went: each stage in the order DVC reached it (ran or cached), its wall-clock seconds and share."""
+    total = sum(t.seconds for t in times) or 1.0
+    table = Table(title="where the time went (wall clock)")
+    table.add_column("stage", overflow="fold")
+    table.add_column("", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
+    table.add_column("share", justify="right", no_wrap=True)
+    for t in times:
+        table.add_row(t.stage, t.status, f"{t.seconds:.1f}", f"{100 * t.seconds / total:.0f} %")
+    table.add_row("total", "", f"{total:.1f}", "100 %", end_section=True)
+    return table
+
+
+def dvc_repro(dvc_args: list[str], env: dict[str, str], total: int | None) -> tuple[int, list[repro.StageTime]]:
+    """Run ``dvc repro`` with a progress line per stage (``stage k of total``); its exit code and each stage's seconds."""
+    timeline = repro.Timeline(total)
+
+    def note(line: str) -> None:
+        console.print(f"[bold cyan]{line}[/]", soft_wrap=True)
+        sys.stdout.flush()
+
+    rc = repro.run([str(Path(sys.executable).parent / "dvc"), "repro", *dvc_args], env, timeline, note)
+    return rc, timeline.times()
 
 
 @cli
@@ -94,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="merge pipeline/presets/PRESET.yaml (the keys it changes) over params.yaml, validate, write params.yaml, then run (e.g. smollm2_gsm8k_cpu)",
     )
+    ap.add_argument("--times", type=Path, default=None, help="also write the time table (each stage's seconds) to this JSON file")
     ap.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro")
     args = ap.parse_args(argv)
     if args.preset:
@@ -113,11 +142,20 @@ def main(argv: list[str] | None = None) -> None:
     parent_id = open_parent(params)
     if parent_id is not None:
         env[parent.PARENT_ENV] = parent_id
-    rc = dvc("repro", *args.dvc_args, env=env)
+    targets = [a for a in args.dvc_args if not a.startswith("-")]  # without targets DVC goes through the whole pipeline
+    total = None if targets else repro.pipeline_stages()
+    checks = repro.StageTime(CHECKS, "", time.monotonic() - STARTED)
+    rc, times = dvc_repro(args.dvc_args, env, total)
+    times = [checks, *times]
+    if args.times is not None:
+        args.times.write_text(json.dumps({"exit_code": rc, "stages": repro.as_rows(times)}, indent=2) + "\n")
     if parent_id is not None:
-        parent.close_parent(tracking_uri(), parent_id, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml")
+        parent.close_parent(
+            tracking_uri(), parent_id, "FINISHED" if rc == 0 else "FAILED", ".", "params.yaml", stage_times=repro.as_rows(times)
+        )
         console.print(f"MLflow parent run {parent_id}: every stage run of this repro is nested under it")
     if rc != 0:
+        console.print(times_table(times))
         error(
             f"dvc repro failed (exit {rc}); fix the stage's error above and run again (finished stages are not re-run; training resumes from its checkpoint)"
         )
@@ -126,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if summary.exists():
         console.print(summary_table(json.loads(summary.read_text())))
         console.print("Details: reports/report.md · MLflow UI: docs/tracking.md")
+    console.print(times_table(times))
 
 
 if __name__ == "__main__":

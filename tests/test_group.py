@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.tracking.parent import ROLE_TAG, STAGES_FILE
+from pipeline.tracking.parent import ROLE_TAG, STAGE_TIMES_FILE, STAGES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ STAGE = """
 import json, sys
 from pathlib import Path
 import yaml
-from pipeline.tracking import Tracker
+from pipeline.tracking.tracker import Tracker
 out = Path(sys.argv[1])
 lr = yaml.safe_load(open("params.yaml"))["train"]["loop"]["lr"]
 with Tracker("probe", "bilora", {"lr": lr}) as t:
@@ -135,7 +135,13 @@ def listing(repo: Path, parent_id: str) -> dict[str, dict]:
 
 def test_pipeline_run_nests_its_stage_runs_lists_cached_ones_and_plain_repro_has_no_parent(tmp_path):
     repo = make_repo(tmp_path)
-    run(repo, sys.executable, "-m", "pipeline.run")
+    out = run(repo, sys.executable, "-m", "pipeline.run")
+    assert [line for line in out.splitlines() if line.startswith("stage ")] == [
+        "stage 1 of 3: prepare",
+        "stage 2 of 3: configure",
+        "stage 3 of 3: finetune",
+    ]
+    assert "where the time went" in out.split("bilora summary")[-1]  # the last table: after the summary
     (p1,) = parents(repo, "run")
     assert p1.info.status == "FINISHED" and p1.data.tags["git.commit"]
     first = children(repo, p1.info.run_id)
@@ -144,13 +150,22 @@ def test_pipeline_run_nests_its_stage_runs_lists_cached_ones_and_plain_repro_has
     assert stages == {**{s: {"status": "ran", "run_id": first[s]} for s in TRACKED}, "configure": {"status": "untracked", "run_id": None}}
     c = client(repo)
     arts = {a.path for a in c.list_artifacts(p1.info.run_id)} | {a.path for a in c.list_artifacts(p1.info.run_id, "reports")}
-    assert {"params.yaml", "summary_table.json", "reports/summary.json", STAGES_FILE} <= arts
+    assert {"params.yaml", "summary_table.json", "reports/summary.json", STAGES_FILE, STAGE_TIMES_FILE} <= arts
+    times = json.loads(Path(c.download_artifacts(p1.info.run_id, STAGE_TIMES_FILE, str(tmp_path))).read_text())
+    assert [row[:2] for row in times["data"]] == [
+        ["checks", ""],
+        ["dvc start", ""],
+        ["prepare", "ran"],
+        ["configure", "ran"],
+        ["finetune", "ran"],
+    ]
     assert p1.data.metrics == {"sst2-lora-0.test": 0.5 + 1e-3}  # the headline metrics file, as parent metrics
     assert json.loads((repo / "artifacts" / "finetune" / "run_info.json").read_text())["parent_run_id"] == p1.info.run_id
 
     # A train param: finetune re-runs under a new parent; prepare is listed as cached with its first run id.
     set_lr(repo, 2e-3)
-    run(repo, sys.executable, "-m", "pipeline.run")
+    out = run(repo, sys.executable, "-m", "pipeline.run")
+    assert [line for line in out.splitlines() if line.startswith("stage ")] == ["stage 2 of 3: configure", "stage 3 of 3: finetune"]
     p1_, p2 = parents(repo, "run")
     second = children(repo, p2.info.run_id)
     assert set(second) == {"finetune"} and p2.info.status == "FINISHED"

@@ -18,7 +18,9 @@
 The parent lists every stage of ``dvc.lock``: ``ran`` (a run nested under this parent), ``cached``
 (DVC skipped it: the run id is the one in the ``run_info.json`` of its outputs, as recorded in
 ``dvc.lock``) or ``untracked`` (a stage that opens no MLflow run, e.g. ``configure``). It carries
-params.yaml, ``reports/summary.json`` as a table and the headline ``reports/metrics.json`` as metrics.
+params.yaml, ``reports/summary.json`` as a table and the headline ``reports/metrics.json`` as metrics;
+the parent of ``python -m pipeline.run`` also has its time table (``stage_times.json``: each stage's
+wall-clock seconds, ran or cached) and the total in the tag ``pipeline.seconds``.
 Every call here is outage-tolerant, as the stage runs are: a failure warns and the pipeline goes on.
 """
 
@@ -38,6 +40,7 @@ from pipeline.tracking.experiment import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, f
 PARENT_ENV = "BILORA_PARENT_RUN_ID"
 ROLE_TAG = "bilora.parent"  # "run" (python -m pipeline.run) or "exp" (dvc exp run)
 STAGES_FILE = "stages.json"  # the parent's artifact listing every stage: {stage: {"status", "run_id"}}
+STAGE_TIMES_FILE = "stage_times.json"  # python -m pipeline.run's time table (MLflow's table format: columns + data)
 
 
 def _client(uri: str):
@@ -132,10 +135,18 @@ def stage_listing(root: str | Path = ".", ran: dict[str, str] | None = None) -> 
 
 
 def close_parent(
-    uri: str, run_id: str, status: str = "FINISHED", root: str | Path = ".", params_file: str | Path | None = None, end: bool = True
+    uri: str,
+    run_id: str,
+    status: str = "FINISHED",
+    root: str | Path = ".",
+    params_file: str | Path | None = None,
+    end: bool = True,
+    stage_times: list[dict[str, Any]] | None = None,
 ) -> None:
     """Record on the parent what the workspace now holds (stage listing, params file, summary table,
-    headline metrics) and, with ``end``, mark it ``status`` with the end time now."""
+    headline metrics), ``stage_times`` (``python -m pipeline.run``'s time table: rows of stage, status,
+    seconds) as the table ``stage_times.json`` and their sum as the tag ``pipeline.seconds``, and, with
+    ``end``, mark it ``status`` with the end time now."""
     root = Path(root)
     try:
         client = _client(uri)
@@ -146,6 +157,10 @@ def close_parent(
         client.log_dict(run_id, listing, STAGES_FILE)
         counts = {s: sum(v["status"] == s for v in listing.values()) for s in ("ran", "cached", "untracked")}
         client.set_tag(run_id, "pipeline.stages", ", ".join(f"{n} {s}" for s, n in counts.items()))
+        if stage_times:
+            cols = list(stage_times[0])
+            client.log_dict(run_id, {"columns": cols, "data": [[r[c] for c in cols] for r in stage_times]}, STAGE_TIMES_FILE)
+            client.set_tag(run_id, "pipeline.seconds", f"{sum(r['seconds'] for r in stage_times):.1f}")
         if params_file is not None and Path(params_file).is_file():
             client.log_artifact(run_id, str(params_file))
         summary = root / "reports" / "summary.json"
