@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_adapted(layout.BASE / "model", fmt.kind, head_labels(task, p.data, layout.DATA), layout.finetune_dir(trained) / "adapter")
     tokenizer = tokenizer_for(layout.BASE / "model")
     tags = stage.run_tags | {"adapter.run": trained}
-    tracker = stage.track({"eval": p.eval.model_dump(), **tags}, tags=tags, run_name=f"{stage.name}@{name}")
+    tracker = stage.track(scoring.params(p, fmt, tags), tags=tags, run_name=f"{stage.name}@{name}")
     kernel = layers.kernel_info(model)
     with tracker:
         tracker.set_tags({f"kernel.{k}": v for k, v in kernel.items()})

@@ -21,6 +21,7 @@ from pipeline.deps import EXCLUDED, ROOT, closure, entry_modules, import_graph
 DYNAMIC_IMPORTS = {
     "pipeline/config/load.py": "train.plugins: user modules named in params.yaml, imported before validation (their code is the user's)",
     "bilora/sources.py": "base.source pypi:<package>: the base model's own package, named in params.yaml (not project code)",
+    "pipeline/config/runs.py": "a plugin method's module (train.plugins), recorded in its run file and imported before its settings are built (the user's code)",
 }
 
 

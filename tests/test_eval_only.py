@@ -20,7 +20,7 @@ import yaml
 
 from bilora import metrics as M
 from pipeline.data import formats
-from pipeline.data.catalog import get_task, prepared_task, read_splits
+from pipeline.data.catalog import get_task, prepared_head, prepared_task, read_splits
 from pipeline.config.schema import DataConfig
 from pipeline.config.load import ConfigError, validate_dict
 from pipeline.data.prepare import prepare_task
@@ -218,6 +218,7 @@ def test_inferred_labels_default_metrics_follow_the_label_count(tmp_path, tok):
     task = prepared_task("r3", data, tmp_path)
     assert stats["meta"]["labels"] == ["1", "3", "5"] and task.num_labels == 3
     assert task.metrics == ("accuracy", "f1_macro", "mcc") and task.main_metric == "accuracy"
+    assert prepared_head("r3", tmp_path) == ("classification", 3)  # what finetune reads instead of params.yaml
     # what evaluate computes with these metrics, against the hand-computed value
     assert compute(task.metrics, [0, 1, 2, 2, 1, 0], [0, 1, 1, 2, 2, 2])["f1_macro"] == pytest.approx(0.5222222222222222)
     two = [("great", "pos"), ("awful", "neg"), ("fine", "pos"), ("bad", "neg")]

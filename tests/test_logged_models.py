@@ -39,11 +39,9 @@ BASE_INFO = {
     "stored_dtype": "float32",
 }
 SETTINGS = {
-    "schema": 1,
-    "task": "sst2",
     "method": "lora",
     "method_key": "lora",
-    "method_config": {},
+    "task": "sst2",
     "seed": 0,
     "lora": {"r": 4, "alpha": 8.0},
     "loop": {"lr": 0.001},
@@ -67,7 +65,7 @@ def store(tmp_path, monkeypatch):
 @pytest.fixture
 def run_files(tmp_path):
     """A saved nf4 tiny base (with ``bilora_base.json``), an adapter trained on nothing but with
-    non-zero LoRA B weights (so it changes the logits), and the run's settings file."""
+    non-zero LoRA B weights (so it changes the logits), and the run's config (``RunConfig.params()``)."""
     base = tmp_path / "base"
     nf4_bert(tmp_path / "orig").save_pretrained(base)
     (base / "bilora_base.json").write_text(json.dumps(BASE_INFO))
@@ -78,8 +76,7 @@ def run_files(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "run.json").write_text(json.dumps(SETTINGS))
-    return base, tmp_path / "adapter", tmp_path / "run.json"
+    return base, tmp_path / "adapter", SETTINGS
 
 
 def ids(n: int = 3, length: int = 10) -> dict[str, np.ndarray]:
@@ -91,6 +88,11 @@ def ids(n: int = 3, length: int = 10) -> dict[str, np.ndarray]:
 def logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         return model(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.float().numpy()
+
+
+def test_model_names_are_what_mlflow_accepts():
+    assert logged_models.model_name("adapter", "sst2-lora-0") == "adapter-sst2-lora-0"
+    assert logged_models.model_name("merged", "sst2-bilora_rho0.5-0") == "merged-sst2-bilora_rho0_5-0"  # a variant's '.'
 
 
 def test_adapter_is_a_logged_model_that_reloads_with_the_stage_logits_and_scores_link_to_it(store, run_files):

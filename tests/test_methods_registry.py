@@ -165,21 +165,48 @@ def test_run_files_change_only_for_the_runs_a_setting_determines(tmp_path):
     assert changed(lambda r: r["eval"].update(batch_size=8)) == set()
 
 
-def test_finetune_refuses_a_stale_or_missing_run_file(tmp_path, monkeypatch):
-    from pipeline.stage import layout
+def test_a_run_file_round_trips_to_the_same_run_and_a_missing_one_says_what_configure_wrote(tmp_path, monkeypatch):
     from pipeline.config import runs
+    from pipeline.stage import layout
     from pipeline.terminal.user_error import UserError
 
     monkeypatch.chdir(tmp_path)
-    p = validate_dict(raw_params())
-    with pytest.raises(UserError, match="configure"):
-        runs.load(p, "sst2", "lora", 0)
-    runs.write_all(p, layout.RUNS)
-    assert runs.load(p, "sst2", "bilora", 0)["method_config"]["rho"] == 0.05
     raw = raw_params()
-    raw["train"]["bilora"]["rho"] = 0.1
-    with pytest.raises(UserError, match=r"does not match params.yaml \(differs in \['method_config'\]\)"):
-        runs.load(validate_dict(raw), "sst2", "bilora", 0)
+    raw["train"]["variants"] = {"bilora_rho0.5": {"method": "bilora", "rho": 0.5}}
+    raw["train"]["methods"] = ["lora", "bilora", "bilora_rho0.5"]
+    p = validate_dict(raw)
+    with pytest.raises(UserError, match="configure"):
+        runs.read("sst2", "lora", 0)
+    runs.write_all(p, layout.RUNS)
+    run = runs.read("sst2", "bilora_rho0.5", 0)  # typed: the method's settings object, loop, primary adapter, distributed
+    assert run == runs.RunConfig.from_params(p, "sst2", "bilora_rho0.5", 0)
+    assert isinstance(run.method_config, methods.config_class("bilora")) and run.method_config.rho == 0.5 and run.method_config.fused
+    assert isinstance(run.loop, LoopConfig) and run.loop.lr == 1e-3 and run.lora == LoraSpec() and run.distributed == DistributedConfig()
+    # finetune trains from the file alone: a params.yaml edit is configure's (DVC re-runs it), not finetune's to detect
+    assert runs.read("sst2", "bilora", 0).method_config.rho == 0.05
+    for args, needle in (
+        (("mnli", "lora", 0), r"--task: no run of task 'mnli'.*tasks there: \['sst2'\]"),
+        (("sst2", "sam", 0), r"--method: no run of method 'sam'.*runs there: \['bilora', 'bilora_rho0.5', 'lora'\]"),
+        (("sst2", "lora", 7), r"--seed: no run with seed 7.*seeds there: \['0'\]"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            runs.read(*args)
+
+
+def test_mlflow_params_of_a_run_are_its_own_settings_only():
+    from pipeline.config import runs
+    from pipeline.tracking.experiment import flatten
+
+    raw = raw_params()
+    raw["train"]["variants"] = {"bilora_rho0.5": {"method": "bilora", "rho": 0.5}}
+    raw["train"]["methods"] = ["lora", "bilora", "bilora_rho0.5"]
+    p = validate_dict(raw)
+    lora, bilora, variant = (flatten(runs.RunConfig.from_params(p, "sst2", m, 0).params()) for m in raw["train"]["methods"])
+    assert lora["method"] == "lora" and lora["lora.r"] == 8 and lora["loop.lr"] == 1e-3
+    assert not any(k.startswith(("bilora.", "lora_sam.", "flat_lora.", "train.", "data.")) for k in lora)
+    differ = {k for k in lora.keys() | bilora.keys() if (k in lora, lora.get(k)) != (k in bilora, bilora.get(k))}
+    assert differ == {"method", "method_key"} | {f"bilora.{f.name}" for f in dataclasses.fields(methods.config_class("bilora"))}
+    assert variant["method"] == "bilora_rho0.5" and variant["method_key"] == "bilora" and variant["bilora.rho"] == 0.5
 
 
 TOY = '''
@@ -233,6 +260,11 @@ def test_plugin_method_validates_and_trains_one_step(toy_module):
     p = validate_dict(raw)
     key, cfg = p.train.resolve("toy_scaled")
     assert cfg == {"scale": 3.0}
+    from pipeline.config.runs import RunConfig
+
+    run = RunConfig.from_params(p, "sst2", "toy_scaled", 0)  # its run file names the module that registers it
+    assert run.plugin == toy_module and run.params()["toy_scaled"] == {"scale": 3.0}
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
     torch.manual_seed(0)
     model = peft_bert()
     method = methods.build(key, cfg, seed=0)

@@ -266,13 +266,13 @@ CASES = [
         "artifacts/finetune",
         ["--method", "nope", "bilora"],
     ),
-    (
-        "finetune-bad-param-value",
-        "finetune",
-        FT_ARGS,
+    (  # finetune trains from its run file alone: a bad train value stops configure, which writes it
+        "configure-bad-param-value",
+        "configure",
+        (),
         _set("train.loop.lr", -1.0),
-        ("data", "base"),
-        "artifacts/finetune",
+        (),
+        "artifacts/runs",
         ["train.loop.lr", "greater than 0"],
     ),
 ]

@@ -235,7 +235,12 @@ def test_rank_slices_cover_the_batch(monkeypatch):
         assert parts == list(range(n))
 
 
-def test_launcher_runs_in_process_or_reexecs_through_torchrun():
+def test_launcher_runs_in_process_or_reexecs_through_torchrun(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.config import runs
+    from pipeline.config.load import validate_dict
+    from pipeline.stage import layout
     from stages import launch
 
     args = ["--task", "sst2", "--method", "lora", "--seed", "0"]
@@ -250,7 +255,15 @@ def test_launcher_runs_in_process_or_reexecs_through_torchrun():
         "stages.finetune",
         *args,
     ]
-    assert launch._params_path([*args, "--params", "p.yaml"]) == "p.yaml" and launch._params_path(args) == "params.yaml"
+    # the process count comes from the run's settings file (configure's output, finetune's DVC dep)
+    monkeypatch.chdir(tmp_path)
+    assert launch.nproc_of(args) == 1  # no run file: the stage itself says what is missing
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["tasks"], raw["train"]["methods"], raw["merge"]["task"] = ["sst2"], ["lora"], "sst2"
+    raw["merge"]["method"] = "lora"
+    raw["train"]["distributed"] = {"nproc_per_node": 2}
+    runs.write_all(validate_dict(raw), layout.RUNS)
+    assert launch.nproc_of([*args, "--params", "p.yaml"]) == 2 and launch.nproc_of(["--task", "sst2"]) == 1
     dvc = (ROOT / "dvc.yaml").read_text()
     # the process count is part of each run's resolved settings file (pipeline/config/runs.py), finetune's dep
     assert "python -m stages.launch finetune --task" in dvc and "artifacts/runs/${item.task}-${item.method}-${item.seed}.json" in dvc

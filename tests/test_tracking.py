@@ -182,3 +182,51 @@ def test_prediction_sample_is_logged_as_a_table(store):
     assert table["columns"] == ["generation", "prediction", "gold"]
     assert table["data"] == [["so 4", "4", "4"], ["x", "None", "2"]]
     assert prediction_table([1, 0]) == {"index": [0, 1], "prediction": ["1", "0"]}
+
+
+@pytest.mark.slow
+def test_stage_runs_log_their_own_params_through_the_real_stages(tmp_path):
+    """finetune's MLflow params are its run config (its method's settings only, a variant's overrides);
+    comparing a LoRA and a Bi-LoRA run lists the Bi-LoRA settings as the differing params; evaluate and
+    merge log what they used and which adapter."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+    from stagerun import make_workdir, run_stage, tiny_params
+
+    params = tiny_params()
+    params["train"]["methods"] = ["lora", "bilora", "bilora_rho0.5"]
+    params["train"]["variants"] = {"bilora_rho0.5": {"method": "bilora", "rho": 0.5}}
+    params["train"]["loop"].update(max_steps=1, checkpoint_every=0)
+    params["eval"]["sharpness"]["enabled"] = False
+    params["eval"]["train_subset"] = 0
+    params["merge"].update(method="bilora_rho0.5")
+    wd = make_workdir(tmp_path, params)
+    stages = [("prepare",), ("load_base",), ("configure",)]
+    stages += [("finetune", "--task", "sst2", "--method", m, "--seed", "0") for m in params["train"]["methods"]]
+    stages += [("evaluate", "--task", "sst2", "--method", "bilora_rho0.5", "--seed", "0"), ("merge",)]
+    for stage in stages:
+        r = run_stage(wd, *stage, timeout=600)
+        assert r.returncode == 0, f"{stage}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+
+    c = client(f"sqlite:///{wd / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(params["tracking"]["experiment"])
+    by_name = {r.info.run_name: r.data.params for r in c.search_runs([exp.experiment_id])}
+    lora, bilora, variant = (by_name[f"finetune@sst2-{m}-0"] for m in params["train"]["methods"])
+    bilora_keys = {"bilora.rho", "bilora.aux_rank", "bilora.aux_alpha", "bilora.aux_lr", "bilora.fused"}
+    assert {k for k in lora.keys() | bilora.keys() if lora.get(k) != bilora.get(k)} == {"method", "method_key"} | bilora_keys
+    assert {"method": "lora", "lora.r": "8", "loop.lr": "0.001", "loop.max_steps": "1", "task": "sst2", "seed": "0"}.items() <= lora.items()
+    assert not [k for k in lora if k.startswith(("train.", "data.", "base.", "bilora.", "lora_sam.", "flat_lora."))]
+    assert {"method": "bilora", "bilora.rho": "0.05"}.items() <= bilora.items()
+    assert {"method": "bilora_rho0.5", "method_key": "bilora", "bilora.rho": "0.5"}.items() <= variant.items()
+    assert {k for k in variant.keys() | bilora.keys() if variant.get(k) != bilora.get(k)} == {"method", "bilora.rho"}
+    info = json.loads((wd / "artifacts" / "finetune" / "sst2-bilora_rho0.5-0" / "run_info.json").read_text())
+    assert info["tracked"] and "adapter" in info["models"]  # a variant's '.' is no MLflow model name: adapter-sst2-bilora_rho0_5-0
+
+    ev = by_name["evaluate@sst2-bilora_rho0.5-0"]
+    assert {"adapter.run": "sst2-bilora_rho0.5-0", "eval.batch_size": "64", "eval.sharpness.enabled": "False"}.items() <= ev.items()
+    assert not [k for k in ev if k.startswith(("train.", "eval.sharpness.radii", "eval.max_new_tokens"))]  # unused here
+    merge = by_name["merge@sst2-bilora_rho0.5-0"]
+    assert {"adapter.run": "sst2-bilora_rho0.5-0", "merge.mode": "nf4_roundtrip", "merge.method": "bilora_rho0.5"}.items() <= merge.items()
+    print(json.dumps({n: by_name[n] for n in sorted(by_name) if n.startswith(("finetune", "evaluate", "merge"))}, indent=1, sort_keys=True))

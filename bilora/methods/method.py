@@ -88,10 +88,11 @@ def _get(name: str) -> type["Method"]:
     return reg[name]
 
 
-def build(name: str, cfg: dict[str, Any] | None = None, *, seed: int = 0) -> "Method":
-    """Instantiate the method registered as ``name`` with its settings ``cfg`` (a dict of overrides)."""
+def build(name: str, cfg: Settings | dict[str, Any] | None = None, *, seed: int = 0) -> "Method":
+    """Instantiate the method registered as ``name`` with its settings ``cfg``: its settings object, or a
+    dict of field values over the defaults."""
     cls = _get(name)
-    return cls(cls.config_class(**(cfg or {})), seed=seed)
+    return cls(cfg if isinstance(cfg, Settings) else cls.config_class(**(cfg or {})), seed=seed)
 
 
 class NonFiniteError(RuntimeError):

@@ -5,5 +5,6 @@
   formats are the registry's, :mod:`pipeline.data.formats`);
 * :mod:`.load`: read a params (or preset) file and validate it, every problem at once by dotted path;
 * :mod:`.presets`: ``pipeline/presets/<name>.yaml`` deltas merged over params.yaml;
-* :mod:`.runs`: the resolved settings of each fine-tuning run (``artifacts/runs/<run>.json``).
+* :mod:`.runs`: :class:`~.runs.RunConfig`, one resolved fine-tuning run: what ``configure`` writes to
+  ``artifacts/runs/<run>.json``, what ``finetune`` trains from, and its MLflow params.
 """

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config.schema import params_model
+from pipeline.config.schema import TrackingConfig, params_model
 from pipeline.config.sections import problems_of
 
 
@@ -102,6 +102,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_params(path: str | Path = "params.yaml") -> Any:
     """Read and validate ``params.yaml``."""
     return validate_dict(read_yaml(path), str(path))
+
+
+def load_tracking(path: str | Path = "params.yaml") -> TrackingConfig:
+    """Read only the ``tracking`` section of ``params.yaml`` (where a stage logs; finetune reads nothing else of it)."""
+    raw = read_yaml(path)
+    section = raw.get("tracking", {}) if isinstance(raw, dict) else {}
+    try:
+        return TrackingConfig.model_validate(section if section is not None else {})
+    except ValidationError as e:
+        raise ConfigError(str(path), [(f"tracking.{loc}", msg) for err in e.errors() for loc, msg in problems_of(err)]) from None
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -205,6 +205,21 @@ def num_labels(task: TaskSpec, data_dir: str | Path) -> int:
         raise DataError(f"{stats}: no label set recorded for {task.name!r}; run `dvc repro prepare` first") from None
 
 
+def prepared_head(name: str, data_dir: str | Path) -> tuple[str, int]:
+    """(format, head size) of a prepared task of data.tasks, from prepare's own record (stats.json) and the
+    built-in table: what finetune needs of a task without reading params.yaml."""
+    recorded = _stats(data_dir).get(name)
+    if recorded is None:
+        raise DataError(
+            f"{Path(data_dir) / 'stats.json'}: task {name!r} was not prepared; run `dvc repro prepare` (task must be in data.tasks)"
+        )
+    if name in TASKS:
+        return TASKS[name].format, TASKS[name].num_labels
+    kind = formats.get(recorded["format"]).kind
+    n = {"regression": 1, "generation": 0}.get(kind)
+    return recorded["format"], int(recorded["meta"]["num_labels"]) if n is None else n
+
+
 def check(data: DataConfig, tracked: str | Path | None = None) -> None:
     """Pre-DVC check of every task in ``data.tasks`` and ``data.eval_tasks``: files exist, parse, columns and labels valid.
 

@@ -1,7 +1,8 @@
 """The stage runner: what every ``stages/*.py`` shares, so a stage reads setup -> call the library -> write.
 
 :class:`Stage` parses the common arguments (``--params``, plus ``--task/--method/--seed`` for the
-per-run stages), loads params.yaml, prints the header, opens the stage's MLflow run
+per-run stages), loads params.yaml (not for finetune, which trains from its run file and reads only
+``tracking`` from params.yaml: where to log), prints the header, opens the stage's MLflow run
 (:class:`pipeline.tracking.tracker.Tracker`, disabled on ranks other than 0) and writes an output folder
 atomically with its ``run_info.json``.
 """
@@ -16,15 +17,18 @@ from typing import Any, Iterator
 from bilora.io import atomic_dir, atomic_write_json
 from pipeline.stage import layout
 from pipeline.tracking.experiment import flatten
-from pipeline.config.load import load_params
+from pipeline.config.load import load_params, load_tracking
 from pipeline.terminal.console import header
 from pipeline.tracking.tracker import Tracker
 
 
 class Stage:
-    """One execution of a DVC stage. ``per_run``: the stage takes ``--task --method --seed`` (one run of the matrix)."""
+    """One execution of a DVC stage. ``per_run``: the stage takes ``--task --method --seed`` (one run of the matrix);
+    ``params=False``: params.yaml is not loaded (``self.params`` is None), only its ``tracking`` section is read."""
 
-    def __init__(self, name: str, description: str | None, argv: list[str] | None = None, per_run: bool = False) -> None:
+    def __init__(
+        self, name: str, description: str | None, argv: list[str] | None = None, per_run: bool = False, params: bool = True
+    ) -> None:
         ap = argparse.ArgumentParser(description=description)
         if per_run:
             ap.add_argument("--task", required=True)
@@ -33,7 +37,8 @@ class Stage:
         ap.add_argument("--params", default="params.yaml")
         self.name = name
         self.args = ap.parse_args(argv)
-        self.params = load_params(self.args.params)
+        self.params: Any = load_params(self.args.params) if params else None
+        self.tracking = self.params.tracking if params else load_tracking(self.args.params)
         self.tracker: Tracker | None = None
 
     @property
@@ -59,7 +64,7 @@ class Stage:
         """The stage's MLflow run (``params`` nested, flattened here); ``enabled=False`` on ranks other than 0."""
         self.tracker = Tracker(
             self.name,
-            self.params.tracking.experiment,
+            self.tracking.experiment,
             flatten(params),
             tags=tags,
             run_name=run_name,

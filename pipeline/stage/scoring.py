@@ -26,6 +26,18 @@ from pipeline.config.sections import to_settings
 PREDICTION_SAMPLE = 20  # predictions per split logged to MLflow as a table (all of them are in artifacts/eval)
 
 
+def params(p, fmt, tags: dict[str, Any]) -> dict[str, Any]:
+    """What evaluate uses, as its MLflow params: the eval settings that apply (``max_new_tokens`` for a
+    generation head only, the sharpness settings only when sharpness is measured), and ``tags``: the run
+    (task, method, seed) and the adapter it scores (``adapter.run``)."""
+    used = p.eval.model_dump()
+    if fmt.kind != "generation":
+        used.pop("max_new_tokens")
+    if not p.eval.sharpness.enabled:
+        used["sharpness"] = {"enabled": False}
+    return {"eval": used, **tags}
+
+
 def sharpness_config(p) -> SharpnessConfig:
     """The library settings of ``eval.sharpness`` (its enabled/examples fields are this stage's)."""
     return to_settings(p)

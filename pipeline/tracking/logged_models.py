@@ -10,7 +10,7 @@
   version of that registered model.
 
 Each model records params (the base's identity from ``bilora_base.json``, the run's resolved
-settings from ``artifacts/runs/<run>.json``) and tags (task, method, seed, run). Its id lands in the
+config, :meth:`pipeline.config.runs.RunConfig.params`) and tags (task, method, seed, run). Its id lands in the
 stage's ``run_info.json`` (``models``), where evaluate finds the adapter it scores and links its
 metrics to it (:func:`adapter_id`). Every call goes through the tracker's guard: with tracking down
 nothing is logged and the stage carries on.
@@ -19,6 +19,7 @@ nothing is logged and the stage carries on.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,6 +45,12 @@ def requirements() -> list[str]:
     return out
 
 
+def model_name(role: str, run: str) -> str:
+    """``<role>-<run>`` as an MLflow model name, which may not hold ``/ : . % " '``: a variant such as
+    ``bilora_rho0.5`` becomes ``adapter-sst2-bilora_rho0_5-0`` (the model's ``run`` tag keeps the run's name)."""
+    return re.sub(r"[/:.%\"']", "_", f"{role}-{run}")
+
+
 def base_params(base_dir: str | Path) -> dict[str, str]:
     """The base's identity (``bilora_base.json``: provenance, stored dtype, quantization) as ``base.*``
     params; the machine-specific path is left to the model's config and tags."""
@@ -53,9 +60,9 @@ def base_params(base_dir: str | Path) -> dict[str, str]:
     return {f"base.{k}": str(v) for k, v in flat.items()}
 
 
-def run_params(settings_path: str | Path) -> dict[str, str]:
-    """A run's resolved settings (``artifacts/runs/<run>.json``: method, its settings, loop, lora) as params."""
-    return {k: str(v) for k, v in flatten(json.loads(Path(settings_path).read_text())).items()}
+def run_params(run: dict[str, Any]) -> dict[str, str]:
+    """A run's resolved config (``RunConfig.params()``: method, its settings, loop, lora, distributed) as params."""
+    return {k: str(v) for k, v in flatten(run).items()}
 
 
 def _signature(input_names: list[str], kind: str, num_labels: int):
@@ -75,7 +82,7 @@ def log_adapter(
     run: str,
     adapter_dir: Path,
     base_dir: Path,
-    settings_path: Path,
+    run_config: dict[str, Any],
     kind: str,
     num_labels: int,
     input_names: list[str],
@@ -90,13 +97,13 @@ def log_adapter(
         with warnings.catch_warnings():  # the signature is given explicitly; an input example would make MLflow load the model
             warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
-                name=f"adapter-{run}",
+                name=model_name("adapter", run),
                 python_model=str(ADAPTER_CODE),
                 artifacts={"adapter": str(adapter_dir)},
                 model_config={"base_dir": base, "kind": kind, "num_labels": num_labels},
                 signature=_signature(input_names, kind, num_labels),
                 pip_requirements=requirements(),
-                params=base_params(base_dir) | run_params(settings_path),
+                params=base_params(base_dir) | run_params(run_config),
                 tags={k: str(v) for k, v in tags.items()} | {"run": run, "base.path": base},
                 model_type="adapter",
             )
@@ -111,7 +118,7 @@ def log_merged(
     model,
     tokenizer,
     base_dir: Path,
-    settings_path: Path,
+    run_config: dict[str, Any],
     kind: str,
     merge: dict[str, Any],
     tags: dict[str, Any],
@@ -126,9 +133,9 @@ def log_merged(
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             task=PIPELINE_TASK[kind],
-            name=f"merged-{run}",
+            name=model_name("merged", run),
             pip_requirements=requirements(),
-            params=base_params(base_dir) | run_params(settings_path) | {f"merge.{k}": str(v) for k, v in merge.items()},
+            params=base_params(base_dir) | run_params(run_config) | {f"merge.{k}": str(v) for k, v in merge.items()},
             tags={k: str(v) for k, v in tags.items()} | {"run": run},
             model_type="merged",
             registered_model_name=register,
