@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from bilora.methods.method import StepContext
 
     t0 = time.perf_counter()
-    ft = pilot.fine_tuner(args.task, "lora", args.warm, 0, pilot.base_dir(Path(args.cache).expanduser()))
+    ft = pilot.fine_tuner(args.task, "lora", {}, args.warm, 0, pilot.base_dir(Path(args.cache).expanduser()))
     ft.train()  # the primary, trained then frozen
     model = ft.model
     batch = ft.micro_batches(0)[0]  # (32, L): the fixed batch

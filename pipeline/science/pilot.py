@@ -220,11 +220,16 @@ def report(_: argparse.Namespace) -> int:
             )
         lines += ["", smallest_rho(mine), ""]
     if rows:
+        done = {f"{r['task']}-{r['setting']}" for r in rows}
+        missing = [f"{t}-{s}" for t in TASKS for s in SETTINGS if f"{t}-{s}" not in done]
         wall = sum(r["wall_s"] for r in rows)
         classes = sorted({r["machine"]["cpu_class"] for r in rows})
         lines += [
-            f"Runs: {len(rows)} of {len(TASKS) * len(SETTINGS)}; training wall-clock {wall / 60:.1f} min in all on {', '.join(sorted({r['machine']['cpu'] for r in rows}))} ({', '.join(classes)}), "
-            f"{rows[0]['machine']['torch_threads']} torch thread(s) per run, two runs at a time; code revision {rows[0]['code_rev'][:10]}.",
+            f"Runs: {len(rows)} of {len(TASKS) * len(SETTINGS)}"
+            + (f" (not run yet: {', '.join(missing)}; `pipeline.science.pilot run` completes them)" if missing else "")
+            + f"; training wall-clock {wall / 60:.1f} min in all on {', '.join(sorted({r['machine']['cpu'] for r in rows}))} ({', '.join(classes)}), "
+            f"{rows[0]['machine']['torch_threads']} torch thread(s) per run, two runs at a time; code revisions {', '.join(sorted({r['code_rev'][:10] for r in rows}))} "
+            "(they differ in refactors and defaults only: every run's loop settings are explicit).",
             f"Diagnostics' share of training time: {statistics.median(r['perturbation_time_fraction'] for r in rows) * 100:.1f} % (median over runs, at every {rows[0]['every']} steps).",
         ]
     (ROOT / "README.md").write_text("\n".join(lines) + "\n")
