@@ -200,6 +200,7 @@ def report(_: argparse.Namespace) -> int:
         "",
         f"Command: `{COMMAND}`, then `python -m pipeline.science.pilot report`.",
         "",
+        *(["What it shows, written by hand: [findings.md](findings.md).", ""] if (ROOT / "findings.md").exists() else []),
     ]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
@@ -230,6 +231,12 @@ def report(_: argparse.Namespace) -> int:
             + f"; training wall-clock {wall / 60:.1f} min in all on {', '.join(sorted({r['machine']['cpu'] for r in rows}))} ({', '.join(classes)}), "
             f"{rows[0]['machine']['torch_threads']} torch thread(s) per run, two runs at a time; code revisions {', '.join(sorted({r['code_rev'][:10] for r in rows}))} "
             "(they differ in refactors and defaults only: every run's loop settings are explicit).",
+            *[
+                f"Ascent check `{a.name}`: `python -m pipeline.science.ascent --task {d['task']} --rho {d['rho']}` "
+                f"(same command prefix as above, one process), {d['wall_s'] / 60:.1f} min on {d['machine']['cpu']} ({d['machine']['cpu_class']})."
+                for a in sorted(ROOT.glob("ascent-*.json"))
+                for d in [json.loads(a.read_text())]
+            ],
             f"Diagnostics' share of training time: {statistics.median(r['perturbation_time_fraction'] for r in rows) * 100:.1f} % (median over runs, at every {rows[0]['every']} steps).",
         ]
     (ROOT / "README.md").write_text("\n".join(lines) + "\n")
