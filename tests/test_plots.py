@@ -74,7 +74,9 @@ def test_plots_page_renders_in_headless_chromium(tmp_path):
     for e in got["embeds"]:  # a view with marks: the lines themselves, not only axes and grid (rule, text)
         assert "error" not in e and e["marks"].get("line", 0) > 0, e
     pngs = re.findall(r"<img src=\"([^\"]+)\"", html)
-    assert len(pngs) == 4 and sorted(i["src"] for i in got["images"]) == sorted(pngs)
+    assert len(pngs) == 5 and sorted(i["src"] for i in got["images"]) == sorted(
+        pngs
+    )  # loss, attack, landscape, metric vs sharpness, perturbation
     assert all(i["ok"] for i in got["images"]), got["images"]
     assert got["errors"] == []
     assert got["requests"] and all(u.startswith("file://") for u in got["requests"]), got["requests"]  # nothing left the machine
