@@ -7,8 +7,8 @@ For each stage module (``stages/<name>.py``) and each tree, ``python -X importti
 runs ``--runs`` times in a fresh interpreter whose working directory is the tree (its code comes first on
 ``sys.path``, ahead of the editable install), the trees interleaved so that the machine's load falls on them
 alike. The table gives, per tree, the median wall time of that process (interpreter start included) and the
-median sum of the cumulative times of its top-level imports (``-X importtime``), plus the heavy packages the
-import loaded in the last tree. Run it under ``nice`` on an otherwise quiet machine: the report records the
+median sum of the cumulative times of its top-level imports (``-X importtime``), and the heavy packages the
+import loaded in each tree. Run it under ``nice`` on an otherwise quiet machine: the report records the
 load averages before and after.
 """
 
@@ -51,24 +51,25 @@ def stage_modules(tree: Path) -> list[str]:
 
 
 def table(trees: dict[str, Path], runs: int) -> list[str]:
-    """The Markdown table: per stage module, each tree's median wall and import seconds, and the heavy packages."""
+    """The Markdown table: per stage module, each tree's median wall and import seconds, then the heavy packages
+    each tree's import loaded."""
     modules = stage_modules(next(reversed(trees.values())))
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    heavy: dict[str, list[str]] = {}
+    heavy: dict[tuple[str, str], list[str]] = {}
     for _ in range(runs):
         for module in modules:
             for name, tree in trees.items():
-                wall, imports, loaded = measure(module, tree)
+                wall, imports, heavy[(module, name)] = measure(module, tree)
                 samples.setdefault((module, name), []).append((wall, imports))
-                heavy[module] = loaded
-    head = "| stage | " + " | ".join(f"{n}: wall s | {n}: imports s" for n in trees) + " | heavy packages loaded |"
-    rows = [head, "|---|" + "---:|---:|" * len(trees) + "---|"]
+    head = "| stage | " + " | ".join(f"{n}: wall s | {n}: imports s" for n in trees) + " | " + " | ".join(f"{n}: loads" for n in trees)
+    rows = [head + " |", "|---|" + "---:|---:|" * len(trees) + "---|" * len(trees)]
     for m in modules:
         cells = " | ".join(
             f"{statistics.median(w for w, _ in samples[(m, n)]):.2f} | {statistics.median(i for _, i in samples[(m, n)]):.2f}"
             for n in trees
         )
-        rows.append(f"| `{m.removeprefix('stages.')}` | {cells} | {', '.join(heavy[m]) or '–'} |")
+        loads = " | ".join(", ".join(heavy[(m, n)]) or "–" for n in trees)
+        rows.append(f"| `{m.removeprefix('stages.')}` | {cells} | {loads} |")
     return rows
 
 
