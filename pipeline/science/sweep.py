@@ -93,13 +93,14 @@ def extract(commit: str, dest: Path) -> Path:
     return dest
 
 
-def resolve(items: list[tuple[Run, dict]], code: dict[str, str]) -> list[dict[str, Any]]:
+def resolve(items: list[tuple[Any, dict]], code: dict[str, str], preset: str = protocol.PRESET) -> list[dict[str, Any]]:
     """Each run's ``{"hash", "settings"}``: its raw params (the workspace's params.yaml) validated and resolved
-    by the code of ``code["commit"]``, hashed with ``code["tree"]`` (:mod:`pipeline.science.pinned`)."""
+    by the code of ``code["commit"]``, hashed with ``code["tree"]`` (:mod:`pipeline.science.pinned`). A run is
+    anything with ``task``, ``method`` and ``seed`` (this protocol's :class:`Run` or another protocol's)."""
     keys = [json.dumps([code, run.task, run.method, run.seed, params], sort_keys=True) for run, params in items]
     todo = {k: (run, params) for k, (run, params) in zip(keys, items) if k not in _RESOLVED}
     if todo:
-        source = f"{preset_path(protocol.PRESET)} (merged over params.yaml of {code['commit'][:10]})"
+        source = f"{preset_path(preset)} (merged over params.yaml of {code['commit'][:10]})"
         request = {
             "tree": code["tree"],
             "runs": [{"task": r.task, "method": r.method, "seed": r.seed, "params": p, "source": source} for r, p in todo.values()],
@@ -161,7 +162,7 @@ def workspace(path: Path, rev: str) -> Path:
     return path
 
 
-def execute(run: Run, ws: Path, params: dict) -> tuple[float, list[float]]:
+def execute(run: Any, ws: Path, params: dict) -> tuple[float, list[float]]:
     """``dvc repro`` of the run's finetune and evaluate stages in the workspace; returns the wall time and the
     1-min load average sampled every 10 s while it ran."""
     import yaml
@@ -195,7 +196,7 @@ def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, loa
         "task": run.task,
         "method": run.method,
         "seed": run.seed,
-        "lr": run.lr,
+        "lr": getattr(run, "lr", None),
         "hash": h,
         "code": code,
         "cpu": cpu(),
@@ -212,15 +213,15 @@ def summarise(run: Run, ws: Path, h: str, code: dict[str, str], wall: float, loa
     }
 
 
-def save_adapter(run: Run, ws: Path) -> Path:
-    """The primary adapter in PEFT's format, its tensors cast to bf16 (reports/science/adapters/<run>/)."""
+def save_adapter(run: Any, ws: Path, root: Path = ADAPTERS) -> Path:
+    """The primary adapter in PEFT's format, its tensors cast to bf16 (``root``/<run>/, default reports/science/adapters/)."""
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
 
     src = ws / f"artifacts/finetune/{run.task}-{run.method}-{run.seed}/adapter"
-    out = ADAPTERS / run.name
+    out = root / run.name
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(src / "adapter_model.safetensors").items()}
     save_file(
