@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 PRESET = "science_limited"
 # The code revision every run uses (PROTOCOL.md), by commit; the tag names it for humans.
-CODE_REV = ""  # set when the protocol is committed (before any sweep run)
+CODE_REV = "6af5a6eb61270301dc8f692941f6da5e249e1213"  # the commit of PROTOCOL.md Revision 1; the tag science-limited-v1 names it
 CODE_TAG = "science-limited-v1"
 TASKS = ("stsb", "mrpc")  # STS-B primary, MRPC secondary
 PRIMARY = {"mrpc": "accuracy", "stsb": "pearson"}
