@@ -142,3 +142,17 @@ def test_bootstrap_of_the_primary_analysis_matches_the_predictions():
     for r in res["contrasts"]:
         b = r["bootstrap"]  # every arm predicts the same: the difference on any resample is exactly 0
         assert b["mean"] == b["low"] == b["high"] == 0.0 and b["n_boot"] == 2000 and not math.isnan(b["std"])
+
+
+@pytest.mark.slow  # extracts the revision and imports its pipeline in a subprocess
+def test_runs_resolve_with_the_pinned_revisions_own_code(monkeypatch):
+    """The hash and settings come from the code of limited.CODE_REV (its RunConfig layout), and differ per replicate."""
+    from pipeline.science import sweep
+
+    monkeypatch.chdir(ROOT)
+    code = sweep.code_identity(limited.CODE_REV)
+    default = yaml.safe_load(sweep.git("show", f"{limited.CODE_REV}:params.yaml", cwd=ROOT))
+    runs = [Run("sweep", "mrpc", "bilora_rho0.5_auxlr10x", 256, r) for r in (0, 1)]
+    got = sweep.resolve([(r, limited_sweep.run_params(default, r)) for r in runs], code, limited.PRESET)
+    assert [g["settings"]["seed"] for g in got] == [0, 1] and got[0]["hash"] != got[1]["hash"]
+    assert got[0]["settings"]["method_key"] == "bilora" and got[0]["settings"]["method_config"]["aux_lr"] == pytest.approx(5e-3)

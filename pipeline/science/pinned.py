@@ -29,7 +29,15 @@ from typing import Any
 # Where a revision keeps the functions the hash needs, newest layout first: the params validator (raw
 # mapping -> params model) and the resolved settings of one run. A revision with neither is reported.
 VALIDATE = (("pipeline.config.load", "validate_dict"), ("pipeline.config", "validate_dict"))
-SETTINGS = (("pipeline.config.runs", "run_settings"), ("pipeline.runs", "run_settings"))
+# The newest layout has no run_settings function: a run's resolved settings are its RunConfig's dict.
+SETTINGS = (("pipeline.config.runs", "RunConfig"), ("pipeline.config.runs", "run_settings"), ("pipeline.runs", "run_settings"))
+
+
+def settings_of(found: Any) -> Any:
+    """``(params, task, method, seed) -> dict`` from what :func:`find` found (a function, or the RunConfig class)."""
+    if isinstance(found, type):
+        return lambda params, task, method, seed: found.from_params(params, task, method, seed).to_dict()
+    return found
 
 
 def find(candidates: tuple[tuple[str, str], ...]) -> Any:
@@ -70,7 +78,7 @@ def main() -> None:
     try:
         request = json.load(sys.stdin)
         root = Path.cwd().resolve()
-        validate, run_settings = find(VALIDATE), find(SETTINGS)
+        validate, run_settings = find(VALIDATE), settings_of(find(SETTINGS))
         for pkg in ("pipeline", "bilora"):
             where = Path(importlib.import_module(pkg).__file__ or "").resolve()
             if root not in where.parents:
