@@ -79,6 +79,9 @@ def test_fit_rule_picks_the_smallest_budget_that_fits_both_tasks():
     assert limited_sweep.fitted_steps(runs) == s1
     runs |= {x["name"]: x for x in [_fit("mrpc", s0, 0.95), _fit("stsb", s0, 0.95)]}  # the threshold itself fits
     assert limited_sweep.fitted_steps(runs) == s0
+    # a budget one task misses is ruled out without the other task's run
+    runs = {x["name"]: x for x in [_fit("stsb", s0, 0.7), _fit("stsb", s1, 0.96), _fit("mrpc", s1, 0.99)]}
+    assert limited_sweep.excluded(runs) == {s0} and limited_sweep.fitted_steps(runs) == s1
     bad = {x["name"]: x for s in limited.FIT_STEPS for x in [_fit("mrpc", s, 0.9), _fit("stsb", s, 0.99)]}
     with pytest.raises(limited_sweep.UserError, match="fit rule fails"):
         limited_sweep.fitted_steps(bad)

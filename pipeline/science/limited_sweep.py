@@ -102,6 +102,8 @@ def fitted_steps(summaries: dict[str, dict]) -> int | None:
     missing from ``summaries`` (run name -> summary). Raises when every count ran and none fits."""
     for steps in limited.FIT_STEPS:
         runs = [r for r in limited.fit_runs() if r.steps == steps]
+        if steps in excluded(summaries):
+            continue
         if any(r.name not in summaries for r in runs):
             return None
         if all(train_fit(summaries[r.name]) >= limited.FIT[r.task] for r in runs):
@@ -110,6 +112,11 @@ def fitted_steps(summaries: dict[str, dict]) -> int | None:
         f"no step budget of {limited.FIT_STEPS} fits LoRA at N = {limited.FIT_SIZE} on both tasks ({limited.FIT}): "
         "the protocol's fit rule fails; amend PROTOCOL.md (a new revision) before any sweep run"
     )
+
+
+def excluded(summaries: dict[str, dict]) -> set[int]:
+    """Step counts already ruled out: a task's fit run at that count is in and does not fit."""
+    return {r.steps for r in limited.fit_runs() if r.name in summaries and train_fit(summaries[r.name]) < limited.FIT[r.task]}
 
 
 def summaries(want: dict[str, str] | None = None) -> dict[str, dict]:
@@ -191,6 +198,9 @@ def sweep_phase(phase: str, rev: str, ws_path: Path, max_hours: float, commit: b
     for run, merged, h in todo:
         if phase == "fit" and fitted_steps(summaries(want)) is not None:
             break  # a smaller budget already fits both tasks
+        if phase == "fit" and run.steps in excluded(summaries(want)):
+            console.print(f"skip {run.name}: another task does not fit at {run.steps} steps, so this budget cannot be chosen")
+            continue
         if time.perf_counter() - start > max_hours * 3600:
             console.print(f"[yellow]--max-hours {max_hours:g} reached[/]: stopping before {run.name}; run again to continue")
             return
