@@ -55,7 +55,8 @@ def preset() -> dict:
 
 def run_params(default: dict, run: Run) -> dict:
     """The workspace's params.yaml: the revision's params.yaml + the preset + the run's arm, size and seeds."""
-    loop: dict[str, Any] = {"max_steps": run.steps} if run.phase == "fit" else {}
+    # deep_merge replaces a value by an empty mapping: the sweep's runs must not pass ``"loop": {}``
+    loop: dict[str, Any] = {"loop": {"max_steps": run.steps}} if run.phase == "fit" else {}
     return deep_merge(
         deep_merge(default, preset()),
         {
@@ -65,7 +66,7 @@ def run_params(default: dict, run: Run) -> dict:
                 "val_fraction": limited.VAL_FRACTION,
                 "split_seed": limited.split_seed(run.size, run.replicate),
             },
-            "train": {"methods": [run.method], "seeds": [run.seed], "loop": loop},
+            "train": {"methods": [run.method], "seeds": [run.seed], **loop},
             "eval": {"train_subset": run.size},  # score the whole training subset: the fit check
             "merge": {"task": run.task, "method": run.method, "seed": run.seed},
         },
