@@ -39,7 +39,7 @@ def test_preset_validates_and_every_run_resolves_from_it(monkeypatch):
         q = validate_dict(limited_sweep.run_params(default_params(), run), run.name)
         assert q.data.tasks == [run.task] and q.train.methods == [run.method] and q.train.seeds == [run.replicate]
         assert q.eval.train_subset == run.size and not q.eval.sharpness.enabled
-        assert q.train.loop.lr == 5e-4 and q.train.loop.batch_size == 32 and q.train.loop.perturbation_every == 50  # the preset's loop
+        assert q.train.loop.lr == 5e-4 and q.train.loop.batch_size == 32 and q.train.loop.perturbation_every == 25  # the preset's loop
         assert q.train.loop.max_steps == (run.steps or 400)  # fit: its own budget; sweep: the fit phase's choice (Revision 2)
 
 
