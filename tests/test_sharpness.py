@@ -354,10 +354,15 @@ def test_measure_deterministic_primary_only_and_nothing_mutated_fp32():
         assert res["attack"]["points"][0]["metrics"] == first["base"]["metrics"]
         assert res["attack"]["points"][1]["loss"] > first["base"]["loss"]
         assert res["curve"][1] == [0.0, first["base"]["loss"]]
-        assert res["cost"]["loss_evals"] == 2 * 2 + 2 + 3 and res["cost"]["grad_passes"] == 1 and res["cost"]["metric_evals"] == 2
+        # alpha = 0 and curve t = 0 reuse the base pass: the same numbers as evaluating them (no base given)
+        fresh = attack_curve(model, objective, space, [0.0], eval_fn)["points"][0]
+        assert res["attack"]["points"][0] == {"alpha": 0.0, "loss": fresh["loss"], "metrics": fresh["metrics"]}
+        assert loss_curve_1d(model, objective, space, [0.0], SMALL.seed)[0][1] == res["curve"][1][1]
+        # random 2 radii x 2 directions, attack alpha 1 (alpha 0 reused), curve t = +-r (t = 0 reused)
+        assert res["cost"]["loss_evals"] == 2 * 2 + 1 + 2 and res["cost"]["grad_passes"] == 1 and res["cost"]["metric_evals"] == 1
         assert all(res["cost"][k] >= 0 for k in ("random_s", "attack_s", "curve_s"))
     assert first["spaces"]["full"]["dim"] == sum(l.get_base_layer().weight.numel() for _, l in adapters.lora_layers(model))
-    assert first["cost"]["loss_evals"] == 1 + 2 * 9 and first["cost"]["total_s"] > 0
+    assert first["cost"]["loss_evals"] == 1 + 2 * 7 and first["cost"]["total_s"] > 0
 
     # the typed result: its JSON form round-trips, and its headline holds the committed metrics/ keys
     as_json = json.dumps(first)

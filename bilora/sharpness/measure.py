@@ -89,30 +89,50 @@ def random_sharpness(
 
 
 def attack_curve(
-    model: torch.nn.Module, objective: Objective, space: str, alphas: Sequence[float], eval_fn: EvalFn | None = None
+    model: torch.nn.Module,
+    objective: Objective,
+    space: str,
+    alphas: Sequence[float],
+    eval_fn: EvalFn | None = None,
+    base: tuple[float, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Loss and task metrics at θ + α·∇L/‖∇L‖ for each α (gradient taken once, at θ).
 
-    Returns {"grad_norm": ‖∇L‖, "base_loss": L(θ), "points": [{"alpha", "loss", "metrics"}]}
-    (metrics is {} without ``eval_fn``).
+    α = 0 is θ itself: with ``base`` = (L(θ), ``eval_fn``(θ)), already computed by the same objective and
+    ``eval_fn``, that point takes them and costs no pass (the weights are restored exactly from a copy
+    after every perturbation, so the result is the same). Returns {"grad_norm": ‖∇L‖, "base_loss": L(θ),
+    "points": [{"alpha", "loss", "metrics"}]} (metrics is {} without ``eval_fn``).
     """
     with measuring(model):
         d, gnorm, l0 = gradient_direction(model, space, objective)
         points = []
         for a in alphas:
+            if a == 0 and base is not None:
+                points.append({"alpha": a, "loss": base[0], "metrics": dict(base[1])})
+                continue
             with perturbation(model, d, a):
                 points.append({"alpha": a, "loss": objective.value(model), "metrics": eval_fn(model) if eval_fn else {}})
     return {"grad_norm": gnorm, "base_loss": l0, "points": points}
 
 
 def loss_curve_1d(
-    model: torch.nn.Module, objective: Objective, space: str, points: Sequence[float], seed: int = 0, index: int = 0
+    model: torch.nn.Module,
+    objective: Objective,
+    space: str,
+    points: Sequence[float],
+    seed: int = 0,
+    index: int = 0,
+    base_loss: float | None = None,
 ) -> list[tuple[float, float]]:
-    """[(t, loss(W + t·d))] along random filter-normalised direction ``index`` (Li et al. 2018)."""
+    """[(t, loss(W + t·d))] along random filter-normalised direction ``index`` (Li et al. 2018); t = 0 is
+    ``base_loss`` when given (L(W) by the same objective, already computed: no pass)."""
     with measuring(model):
         d = random_direction(model, space, seed, index)
         out = []
         for t in points:
+            if t == 0 and base_loss is not None:
+                out.append((t, base_loss))
+                continue
             with perturbation(model, d, t):
                 out.append((t, objective.value(model)))
     return out
@@ -173,11 +193,15 @@ def measure(
             res["random"] = random_sharpness(model, counted, space, cfg.radii, cfg.n_directions, cfg.seed, base_loss=l0)  # type: ignore[arg-type]
             cost["random_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            res["attack"] = attack_curve(model, counted, space, cfg.attack_alphas, ev) if cfg.attack_alphas else None  # type: ignore[arg-type]
+            res["attack"] = (
+                attack_curve(model, counted, space, cfg.attack_alphas, ev, (l0, out["base"]["metrics"])) if cfg.attack_alphas else None
+            )  # type: ignore[arg-type]
             cost["attack_s"] = time.perf_counter() - t
             t = time.perf_counter()
             curve = (
-                loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_grid], cfg.seed) if cfg.curve_points else []
+                loss_curve_1d(model, counted, space, [c * cfg.curve_radius for c in cfg.curve_grid], cfg.seed, base_loss=l0)
+                if cfg.curve_points
+                else []
             )  # type: ignore[arg-type]
             res["curve"] = [[p, v] for p, v in curve]
             cost["curve_s"] = time.perf_counter() - t
