@@ -9,12 +9,8 @@ belongs to the same run (same run config, data and base), otherwise starts fresh
 
 from __future__ import annotations
 
-import torch
-
-from bilora import distributed
 from pipeline.config import runs
-from pipeline.data.prepare import load_split, tokenizer_for
-from pipeline.stage import layout, training
+from pipeline.stage import layout
 from pipeline.stage.runner import Stage
 from pipeline.terminal.user_error import cli
 
@@ -23,11 +19,18 @@ from pipeline.terminal.user_error import cli
 def main(argv: list[str] | None = None) -> None:
     stage = Stage("finetune", __doc__, argv, per_run=True, params=False)
     run = runs.read(stage.args.task, stage.args.method, stage.args.seed)  # as configure resolved it
+    layout.check_inputs(run.task)
+    # the training stack, imported once the run file and the inputs are known good (a bad input fails in ~1 s)
+    import torch
+
+    from bilora import distributed
+    from pipeline.data.prepare import load_split, tokenizer_for
+    from pipeline.stage import training
+
     main_rank = training.join_process_group(run)  # under torchrun only rank 0 writes outputs, checkpoints and MLflow
     stage.header(run.name)
 
     torch.manual_seed(run.seed)  # task head init, LoRA init, dropout
-    training.check_inputs(run.task)
     rm = training.build(run)
     tokenizer = tokenizer_for(layout.BASE / "model")
     train_ds = load_split(layout.DATA, run.task, "train")

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from safetensors import SafetensorError
-
-from bilora.base import QuantSpec, is_causal_lm, quantize, save_quantized
-from bilora.causal import QUALITY_PROMPT, quality_check
 from bilora.sources import BaseModelError, resolve
 from bilora.io import atomic_write_json
 from pipeline.stage import layout
@@ -21,11 +17,17 @@ def main(argv: list[str] | None = None) -> None:
     stage = Stage("load_base", __doc__, argv)
     p = stage.params
     stage.header(p.base.source)
-    q = QuantSpec(**{**p.base.quant.model_dump(), "skip_modules": tuple(p.base.quant.skip_modules)})
     try:
         resolved = resolve(p.base.source, p.base.revision)
     except BaseModelError as e:
         raise UserError(str(e)) from None
+    # the model stack, imported once the source resolves (a bad base.source fails in ~1 s)
+    from safetensors import SafetensorError
+
+    from bilora.base import QuantSpec, is_causal_lm, quantize, save_quantized
+    from bilora.causal import QUALITY_PROMPT, quality_check
+
+    q = QuantSpec(**{**p.base.quant.model_dump(), "skip_modules": tuple(p.base.quant.skip_modules)})
     tracker = stage.track({"base": p.base.model_dump()}, tags={"base.source": p.base.source})
     with tracker, stage.output(layout.BASE) as tmp:
         try:

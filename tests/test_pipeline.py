@@ -23,7 +23,9 @@ def tiny_params() -> dict:
     raw["train"].update(methods=["lora", "bilora"], seeds=[0])
     raw["train"]["loop"].update(max_steps=4, batch_size=8, checkpoint_every=2, log_every=1)
     raw["eval"].update(train_subset=16, batch_size=32)
-    raw["eval"]["sharpness"].update(examples=16, metric_examples=16, radii=[0.05], n_directions=1, attack_alphas=[0.0, 1.0], curve_points=3)
+    raw["eval"]["sharpness"].update(
+        examples=16, metric_examples=16, spaces=["full", "lora"], radii=[0.05], n_directions=1, attack_alphas=[0.0, 1.0], curve_points=3
+    )  # both spaces (the default measures full only)
     raw["merge"].update(task="sst2", method="bilora", seed=0, check_examples=8)
     return raw
 
@@ -57,7 +59,7 @@ def dvc_bin() -> str:
 
 def run_env(repo: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(repo), OMP_NUM_THREADS="2")
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")  # one thread per stage: xdist runs a test per core
     return env
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.terminal.user_error import UserError
+
 ARTIFACTS = Path("artifacts")
 DATA = ARTIFACTS / "data"
 BASE = ARTIFACTS / "base"
@@ -41,3 +43,13 @@ RUNS = ARTIFACTS / "runs"
 def run_settings_path(name: str) -> Path:
     """Resolved settings of one finetune run, written by the ``configure`` stage (pipeline/config/runs.py)."""
     return RUNS / f"{name}.json"
+
+
+def check_inputs(task: str) -> None:
+    """The upstream stages' outputs a finetune run reads exist (a clear message instead of a load error;
+    torch-free, so a missing input fails before the training stack is imported)."""
+    for need, producer in ((BASE / "model" / "config.json", "load_base"), (DATA / task / "dataset_dict.json", "prepare")):
+        if not need.is_file():
+            raise UserError(
+                f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)"
+            )

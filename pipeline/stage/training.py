@@ -69,15 +69,6 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
         raise UserError(f"train.lora.target_modules: {missing} not found in the model; linear modules available: {leaf}")
 
 
-def check_inputs(task: str) -> None:
-    """The upstream stages' outputs this run reads exist (a clear message instead of a load error)."""
-    for need, producer in ((BASE_DIR / "config.json", "load_base"), (layout.DATA / task / "dataset_dict.json", "prepare")):
-        if not need.is_file():
-            raise UserError(
-                f"{need}: not found (output of stage '{producer}'); run `dvc repro {producer}` first (task must be in data.tasks)"
-            )
-
-
 @dataclass
 class RunModel:
     """A run's model with its LoRA attached, the method that trains it, and what was decided on the way."""
