@@ -14,20 +14,20 @@ DTYPES = ("float64", "model")
 @dataclass(frozen=True)
 class SharpnessConfig(Settings):
     """What :func:`bilora.sharpness.measure.measure` computes (``eval.sharpness`` in params.yaml; the single source of these
-    defaults, which are the light settings of the default run). An empty tuple, ``n_directions=0``
+    defaults, which are the light settings of the default run, chosen by bench/eval_budget.py: docs/flatness.md). An empty tuple, ``n_directions=0``
     or ``curve_points=0`` skips that part."""
 
     section: ClassVar[str] = "eval.sharpness"
 
-    spaces: tuple[Literal["full", "lora"], ...] = setting(SPACES, "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1)
+    spaces: tuple[Literal["full", "lora"], ...] = setting(("full",), "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1)
     radii: tuple[float, ...] = setting(
-        (0.01, 0.05), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0}
+        (0.05,), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0}
     )
     n_directions: int = setting(2, "Random directions per radius and space (0: skip random sharpness).", ge=0)
     attack_alphas: tuple[float, ...] = setting(
-        (0.0, 1.0, 2.5), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0}
+        (0.0, 1.0), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0}
     )
-    curve_points: int = setting(7, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
+    curve_points: int = setting(5, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
     curve_radius: float = setting(0.1, "Half-width of the 1-D loss curve along a random filter-normalised direction.", gt=0)
     ball_radii: tuple[float, ...] = setting(
         (),

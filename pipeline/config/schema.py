@@ -355,7 +355,7 @@ class BaseModelConfig(_Section):
 SHARPNESS_EXTRA = {
     "enabled": (bool, Field(True, description="Measure sharpness of the trained adapter (auxiliary discarded) in evaluate.")),
     "examples": (int, Field(64, ge=1, description="Fixed evaluation batch set for losses: the first N test examples.")),
-    "metric_examples": (int, Field(128, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
+    "metric_examples": (int, Field(64, ge=1, description="Test examples scored by the task metric under the gradient attack.")),
 }
 
 
