@@ -19,7 +19,9 @@ class SharpnessConfig(Settings):
 
     section: ClassVar[str] = "eval.sharpness"
 
-    spaces: tuple[Literal["full", "lora"], ...] = setting(("full",), "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1)
+    spaces: tuple[Literal["full", "lora"], ...] = setting(
+        ("full",), "full: merged W0 + s*BA of adapted layers; lora: A, B only.", min_len=1
+    )
     radii: tuple[float, ...] = setting(
         (0.05,), "Radii of random filter-normalised perturbations (fraction of each row norm).", items={"ge": 0}
     )
