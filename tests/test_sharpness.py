@@ -304,7 +304,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 # dtype="model": measured on the model itself, so its losses are exactly objective.value(model)
-SMALL = SharpnessConfig(radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=3, curve_radius=0.05, dtype="model")
+SMALL = SharpnessConfig(
+    spaces=("full", "lora"), radii=(0.02, 0.05), n_directions=2, attack_alphas=(0.0, 1.0), curve_points=3, curve_radius=0.05, dtype="model"
+)
 
 
 def without_times(result: dict) -> dict:
