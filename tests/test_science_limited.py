@@ -160,3 +160,29 @@ def test_runs_resolve_with_the_pinned_revisions_own_code(monkeypatch):
     got = sweep.resolve([(r, limited_sweep.run_params(default, r)) for r in runs], code, limited.PRESET)
     assert [g["settings"]["seed"] for g in got] == [0, 1] and got[0]["hash"] != got[1]["hash"]
     assert got[0]["settings"]["method_key"] == "bilora" and got[0]["settings"]["method_config"]["aux_lr"] == pytest.approx(5e-3)
+
+
+def test_mrpc_adapter_is_saved_in_bf16_with_its_subset(tmp_path):
+    """What the sweep keeps per MRPC run: the primary adapter cast to bf16 and subset.json naming its rows."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.science import sweep
+
+    run = Run("sweep", "mrpc", "bilora", 256, 3)
+    src = tmp_path / "ws" / "artifacts" / "finetune" / f"{run.task}-{run.method}-{run.seed}" / "adapter"
+    src.mkdir(parents=True)
+    weights = {"lora_A": torch.randn(8, 16), "lora_B": torch.randn(16, 8)}
+    save_file(weights, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text('{"r": 8}')
+    out = sweep.save_adapter(run, tmp_path / "ws", tmp_path / "adapters")
+    assert out == tmp_path / "adapters" / run.name
+    got = load_file(out / "adapter_model.safetensors")
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], weights[k].to(torch.bfloat16)) for k in weights)
+    sub = limited_sweep.subset(run, 3668)
+    (out / "subset.json").write_text(json.dumps(sub))
+    cfg = SimpleNamespace(split_seed=limited.split_seed(256, 3), train_subset=limited.drawn(256), val_fraction=limited.VAL_FRACTION)
+    assert (sub["train_rows"], sub["validation_rows"]) == split_indices(3668, cfg) and len(sub["train_rows"]) == 256
+    assert sub["split_seed"] == 256003
