@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from bilora.io import atomic_write_json  # noqa: E402
 from pipeline.config.presets import deep_merge, preset_path  # noqa: E402
 from pipeline.science import limited, sweep  # noqa: E402
 from pipeline.science.limited import Run  # noqa: E402
-from pipeline.terminal.console import console, error  # noqa: E402
+from pipeline.terminal.console import console  # noqa: E402
 from pipeline.terminal.user_error import UserError, cli  # noqa: E402
 
 ROOT = Path("reports/science/limited")
@@ -259,11 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"wrote {p}")
         return None
     ws = args.workspace or Path("..").resolve() / f"bilora-limited-{rev[:10]}"
-    try:
-        sweep_phase(args.phase, rev, ws, args.max_hours, args.commit)
-    except subprocess.CalledProcessError as e:
-        error(f"git {' '.join(e.cmd[1:])}: {e.stderr.strip()}")
-        sys.exit(2)
+    sweep.exit_on_git_error(lambda: sweep_phase(args.phase, rev, ws, args.max_hours, args.commit))
     return None
 
 

@@ -334,12 +334,17 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"wrote {p}")
         return None
     ws = args.workspace or Path("..").resolve() / f"bilora-science-{git('rev-parse', '--short=10', args.rev + '^{commit}')}"
+    exit_on_git_error(lambda: sweep(args.phase, args.rev, ws, args.max_hours, args.commit))
+    return None
+
+
+def exit_on_git_error(call: Any) -> None:
+    """Run ``call()``; a failed git command is a user-facing error (its stderr, exit 2), not a traceback."""
     try:
-        sweep(args.phase, args.rev, ws, args.max_hours, args.commit)
+        call()
     except subprocess.CalledProcessError as e:
         error(f"git {' '.join(e.cmd[1:])}: {e.stderr.strip()}")
         sys.exit(2)
-    return None
 
 
 if __name__ == "__main__":
