@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 INHERITED = dict(
     spaces=("full", "lora"), examples=64, metric_examples=128, radii=(0.01, 0.05), n_directions=2, alphas=(0.0, 1.0, 2.5), curve=7
 )
-CHOSEN = dict(spaces=("full",), examples=64, metric_examples=64, radii=(0.05,), n_directions=2, alphas=(0.0, 1.0), curve=5)
+CHOSEN = dict(spaces=("full",), examples=64, metric_examples=64, radii=(0.05,), n_directions=2, alphas=(0.0, 1.0), curve=3)
 CANDIDATES = {
     "inherited (--preset sharpness_detailed)": INHERITED,
     "full space only": INHERITED | dict(spaces=("full",)),
     "full only, metric 64, curve 5": INHERITED | dict(spaces=("full",), metric_examples=64, curve=5),
+    "full, r 0.05, alphas 0/1, metric 64, curve 5": CHOSEN | dict(curve=5),
     "chosen (default)": CHOSEN,
 }
 

@@ -29,7 +29,7 @@ class SharpnessConfig(Settings):
     attack_alphas: tuple[float, ...] = setting(
         (0.0, 1.0), "Step sizes alpha of the worst-case attack theta + alpha*grad/||grad|| (empty: skip).", items={"ge": 0}
     )
-    curve_points: int = setting(5, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
+    curve_points: int = setting(3, "Points of the 1-D loss curve on [-curve_radius, curve_radius] (0: skip).", ge=0)
     curve_radius: float = setting(0.1, "Half-width of the 1-D loss curve along a random filter-normalised direction.", gt=0)
     ball_radii: tuple[float, ...] = setting(
         (),
