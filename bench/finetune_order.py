@@ -7,9 +7,10 @@ Each round re-runs both fine-tune stages of the default run with ``dvc repro -f 
 pipeline runs it: a new process, its imports, model load, training, logging), Bi-LoRA first in odd rounds and
 LoRA first in even ones, so neither method always runs first or on a warmer machine. Per stage run it records
 the wall clock of the whole ``dvc repro`` and, from the stage's ``summary.json``, the training steps, the median
-step time and the time the training process ran. A first-run cost (cold page cache, first imports) would show
-as the first stage of round 1 being slower than the same stage later; a per-step cost as the median step times
-differing in every round. Writes ``reports/finetune_order.md``. Run it on an otherwise quiet machine; it is a
+step time and the time the training process ran. Every round runs warm (the workspace has run before), so a
+per-step cost shows as the median step times differing in every round, and a first-run cost (cold page cache, a
+new environment's first imports) as the first run's stage (``reports/first_run.md``, best with ``--install``)
+being slower than the same stage here. Writes ``reports/finetune_order.md``. Run it on an otherwise quiet machine; it is a
 benchmark, not a test. The stages' outputs are rewritten with the same bytes (same params and seed).
 """
 

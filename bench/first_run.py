@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         subprocess.run(README_INSTALL, shell=True, cwd=repo, env=env, check=True)  # noqa: S602 - the README's own command
         install = f"README command 1's installs, {time.perf_counter() - t0:.0f} s"
-    subprocess.run(cmd, cwd=repo, env=env, timeout=args.timeout, check=False)
+    try:
+        subprocess.run(cmd, cwd=repo, env=env, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"the pipeline ran past --timeout {args.timeout} s; no report written (clone kept: {repo})")
+    if not times_file.is_file():
+        sys.exit(f"pipeline.run wrote no time table ({times_file}); no report written (clone kept: {repo})")
     times = json.loads(times_file.read_text())
     info = {
         "command": f"python -m bench.first_run{' --install' if args.install else ''}",
