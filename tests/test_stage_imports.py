@@ -36,7 +36,9 @@ def loaded(code: str, cwd: Path = ROOT) -> list[str]:
         ("pipeline.run", ()),
         # the tokenizer (transformers, which imports torch) and the seeded split (torch.randperm) are prepare's work
         ("stages.prepare", ("torch", "transformers", "datasets")),
-        ("stages.load_base", ("torch", "transformers")),  # quantizing is its work; bitsandbytes loads when it quantizes
+        # both check their inputs first (a bad one exits in about a second) and import the model stack in main()
+        ("stages.load_base", ()),
+        ("stages.finetune", ()),
         # folding the adapter into the base is merge's work (peft, and bitsandbytes for the nf4 round trip), as is
         # scoring the check examples (datasets); it loads no training method, loop, MLflow or plotting at import
         ("stages.merge", ("torch", "transformers", "peft", "bitsandbytes", "datasets")),
